@@ -52,6 +52,8 @@ def bla_recurrent(q, k, v, window, resolution, num_slots=None, scale=None):
         s = scale * torch.einsum("bhmk,bhk->bhm", Kslot, q[:, :, t])
         p = torch.softmax(s.masked_fill(mask[t], float("-inf")), dim=-1)
         out.append(torch.einsum("bhm,bhmv->bhv", p, Vslot))
+    if not out:  # T == 0
+        return v.new_zeros(B, 0, H, v.shape[-1])
     return torch.stack(out, dim=2).transpose(1, 2)
 
 
