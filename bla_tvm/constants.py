@@ -101,9 +101,13 @@ class ChunkConstants:
     rot_off: torch.Tensor
 
 
-@functools.lru_cache(maxsize=64)
 def chunk_constants(params: BLAParams, chunk_size: int) -> ChunkConstants:
-    L = check_chunk_size(chunk_size)
+    # Validate before the cache: lru_cache keys by equality, so 16.0 or True would hit the entry for 16 or 1.
+    return _chunk_constants(params, check_chunk_size(chunk_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_constants(params: BLAParams, L: int) -> ChunkConstants:
     base = bla_constants(params)
     R, b, C, W, N = base.R, base.b, base.C, params.window, params.resolution
     powers = [torch.eye(N, dtype=F64)]  # R^0 .. R^L
