@@ -1,6 +1,11 @@
-"""bla_tvm: Blurry Window Attention kernels compiled with TVM, callable from PyTorch."""
+"""bla_tvm: Blurry Window Attention kernels compiled with TVM, callable from PyTorch.
 
+Importing the package loads no compiler: kernels are loaded through tvm_ffi, and ``import tvm`` happens only
+when a kernel has to be built.
+"""
+
+from .api import blurry_window_attention
 from .params import BLAParams
 from .reference import bla_chunked, bla_quadratic, bla_recurrent
 
-__all__ = ["BLAParams", "bla_chunked", "bla_quadratic", "bla_recurrent"]
+__all__ = ["BLAParams", "blurry_window_attention", "bla_chunked", "bla_quadratic", "bla_recurrent"]

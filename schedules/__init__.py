@@ -1,0 +1,33 @@
+"""Per-target schedules of the BLA kernels: how the compute in ``bla_tvm.compute`` runs on each target.
+
+``schedule(kernel, func, spec, device_kind, config)`` returns the IRModule to compile. Schedules import tvm
+but never torch; the compute never imports schedules.
+"""
+
+from __future__ import annotations
+
+from . import cpu
+
+_RULES = {
+    "cpu": {"chunk_state": cpu.schedule_chunk_state, "chunk_output": cpu.schedule_chunk_output},
+}
+
+_CONFIGS = {"cpu": cpu.CpuConfig}
+
+
+def default_config(device_kind: str):
+    if device_kind not in _CONFIGS:
+        raise ValueError(f"device_kind must be one of {sorted(_CONFIGS)}, got {device_kind!r}")
+    return _CONFIGS[device_kind]()
+
+
+def schedule(kernel: str, func, spec, device_kind: str, config=None):
+    """IRModule of ``func`` scheduled for ``device_kind``; kernels with no rule (the TVMScript scan, which
+    carries its own loop annotations) are returned as written."""
+    config = default_config(device_kind) if config is None else config
+    rule = _RULES[device_kind].get(kernel)
+    if rule is None:
+        import tvm
+
+        return tvm.IRModule({func.attrs["global_symbol"]: func})
+    return rule(func, spec, config).mod

@@ -1,0 +1,36 @@
+"""Every environment variable bla_tvm reads, in one table, with its default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: name -> what it sets
+VARIABLES = {
+    "BLA_TVM_CACHE_DIR": "where compiled kernels are cached (default: $XDG_CACHE_HOME/bla_tvm or ~/.cache/bla_tvm)",
+    "BLA_TVM_PREBUILT_DIR": "a folder of kernels built elsewhere, with manifest.json (searched before the cache)",
+    "BLA_TVM_RUNTIME_DIR": "folder holding libtvm_runtime.so (default: the installed apache-tvm's lib folder)",
+    "BLA_TVM_NO_BUILD": "if set to 1, never compile: a kernel missing from the cache and prebuilt folder is an error",
+}
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("BLA_TVM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bla_tvm"
+
+
+def prebuilt_dir() -> Path | None:
+    explicit = os.environ.get("BLA_TVM_PREBUILT_DIR")
+    return Path(explicit) if explicit else None
+
+
+def runtime_dir() -> Path | None:
+    explicit = os.environ.get("BLA_TVM_RUNTIME_DIR")
+    return Path(explicit) if explicit else None
+
+
+def build_allowed() -> bool:
+    return os.environ.get("BLA_TVM_NO_BUILD", "0") != "1"

@@ -1,0 +1,94 @@
+"""BLA as a torch custom op, ``torch.ops.bla_tvm.forward``: the compiled kernels, launched from PyTorch.
+
+Tensors reach the kernels through DLPack with no copy when they are already contiguous (inputs that are not
+are made contiguous with one copy). CPU tensors run the LLVM kernels, CUDA tensors the CUDA kernels on torch's
+current stream. Imports only torch, tvm_ffi and the package's runtime.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import tvm_ffi
+
+from .constants import chunk_constants
+from .params import BLAParams
+from .runtime import LIBRARY, device_kind
+from .spec import FORWARD_KERNELS, KernelSpec
+
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def kernel_spec(q, v, window, resolution, num_slots, chunk_size) -> KernelSpec:
+    if q.dtype not in DTYPE_NAMES:
+        raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype}")
+    return KernelSpec(window, resolution, num_slots, chunk_size, q.shape[-1], v.shape[-1], DTYPE_NAMES[q.dtype])
+
+
+@functools.lru_cache(maxsize=128)
+def device_constants(params: BLAParams, chunk_size: int, dtype: torch.dtype, device: torch.device, scale: float):
+    """The chunk constants as the kernels take them (contiguous, accumulation dtype, on ``device``)."""
+    cc = chunk_constants(params, chunk_size)
+
+    def put(x):
+        return x.to(device=device, dtype=dtype).contiguous()
+
+    return {
+        "state_in": put(cc.state_in),
+        "state_decay": put(cc.state_decay),
+        "output": [put(x) for x in (cc.Inv, cc.Psi, cc.H, cc.base.C, cc.rot_diag, cc.rot_off)],
+        "scale": torch.tensor([scale], dtype=dtype, device=device),
+    }
+
+
+def _launch(function, *args):
+    if args[0].is_cuda:
+        with tvm_ffi.use_torch_stream():
+            function(*args)
+    else:
+        function(*args)
+
+
+@torch.library.custom_op("bla_tvm::forward", mutates_args=())
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    resolution: int,
+    num_slots: int,
+    scale: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """o [B, T, H, V] = BLA(q [B, T, H, K], k [B, T, H, K], v [B, T, H, V]) in q's dtype; arguments validated
+    by the caller (``bla_tvm.blurry_window_attention``)."""
+    spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, H, _ = q.shape
+    o = torch.empty(B, T, H, spec.head_v, dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0 or H == 0:
+        return o
+    acc = getattr(torch, spec.acc_dtype)
+    consts = device_constants(spec.params, chunk_size, acc, q.device, float(scale))
+    chunk_state, state_scan, chunk_output = (LIBRARY.function(name, spec, q.device) for name in FORWARD_KERNELS)
+    num_chunks = (T + chunk_size - 1) // chunk_size
+    contributions = torch.empty(B, num_chunks, H, spec.resolution, spec.state_width, dtype=acc, device=q.device)
+    states = torch.empty_like(contributions)
+    _launch(chunk_state, k, v, consts["state_in"], contributions)
+    _launch(state_scan, contributions, consts["state_decay"], states)
+    _launch(chunk_output, q, k, v, states, consts["scale"], *consts["output"], o)
+    return o
+
+
+@forward.register_fake
+def _(q, k, v, window, resolution, num_slots, scale, chunk_size):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+__all__ = ["forward", "device_kind"]

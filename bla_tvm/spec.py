@@ -1,0 +1,64 @@
+"""What a compiled BLA kernel is specialised on: the static parameters and dtypes (never B, T or H).
+
+Imported by the build layer (to compile) and by the runtime (to name and find compiled modules), so it
+imports neither tvm nor tvm_ffi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .params import BLAParams, check_chunk_size
+
+#: the forward's kernels, in launch order (bla-math.md, "A kernel decomposition that keeps the chunks parallel")
+FORWARD_KERNELS = ("chunk_state", "state_scan", "chunk_output")
+
+
+def entry_symbol(kernel: str) -> str:
+    """Name of the function a compiled kernel module exports."""
+    return f"bla_fwd_{kernel}"
+
+
+#: dtypes the kernels accept as inputs, and the dtype they accumulate in.
+ACCUMULATOR = {"float32": "float32", "float16": "float32", "bfloat16": "float32", "float64": "float64"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Static shape of one compiled forward: W, N, M, chunk length L, head dims K and V, input dtype."""
+
+    window: int
+    resolution: int
+    num_slots: int
+    chunk_size: int
+    head_k: int
+    head_v: int
+    dtype: str
+
+    def __post_init__(self):
+        BLAParams.make(self.window, self.resolution, self.num_slots)
+        check_chunk_size(self.chunk_size)
+        if self.dtype not in ACCUMULATOR:
+            raise ValueError(f"dtype must be one of {sorted(ACCUMULATOR)}, got {self.dtype!r}")
+
+    @property
+    def params(self) -> BLAParams:
+        return BLAParams(self.window, self.resolution, self.num_slots)
+
+    @property
+    def acc_dtype(self) -> str:
+        return ACCUMULATOR[self.dtype]
+
+    @property
+    def state_width(self) -> int:
+        """Key and value states are scanned together: F = K + V columns."""
+        return self.head_k + self.head_v
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def tag(self) -> str:
+        return (
+            f"W{self.window}_N{self.resolution}_M{self.num_slots}_L{self.chunk_size}"
+            f"_K{self.head_k}_V{self.head_v}_{self.dtype}"
+        )
