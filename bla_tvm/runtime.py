@@ -98,12 +98,12 @@ def load_tvm_runtime(kind: str) -> None:
     pool and device API. From ``BLA_TVM_RUNTIME_DIR`` or the installed apache-tvm, found without importing it."""
     folder = env.runtime_dir()
     if folder is None:
-        spec = importlib.util.find_spec("tvm")
-        if spec is None or not spec.submodule_search_locations:
+        try:
+            folder = Path(importlib.metadata.distribution("apache-tvm").locate_file("tvm/lib"))
+        except importlib.metadata.PackageNotFoundError:
             raise RuntimeError(
                 "no TVM runtime: install apache-tvm or set BLA_TVM_RUNTIME_DIR to a folder with libtvm_runtime.so"
-            )
-        folder = Path(spec.submodule_search_locations[0]) / "lib"
+            ) from None
     names = ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if kind == "cuda" else [])
     for name in names:
         path = folder / name
