@@ -12,10 +12,14 @@ import os
 import tempfile
 from pathlib import Path
 
-import tvm
+from .cuda_toolchain import prepare_cuda_compiler
 
-from . import compute
-from .spec import KernelSpec
+prepare_cuda_compiler()  # before tvm loads its CUDA runtime
+
+import tvm  # noqa: E402
+
+from . import compute  # noqa: E402
+from .spec import KernelSpec  # noqa: E402
 
 
 def target_for(device_kind: str, arch: str | None = None) -> tvm.target.Target:
@@ -37,7 +41,7 @@ def compile_kernel(kernel: str, spec: KernelSpec, device_kind: str, arch: str | 
     if isinstance(config, dict):
         config = type(schedules.default_config(device_kind))(**config)
     target = target_for(device_kind, arch)
-    mod = schedules.schedule(kernel, compute.prim_func(kernel, spec), spec, device_kind, config)
+    mod = schedules.schedule(kernel, compute.prim_func(kernel, spec, device_kind), spec, device_kind, config)
     with target:
         return tvm.compile(mod, target=target)
 

@@ -6,13 +6,14 @@ but never torch; the compute never imports schedules.
 
 from __future__ import annotations
 
-from . import cpu
+from . import cpu, cuda
 
 _RULES = {
     "cpu": {"chunk_state": cpu.schedule_chunk_state, "chunk_output": cpu.schedule_chunk_output},
+    "cuda": {"chunk_state": cuda.schedule_chunk_state, "chunk_output": cuda.schedule_chunk_output},
 }
 
-_CONFIGS = {"cpu": cpu.CpuConfig}
+_CONFIGS = {"cpu": cpu.CpuConfig, "cuda": cuda.CudaConfig}
 
 
 def default_config(device_kind: str):

@@ -14,9 +14,15 @@ from .scan import state_scan
 _TE_KERNELS = {"chunk_state": chunk_state_contribution, "chunk_output": chunk_output}
 
 
-def prim_func(kernel: str, spec: KernelSpec):
-    """The PrimFunc of ``kernel`` (one of FORWARD_KERNELS), exported under ``entry_symbol(kernel)``."""
+def prim_func(kernel: str, spec: KernelSpec, device_kind: str = "cpu"):
+    """The PrimFunc of ``kernel`` (one of FORWARD_KERNELS), exported under ``entry_symbol(kernel)``.
+
+    TE kernels are the same for every target; the TVMScript scan comes in one version per ``device_kind``.
+    """
     if kernel not in FORWARD_KERNELS:
         raise ValueError(f"kernel must be one of {FORWARD_KERNELS}, got {kernel!r}")
-    func = state_scan(spec) if kernel == "state_scan" else te.create_prim_func(_TE_KERNELS[kernel](spec))
+    if kernel == "state_scan":
+        func = state_scan(spec, device_kind)
+    else:
+        func = te.create_prim_func(_TE_KERNELS[kernel](spec))
     return func.with_attr("global_symbol", entry_symbol(kernel))

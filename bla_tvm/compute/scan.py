@@ -2,7 +2,7 @@
 
 X_0 = 0, X_{c+1} = A^L X_c + U_c for c = 0..NC-2, independently for every (b, h) and column f:
 U [B, NC, H, N, F], decay = A^L [N, N]  ->  states [B, NC, H, N, F], the state before each chunk.
-Written as a TVMScript PrimFunc, sequential over chunks, parallel over batch and heads, columns vectorised.
+Written as TVMScript, sequential over chunks, parallel over batch, heads and (on CUDA) columns and rows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,18 @@ from tvm.script import tirx as T
 from ..spec import KernelSpec
 
 
-def state_scan(spec: KernelSpec):
+def state_scan(spec: KernelSpec, device_kind: str = "cpu"):
+    """The scan's PrimFunc for ``device_kind``: TVMScript carries its own loop schedule, so there is one per
+    target family (``_state_scan_cpu``, ``_state_scan_cuda``) and no schedule rule."""
+    if device_kind == "cpu":
+        return _state_scan_cpu(spec)
+    if device_kind == "cuda":
+        return _state_scan_cuda(spec)
+    raise ValueError(f"device_kind must be 'cpu' or 'cuda', got {device_kind!r}")
+
+
+def _state_scan_cpu(spec: KernelSpec):
+    """Parallel over b * H + h, columns vectorised, chunks in sequence."""
     N, F, acc = spec.resolution, spec.state_width, spec.acc_dtype
 
     @T.prim_func
@@ -34,5 +45,51 @@ def state_scan(spec: KernelSpec):
                     for m in range(N):
                         for f in T.vectorized(F):
                             X[bh // H, c + 1, bh % H, n, f] += decay[n, m] * X[bh // H, c, bh % H, m, f]
+
+    return bla_fwd_state_scan
+
+
+def _state_scan_cuda(spec: KernelSpec, max_threads: int = 1024):
+    """A block per (b * H + h, tile of FT columns); thread (n, f) owns X[n, f].
+
+    The running state tile X_c [N, FT] lives in shared memory; each step every thread computes
+    U_c[n, f] + sum_m A^L[n, m] X_c[m, f], all threads synchronise, then overwrite X_c with X_{c+1}.
+    Rows beyond the thread count are handled by NR = ceil(N / NT) rows per thread.
+    """
+    N, F, acc = spec.resolution, spec.state_width, spec.acc_dtype
+    NT = min(N, max_threads)  # threads along n
+    NR = (N + NT - 1) // NT  # rows per thread
+    FT = max(d for d in range(1, F + 1) if F % d == 0 and d * NT <= max_threads)  # columns per block
+
+    @T.prim_func
+    def bla_fwd_state_scan(u_handle: T.handle, decay: T.Buffer((N, N), acc), x_handle: T.handle):
+        T.func_attr({"global_symbol": "bla_fwd_state_scan", "tirx.noalias": True})
+        B = T.int32()
+        NC = T.int32()
+        H = T.int32()
+        U = T.match_buffer(u_handle, (B, NC, H, N, F), acc)
+        X = T.match_buffer(x_handle, (B, NC, H, N, F), acc)
+        for bh in T.thread_binding(B * H, thread="blockIdx.x"):
+            for fo in T.thread_binding(F // FT, thread="blockIdx.y"):
+                for nt in T.thread_binding(NT, thread="threadIdx.y"):
+                    for fi in T.thread_binding(FT, thread="threadIdx.x"):
+                        state = T.alloc_buffer((N, FT), acc, scope="shared")
+                        nxt = T.alloc_buffer((NR,), acc, scope="local")
+                        for r in range(NR):
+                            if r * NT + nt < N:
+                                state[r * NT + nt, fi] = T.cast(0, acc)
+                                X[bh // H, 0, bh % H, r * NT + nt, fo * FT + fi] = T.cast(0, acc)
+                        for c in range(NC - 1):
+                            T.tvm_storage_sync("shared")
+                            for r in range(NR):
+                                if r * NT + nt < N:
+                                    nxt[r] = U[bh // H, c, bh % H, r * NT + nt, fo * FT + fi]
+                                    for m in range(N):
+                                        nxt[r] = nxt[r] + decay[r * NT + nt, m] * state[m, fi]
+                            T.tvm_storage_sync("shared")
+                            for r in range(NR):
+                                if r * NT + nt < N:
+                                    state[r * NT + nt, fi] = nxt[r]
+                                    X[bh // H, c + 1, bh % H, r * NT + nt, fo * FT + fi] = nxt[r]
 
     return bla_fwd_state_scan

@@ -1,0 +1,91 @@
+"""CUDA schedules for the BLA forward kernels (SIMT): how the compute in ``bla_tvm.compute`` runs on a GPU.
+
+One thread block per (chunk, batch, head): blockIdx.x = chunk, .y = head, .z = batch. Every per-chunk stage is
+computed inside the block with its intermediates in shared memory (one dynamic allocation, reused between stages
+whose lifetimes do not overlap); each stage's outputs are spread over the block's threads, each thread running
+its reduction serially.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+
+from .cpu import OUTPUT_STAGES
+
+#: stages recomputed where they are read instead of stored
+CUDA_INLINED = ("bla_fwd_logits", "bla_fwd_rotated_q", "bla_fwd_readout", "bla_fwd_out_chunk")
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    """Knobs of the CUDA schedules.
+
+    threads: threads per block of the per-chunk kernels.
+    """
+
+    threads: int = 256
+
+
+def _bind_threads(sch, loops, threads: int) -> None:
+    """Fuse ``loops`` (spatial, adjacent), split by ``threads`` and bind the inner part to threadIdx.x."""
+    _, thread = sch.split(sch.fuse(*loops), factors=[None, threads])
+    sch.bind(thread, "threadIdx.x")
+
+
+def _spread_over_threads(sch, block, threads: int) -> None:
+    """For a stage computed inside the chunk's block: its own spatial loops spread over the threads; a
+    reduction accumulates in a register and is written to shared memory once, by the thread that owns it."""
+    loops = sch.get_loops(block)
+    iter_vars = sch.get(block).iter_vars
+    inner = loops[len(loops) - len(iter_vars):]
+    spatial = [loop for loop, iv in zip(inner, iter_vars) if iv.iter_type == tvm.tirx.IterVar.DataPar]
+    _bind_threads(sch, spatial, threads)
+    if len(spatial) < len(iter_vars):
+        thread_loop = sch.get_loops(block)[-1 - (len(iter_vars) - len(spatial))]
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, thread_loop, preserve_unit_loops=True)
+
+
+def _bind_chunk_blocks(sch, c, b, h) -> None:
+    sch.reorder(c, h, b)
+    sch.bind(c, "blockIdx.x")
+    sch.bind(h, "blockIdx.y")
+    sch.bind(b, "blockIdx.z")
+
+
+def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
+    """U[b, c, h, n, f]: a block per (c, b, h); the chunk's k | v staged in shared memory."""
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock("bla_fwd_chunk_state")
+    b, c, h, n, f, j = sch.get_loops(block)
+    _bind_chunk_blocks(sch, c, b, h)
+    staged = sch.get_sblock("bla_fwd_kv_chunk")
+    sch.compute_at(staged, b, preserve_unit_loops=True)
+    sch.set_scope(staged, 0, "shared.dyn")
+    _spread_over_threads(sch, staged, config.threads)
+    _bind_threads(sch, [n, f], config.threads)
+    return sch
+
+
+def schedule_chunk_output(func, spec, config: CudaConfig = CudaConfig()):
+    """o[b, t, h, v]: t split into (chunk, position); a block per (c, b, h) computes every stage of its chunk."""
+    sch = tvm.s_tir.Schedule(func)
+    out = sch.get_sblock("bla_fwd_out")
+    b, t, h, v = sch.get_loops(out)
+    c, j = sch.split(t, factors=[None, spec.chunk_size])
+    sch.reorder(c, h, b, j, v)
+    _bind_chunk_blocks(sch, c, b, h)
+    for name in OUTPUT_STAGES:
+        sch.compute_at(sch.get_sblock(name), b, preserve_unit_loops=True)
+    for name in CUDA_INLINED:
+        sch.compute_inline(sch.get_sblock(name))
+    for name in OUTPUT_STAGES:
+        if name in CUDA_INLINED:
+            continue
+        block = sch.get_sblock(name)
+        sch.set_scope(block, 0, "shared.dyn")
+        _spread_over_threads(sch, block, config.threads)
+    _bind_threads(sch, [j, v], config.threads)
+    return sch
