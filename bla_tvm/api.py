@@ -6,8 +6,7 @@ import torch
 
 from . import ops
 from .params import BLAParams, check_qkv, check_scale
-
-DEFAULT_CHUNK_SIZE = 64
+from .spec import choose_chunk_size
 
 
 def blurry_window_attention(
@@ -53,8 +52,8 @@ def blurry_window_attention(
     check_qkv(q, k, v)
     params = BLAParams.make(window, resolution, num_slots)
     scale = check_scale(scale, q.shape[-1])
-    ops.device_kind(q.device)
-    o = torch.ops.bla_tvm.forward(
-        q, k, v, params.window, params.resolution, params.num_slots, scale, DEFAULT_CHUNK_SIZE
+    chunk_size = choose_chunk_size(
+        ops.device_kind(q.device), params.resolution, params.num_slots, q.shape[-1], v.shape[-1]
     )
+    o = torch.ops.bla_tvm.forward(q, k, v, params.window, params.resolution, params.num_slots, scale, chunk_size)
     return o, None

@@ -84,6 +84,8 @@ class ChunkConstants:
     H [M, L]: H[i, D] = C_i R^D b.          Bm [L, N]: Bm[s] = R^{L-1-s} b.
     state_in [N, L] = Bm^T Inv (chunk-local state contribution U = state_in K).
     state_decay [N, N] = A^L = R^L - Bm^T Inv Psi (X_next = A^L X + U).
+    lag_basis [N, L]: lag_basis[:, D] = R^D b, so that H = C lag_basis.
+    input_map [L, L + N] = [Inv | -Inv Psi], so that K' = input_map [K; X] (step 1 as one product).
     rot_diag, rot_off [L, N]: R^{j+1}[n, n] and R^{j+1}[n, partner(n)], so that
         (R^{j+1} x)[n] = rot_diag[j, n] x[n] + rot_off[j, n] x[partner(n)]
         (x R^{j+1})[n] = rot_diag[j, n] x[n] - rot_off[j, n] x[partner(n)]   (R^{j+1} is a rotation)
@@ -99,6 +101,8 @@ class ChunkConstants:
     state_decay: torch.Tensor
     rot_diag: torch.Tensor
     rot_off: torch.Tensor
+    lag_basis: torch.Tensor
+    input_map: torch.Tensor
 
 
 def chunk_constants(params: BLAParams, chunk_size: int) -> ChunkConstants:
@@ -119,7 +123,8 @@ def _chunk_constants(params: BLAParams, L: int) -> ChunkConstants:
     lag = torch.arange(L)[:, None] - torch.arange(L)[None, :]
     G = torch.where(lag > 0, kernel[lag.clamp(min=0)], torch.zeros((), dtype=F64))
     Inv = torch.linalg.inv(torch.eye(L, dtype=F64) + G)
-    H = torch.einsum("in,dnm,m->id", C, R_pow[:L], b)  # [M, L]
+    lag_basis = (R_pow[:L] @ b).T  # [N, L]
+    H = C @ lag_basis  # [M, L]
     Bm = torch.stack([R_pow[L - 1 - s] @ b for s in range(L)])  # [L, N]
     state_in = Bm.T @ Inv
     state_decay = R_pow[L] - state_in @ Psi
@@ -127,4 +132,7 @@ def _chunk_constants(params: BLAParams, L: int) -> ChunkConstants:
     n = torch.arange(N)
     rot_diag = R_pow[1:, n, n]
     rot_off = torch.where(partner == n, torch.zeros((), dtype=F64), R_pow[1:, n, partner])
-    return ChunkConstants(base, L, Psi, Inv, H, Bm, state_in, state_decay, rot_diag, rot_off)
+    input_map = torch.cat([Inv, -Inv @ Psi], dim=1)
+    return ChunkConstants(
+        base, L, Psi, Inv, H, Bm, state_in, state_decay, rot_diag, rot_off, lag_basis, input_map
+    )

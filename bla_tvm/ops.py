@@ -42,7 +42,7 @@ def device_constants(params: BLAParams, chunk_size: int, dtype: torch.dtype, dev
     return {
         "state_in": put(cc.state_in),
         "state_decay": put(cc.state_decay),
-        "output": [put(x) for x in (cc.Inv, cc.Psi, cc.H, cc.base.C, cc.rot_diag, cc.rot_off)],
+        "output": [put(x) for x in (cc.input_map, cc.lag_basis, cc.base.C, cc.rot_diag, cc.rot_off)],
         "scale": torch.tensor([scale], dtype=dtype, device=device),
     }
 
@@ -53,6 +53,26 @@ def _launch(function, *args):
             function(*args)
     else:
         function(*args)
+
+
+def launch_forward(q, k, v, o, spec: KernelSpec, scale: float) -> None:
+    """Run the three forward kernels, writing o [B, T, H, V]; q, k, v, o contiguous, of ``spec``'s dtype.
+
+    U [B, NC, H, N, K + V] (chunk-local state contributions) and the states at every chunk start are
+    temporaries in the accumulation dtype.
+    """
+    B, T, H, _ = q.shape
+    if T == 0 or B == 0 or H == 0:
+        return
+    acc = getattr(torch, spec.acc_dtype)
+    consts = device_constants(spec.params, spec.chunk_size, acc, q.device, float(scale))
+    chunk_state, state_scan, chunk_output = (LIBRARY.function(name, spec, q.device) for name in FORWARD_KERNELS)
+    num_chunks = (T + spec.chunk_size - 1) // spec.chunk_size
+    contributions = torch.empty(B, num_chunks, H, spec.resolution, spec.state_width, dtype=acc, device=q.device)
+    states = torch.empty_like(contributions)
+    _launch(chunk_state, k, v, consts["state_in"], contributions)
+    _launch(state_scan, contributions, consts["state_decay"], states)
+    _launch(chunk_output, q, k, v, states, consts["scale"], *consts["output"], o)
 
 
 @torch.library.custom_op("bla_tvm::forward", mutates_args=())
@@ -70,19 +90,8 @@ def forward(
     by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, T, H, _ = q.shape
-    o = torch.empty(B, T, H, spec.head_v, dtype=q.dtype, device=q.device)
-    if T == 0 or B == 0 or H == 0:
-        return o
-    acc = getattr(torch, spec.acc_dtype)
-    consts = device_constants(spec.params, chunk_size, acc, q.device, float(scale))
-    chunk_state, state_scan, chunk_output = (LIBRARY.function(name, spec, q.device) for name in FORWARD_KERNELS)
-    num_chunks = (T + chunk_size - 1) // chunk_size
-    contributions = torch.empty(B, num_chunks, H, spec.resolution, spec.state_width, dtype=acc, device=q.device)
-    states = torch.empty_like(contributions)
-    _launch(chunk_state, k, v, consts["state_in"], contributions)
-    _launch(state_scan, contributions, consts["state_decay"], states)
-    _launch(chunk_output, q, k, v, states, consts["scale"], *consts["output"], o)
+    o = q.new_empty(*q.shape[:3], spec.head_v)
+    launch_forward(q, k, v, o, spec, scale)
     return o
 
 

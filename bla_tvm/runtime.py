@@ -59,8 +59,10 @@ def target_id(device: torch.device) -> str:
 def _source_digest() -> str:
     """Digest of the compute and schedule sources: editing any of them invalidates cached kernels."""
     digest = hashlib.sha256()
-    for package in ("bla_tvm.compute", "bla_tvm.schedules"):
-        folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+    package = Path(__file__).parent
+    schedules = importlib.util.find_spec("bla_tvm.schedules")  # installed as bla_tvm.schedules from ./schedules
+    schedule_dir = Path(schedules.submodule_search_locations[0]) if schedules else package.parent / "schedules"
+    for folder in (package / "compute", schedule_dir):
         for path in sorted(folder.glob("*.py")):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())

@@ -14,22 +14,18 @@ import tvm
 #: stages of ``chunk_output``, consumers before producers (the order in which compute_at must move them)
 OUTPUT_STAGES = (
     "bla_fwd_out_chunk",
-    "bla_fwd_out_inter",
-    "bla_fwd_out_intra",
-    "bla_fwd_readout",
-    "bla_fwd_probs_c",
-    "bla_fwd_probs_h",
+    "bla_fwd_mix",
+    "bla_fwd_g",
+    "bla_fwd_w",
     "bla_fwd_row_sum",
     "bla_fwd_probs",
     "bla_fwd_row_max",
     "bla_fwd_logits",
-    "bla_fwd_inter_scores",
-    "bla_fwd_intra_scores",
-    "bla_fwd_rotated_q",
-    "bla_fwd_xq",
-    "bla_fwd_qk",
+    "bla_fwd_scores",
+    "bla_fwd_z",
+    "bla_fwd_z_intra",
+    "bla_fwd_qx",
     "bla_fwd_kv_eff",
-    "bla_fwd_psi_x",
     "bla_fwd_kv_chunk",
     "bla_fwd_q_chunk",
 )
@@ -80,28 +76,25 @@ def schedule_chunk_state(func, spec, config: CpuConfig = CpuConfig()):
 #:  whether the copy moves into the (c, b, h) loop: inputs that change per chunk; constants are copied once per
 #:  call, and copies of intermediates already land beside their producer)
 TRANSPOSED_READS = (
-    ("bla_fwd_intra_scores", "Hk", lambda i, d: (d, i), False),
-    ("bla_fwd_inter_scores", "C", lambda i, n: (n, i), False),
-    ("bla_fwd_qk", "bla_fwd_kv_eff", lambda b, c, h, s, f: (b, c, h, f, s), False),
-    ("bla_fwd_xq", "states", lambda b, c, h, n, f: (b, c, h, f, n), True),
+    ("bla_fwd_z_intra", "lag_basis", lambda n, d: (d, n), False),
+    ("bla_fwd_scores", "C", lambda i, n: (n, i), False),
+    ("bla_fwd_qx", "bla_fwd_kv_eff", lambda b, c, h, s, f: (b, c, h, f, s), False),
+    ("bla_fwd_qx", "states", lambda b, c, h, n, f: (b, c, h, f, n), True),
 )
 
 #: matmul-like stages: loops (unit c, b, h, j, x, r) become (j, r, x) with x vectorised
 CONTRACTIONS = (
-    "bla_fwd_psi_x",
-    "bla_fwd_qk",
-    "bla_fwd_xq",
     "bla_fwd_kv_eff",
-    "bla_fwd_intra_scores",
-    "bla_fwd_inter_scores",
-    "bla_fwd_probs_h",
-    "bla_fwd_probs_c",
-    "bla_fwd_out_intra",
-    "bla_fwd_out_inter",
+    "bla_fwd_qx",
+    "bla_fwd_z_intra",
+    "bla_fwd_scores",
+    "bla_fwd_w",
+    "bla_fwd_g",
+    "bla_fwd_out_chunk",
 )
 
 #: elementwise stages whose innermost loop is vectorised
-ELEMENTWISE = ("bla_fwd_kv_chunk", "bla_fwd_q_chunk", "bla_fwd_rotated_q", "bla_fwd_probs", "bla_fwd_readout", "bla_fwd_out_chunk")
+ELEMENTWISE = ("bla_fwd_kv_chunk", "bla_fwd_q_chunk", "bla_fwd_z", "bla_fwd_probs", "bla_fwd_mix")
 
 
 def schedule_chunk_output(func, spec, config: CpuConfig = CpuConfig()):

@@ -15,7 +15,7 @@ import tvm
 from .cpu import OUTPUT_STAGES
 
 #: stages recomputed where they are read instead of stored
-CUDA_INLINED = ("bla_fwd_logits", "bla_fwd_rotated_q", "bla_fwd_readout", "bla_fwd_out_chunk")
+CUDA_INLINED = ("bla_fwd_logits", "bla_fwd_z", "bla_fwd_mix")
 
 
 @dataclass(frozen=True)

@@ -80,80 +80,79 @@ def chunk_state_contribution(spec: KernelSpec):
 def chunk_output(spec: KernelSpec):
     """o[b, t, h, :] for every token, given the states at every chunk start.
 
-    Inputs: q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], states [B, NC, H, N, F] (state before chunk c),
-    scale [1], Inv [L, L], Psi [L, N], Hk [M, L], C [M, N], rot_diag [L, N], rot_off [L, N].
+    Inputs: q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], states [B, NC, H, N, F] (X | Y before chunk c),
+    scale [1], input_map [L, L + N], lag_basis [N, L], C [M, N], rot_diag [L, N], rot_off [L, N].
     Output: o [B, T, H, V] in the input dtype.
 
-    Per chunk (j, s < L; i < M; n < N):
-      KVp[j]     = sum_s Inv[j, s] ((k | v)[s] - Psi[s] X)                   effective inputs k', v'
-      QK[j, s]   = q_j . k'_s
-      Z[j, n]    = (R^{j+1} X q_j)[n]                                          rotated inter term
-      logit[j,i] = scale (sum_{D<=j} Hk[i, D] QK[j, j-D] + sum_n C[i, n] Z[j, n]),  -inf where i W > t M
-      E = exp(logit - rowmax),  den = rowsum(E)
-      o_j        = (sum_{s<=j} (E Hk)[j, j-s] v'_s + ((E C)[j] R^{j+1}) Y) / den_j
+    Per chunk, steps 1-5 of the chunked form regrouped into products over concatenated axes
+    (j, D < L; r < L + N; i < M; n < N; Rb = lag_basis, so H = C Rb):
+      kv_eff  = input_map [kv; X]                         k', v' = Inv (kv - Psi X)          [L, F]
+      qx      = q [k'; X_k]^T                             (Q K'^T | X q_j)                   [L, L + N]
+      z[j, n] = sum_{D<=j} Rb[n, D] qx[j, j-D] + (R^{j+1} X q_j)[n]                          [L, N]
+      logit   = scale C z, -inf where slot lag i W / M > t;  E = exp(logit - rowmax)          [L, M]
+      w       = E C,  g = w Rb                                                               [L, N], [L, L]
+      o_j     = (sum_{s<=j} g[j, j-s] v'_s + (w_j R^{j+1}) Y) / rowsum(E)_j                  [L, V]
+    The slot count M enters only the two [L, N] x [N, M] products and the softmax.
     """
     B, T, H, NC = _symbolic_sizes(spec.chunk_size)
     W, N, M = spec.window, spec.resolution, spec.num_slots
     L, K, V, F, acc, dt = spec.chunk_size, spec.head_k, spec.head_v, spec.state_width, spec.acc_dtype, spec.dtype
+    zero = tirx.const(0, acc)
     q = te.placeholder((B, T, H, K), dt, name="q")
     k = te.placeholder((B, T, H, K), dt, name="k")
     v = te.placeholder((B, T, H, V), dt, name="v")
     states = te.placeholder((B, NC, H, N, F), acc, name="states")
     scale = te.placeholder((1,), acc, name="scale")
-    Inv = te.placeholder((L, L), acc, name="Inv")
-    Psi = te.placeholder((L, N), acc, name="Psi")
-    Hk = te.placeholder((M, L), acc, name="Hk")
+    input_map = te.placeholder((L, L + N), acc, name="input_map")
+    lag_basis = te.placeholder((N, L), acc, name="lag_basis")
     C = te.placeholder((M, N), acc, name="C")
     rot_diag = te.placeholder((L, N), acc, name="rot_diag")
     rot_off = te.placeholder((L, N), acc, name="rot_off")
 
     q_chunk = _q_chunks(q, spec, B, T, H, NC)
     kv = _kv_chunks(k, v, spec, B, T, H, NC)
-    n_r = te.reduce_axis((0, N), name="n_r")
-    psi_x = te.compute(  # Psi[s] X: the part of each token that the window drops, per column
-        (B, NC, H, L, F),
-        lambda b, c, h, s, f: te.sum(Psi[s, n_r] * states[b, c, h, n_r, f], axis=n_r),
-        name="bla_fwd_psi_x",
-    )
-    s_r = te.reduce_axis((0, L), name="s_r")
+
+    def chunk_or_state(chunk_part, b, c, h, r, f):
+        """Row r of [chunk rows (r < L); state rows X | Y (r >= L)]."""
+        return te.if_then_else(r < L, chunk_part, states[b, c, h, te.max(r - L, 0), f])
+
+    r1 = te.reduce_axis((0, L + N), name="r1")
     kv_eff = te.compute(
         (B, NC, H, L, F),
         lambda b, c, h, j, f: te.sum(
-            Inv[j, s_r] * (kv[b, c, h, s_r, f] - psi_x[b, c, h, s_r, f]), axis=s_r
+            input_map[j, r1] * chunk_or_state(kv[b, c, h, te.min(r1, L - 1), f], b, c, h, r1, f), axis=r1
         ),
         name="bla_fwd_kv_eff",
     )
-    k_r = te.reduce_axis((0, K), name="k_r")
-    qk = te.compute(
-        (B, NC, H, L, L),
-        lambda b, c, h, j, s: te.sum(q_chunk[b, c, h, j, k_r] * kv_eff[b, c, h, s, k_r], axis=k_r),
-        name="bla_fwd_qk",
-    )
-    k_r2 = te.reduce_axis((0, K), name="k_r2")
-    xq = te.compute(
-        (B, NC, H, L, N),
-        lambda b, c, h, j, n: te.sum(q_chunk[b, c, h, j, k_r2] * states[b, c, h, n, k_r2], axis=k_r2),
-        name="bla_fwd_xq",
-    )
-    rotated_q = te.compute(
-        (B, NC, H, L, N),
-        lambda b, c, h, j, n: rot_diag[j, n] * xq[b, c, h, j, n] + rot_off[j, n] * xq[b, c, h, j, _partner(n, N)],
-        name="bla_fwd_rotated_q",
-    )
-    d_r = te.reduce_axis((0, L), name="d_r")
-    intra = te.compute(
-        (B, NC, H, L, M),
-        lambda b, c, h, j, i: te.sum(
-            te.if_then_else(d_r <= j, Hk[i, d_r] * qk[b, c, h, j, te.max(j - d_r, 0)], tirx.const(0, acc)),
-            axis=d_r,
+    k1 = te.reduce_axis((0, K), name="k1")
+    qx = te.compute(
+        (B, NC, H, L, L + N),
+        lambda b, c, h, j, r: te.sum(
+            q_chunk[b, c, h, j, k1] * chunk_or_state(kv_eff[b, c, h, te.min(r, L - 1), k1], b, c, h, r, k1),
+            axis=k1,
         ),
-        name="bla_fwd_intra_scores",
+        name="bla_fwd_qx",
     )
-    n_r2 = te.reduce_axis((0, N), name="n_r2")
-    inter = te.compute(
+    d1 = te.reduce_axis((0, L), name="d1")
+    z_intra = te.compute(
+        (B, NC, H, L, N),
+        lambda b, c, h, j, n: te.sum(
+            te.if_then_else(d1 <= j, lag_basis[n, d1] * qx[b, c, h, j, te.max(j - d1, 0)], zero), axis=d1
+        ),
+        name="bla_fwd_z_intra",
+    )
+    z = te.compute(
+        (B, NC, H, L, N),
+        lambda b, c, h, j, n: z_intra[b, c, h, j, n]
+        + rot_diag[j, n] * qx[b, c, h, j, L + n]
+        + rot_off[j, n] * qx[b, c, h, j, L + _partner(n, N)],
+        name="bla_fwd_z",
+    )
+    n1 = te.reduce_axis((0, N), name="n1")
+    scores = te.compute(
         (B, NC, H, L, M),
-        lambda b, c, h, j, i: te.sum(C[i, n_r2] * rotated_q[b, c, h, j, n_r2], axis=n_r2),
-        name="bla_fwd_inter_scores",
+        lambda b, c, h, j, i: te.sum(C[i, n1] * z[b, c, h, j, n1], axis=n1),
+        name="bla_fwd_scores",
     )
 
     def masked(c, j, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
@@ -161,69 +160,58 @@ def chunk_output(spec: KernelSpec):
 
     logits = te.compute(
         (B, NC, H, L, M),
-        lambda b, c, h, j, i: te.if_then_else(
-            masked(c, j, i), te.min_value(acc), scale[0] * (intra[b, c, h, j, i] + inter[b, c, h, j, i])
-        ),
+        lambda b, c, h, j, i: te.if_then_else(masked(c, j, i), te.min_value(acc), scale[0] * scores[b, c, h, j, i]),
         name="bla_fwd_logits",
     )
-    i_r = te.reduce_axis((0, M), name="i_r")
+    i1 = te.reduce_axis((0, M), name="i1")
     row_max = te.compute(
-        (B, NC, H, L), lambda b, c, h, j: te.max(logits[b, c, h, j, i_r], axis=i_r), name="bla_fwd_row_max"
+        (B, NC, H, L), lambda b, c, h, j: te.max(logits[b, c, h, j, i1], axis=i1), name="bla_fwd_row_max"
     )
     probs = te.compute(  # unnormalised softmax numerators
         (B, NC, H, L, M),
         lambda b, c, h, j, i: te.if_then_else(
-            masked(c, j, i), tirx.const(0, acc), te.exp(logits[b, c, h, j, i] - row_max[b, c, h, j])
+            masked(c, j, i), zero, te.exp(logits[b, c, h, j, i] - row_max[b, c, h, j])
         ),
         name="bla_fwd_probs",
     )
-    i_r2 = te.reduce_axis((0, M), name="i_r2")
+    i2 = te.reduce_axis((0, M), name="i2")
     row_sum = te.compute(
-        (B, NC, H, L), lambda b, c, h, j: te.sum(probs[b, c, h, j, i_r2], axis=i_r2), name="bla_fwd_row_sum"
+        (B, NC, H, L), lambda b, c, h, j: te.sum(probs[b, c, h, j, i2], axis=i2), name="bla_fwd_row_sum"
     )
-    i_r3 = te.reduce_axis((0, M), name="i_r3")
-    probs_h = te.compute(  # (E Hk)[j, D]
+    i3 = te.reduce_axis((0, M), name="i3")
+    w = te.compute(  # (E C)[j, n]
+        (B, NC, H, L, N),
+        lambda b, c, h, j, n: te.sum(probs[b, c, h, j, i3] * C[i3, n], axis=i3),
+        name="bla_fwd_w",
+    )
+    n2 = te.reduce_axis((0, N), name="n2")
+    g = te.compute(  # (E H)[j, D] = (w Rb)[j, D]
         (B, NC, H, L, L),
-        lambda b, c, h, j, d: te.sum(probs[b, c, h, j, i_r3] * Hk[i_r3, d], axis=i_r3),
-        name="bla_fwd_probs_h",
+        lambda b, c, h, j, d: te.sum(w[b, c, h, j, n2] * lag_basis[n2, d], axis=n2),
+        name="bla_fwd_g",
     )
-    i_r4 = te.reduce_axis((0, M), name="i_r4")
-    probs_c = te.compute(  # (E C)[j, n]
-        (B, NC, H, L, N),
-        lambda b, c, h, j, n: te.sum(probs[b, c, h, j, i_r4] * C[i_r4, n], axis=i_r4),
-        name="bla_fwd_probs_c",
-    )
-    readout = te.compute(  # (E C)[j] R^{j+1}
-        (B, NC, H, L, N),
-        lambda b, c, h, j, n: rot_diag[j, n] * probs_c[b, c, h, j, n]
-        - rot_off[j, n] * probs_c[b, c, h, j, _partner(n, N)],
-        name="bla_fwd_readout",
-    )
-    s_r2 = te.reduce_axis((0, L), name="s_r2")
-    out_intra = te.compute(
-        (B, NC, H, L, V),
-        lambda b, c, h, j, vv: te.sum(
-            te.if_then_else(
-                s_r2 <= j, probs_h[b, c, h, j, te.max(j - s_r2, 0)] * kv_eff[b, c, h, s_r2, K + vv], tirx.const(0, acc)
-            ),
-            axis=s_r2,
+    mix = te.compute(  # [g scattered to s = j - D | w_j R^{j+1}]
+        (B, NC, H, L, L + N),
+        lambda b, c, h, j, r: te.if_then_else(
+            r < L,
+            te.if_then_else(r <= j, g[b, c, h, j, te.max(j - r, 0)], zero),
+            rot_diag[j, te.max(r - L, 0)] * w[b, c, h, j, te.max(r - L, 0)]
+            - rot_off[j, te.max(r - L, 0)] * w[b, c, h, j, _partner(te.max(r - L, 0), N)],
         ),
-        name="bla_fwd_out_intra",
+        name="bla_fwd_mix",
     )
-    n_r3 = te.reduce_axis((0, N), name="n_r3")
-    out_inter = te.compute(
-        (B, NC, H, L, V),
-        lambda b, c, h, j, vv: te.sum(readout[b, c, h, j, n_r3] * states[b, c, h, n_r3, K + vv], axis=n_r3),
-        name="bla_fwd_out_inter",
-    )
+    r2 = te.reduce_axis((0, L + N), name="r2")
     out_chunk = te.compute(
         (B, NC, H, L, V),
-        lambda b, c, h, j, vv: (out_intra[b, c, h, j, vv] + out_inter[b, c, h, j, vv]) / row_sum[b, c, h, j],
+        lambda b, c, h, j, vv: te.sum(
+            mix[b, c, h, j, r2] * chunk_or_state(kv_eff[b, c, h, te.min(r2, L - 1), K + vv], b, c, h, r2, K + vv),
+            axis=r2,
+        ),
         name="bla_fwd_out_chunk",
     )
     o = te.compute(
         (B, T, H, V),
-        lambda b, t, h, vv: out_chunk[b, t // L, h, t % L, vv].astype(dt),
+        lambda b, t, h, vv: (out_chunk[b, t // L, h, t % L, vv] / row_sum[b, t // L, h, t % L]).astype(dt),
         name="bla_fwd_out",
     )
-    return [q, k, v, states, scale, Inv, Psi, Hk, C, rot_diag, rot_off, o]
+    return [q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off, o]

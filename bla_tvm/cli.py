@@ -1,0 +1,104 @@
+"""``bla-tvm``: build kernels ahead of time, and assemble the runtime bundle a GPU machine without TVM needs.
+
+    bla-tvm build  --device cuda --arch sm_90 --specs specs.json --out DIR   # kernels + DIR/manifest.json
+    bla-tvm bundle --out DIR                                                 # DIR/lib/*.so + DIR/wheels/*.whl
+
+specs.json is a list of KernelSpec fields ({"window": 512, "resolution": 63, ...}). On the GPU machine, point
+BLA_TVM_PREBUILT_DIR at the kernels, BLA_TVM_RUNTIME_DIR at DIR/lib, and install DIR/wheels' tvm_ffi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .runtime import MANIFEST
+from .spec import FORWARD_KERNELS, KernelSpec
+
+#: the tvm_ffi release the kernels are built against (../shared/docs/toolchain.md: newer ones segfault)
+TVM_FFI_VERSION = "0.1.14.post1"
+RUNTIME_LIBRARIES = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
+
+
+def _build_one(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None, out: Path) -> dict:
+    from . import build  # imports tvm, in the worker process
+    from .runtime import target_id
+
+    target = arch if device_kind == "cuda" else target_id(torch.device("cpu"))
+    name = f"{kernel}-{spec.tag()}-{target}.so"
+    build.compile_kernel(kernel, spec, device_kind, arch).export_library(str(out / name))
+    return {"kernel": kernel, "spec": spec.as_dict(), "target": target, "config": None, "file": name}
+
+
+def build_kernels(specs: list[KernelSpec], device_kind: str, arch: str, out: Path, jobs: int) -> list[dict]:
+    """Compile every forward kernel of every spec into ``out`` and write ``out/manifest.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = [(kernel, spec) for spec in specs for kernel in FORWARD_KERNELS]
+    entries = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_build_one, kernel, spec, device_kind, arch, out) for kernel, spec in work]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            entries.append(future.result())
+            print(f"\rbuilt {done}/{len(work)} kernels", end="", flush=True)
+    print()
+    manifest = {"device_kind": device_kind, "tvm": importlib.metadata.version("apache-tvm"), "kernels": entries}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return entries
+
+
+def assemble_bundle(out: Path, python_version: str = "3.12") -> None:
+    """Copy TVM's runtime libraries and download the tvm_ffi wheel for the GPU machine's Python."""
+    lib = out / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    tvm_lib = Path(importlib.metadata.distribution("apache-tvm").locate_file("tvm/lib"))
+    for name in RUNTIME_LIBRARIES:
+        shutil.copy2(tvm_lib / name, lib / name)
+    wheels = out / "wheels"
+    wheels.mkdir(exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+         "--python-version", python_version, "--implementation", "cp",
+         "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+         "-d", str(wheels), f"apache-tvm-ffi=={TVM_FFI_VERSION}"],
+        check=True,
+    )  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bla-tvm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="compile kernels ahead of time and write a manifest")
+    build.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    build.add_argument("--arch", default="sm_90", help="CUDA architecture (ignored for cpu)")
+    build.add_argument("--specs", type=Path, required=True, help="JSON list of KernelSpec fields")
+    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    bundle = commands.add_parser("bundle", help="runtime libraries + tvm_ffi wheel for a machine without TVM")
+    bundle.add_argument("--out", type=Path, required=True)
+    bundle.add_argument("--python-version", default="3.12")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    if args.command == "build":
+        specs = [KernelSpec(**fields) for fields in json.loads(args.specs.read_text())]
+        arch = args.arch if args.device == "cuda" else None
+        entries = build_kernels(specs, args.device, arch, args.out, args.jobs)
+        print(f"{len(entries)} kernels for {len(specs)} specs in {args.out} ({time.time() - start:.0f} s)")
+    else:
+        assemble_bundle(args.out, args.python_version)
+        print(f"runtime bundle in {args.out} ({time.time() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
