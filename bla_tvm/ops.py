@@ -1,7 +1,7 @@
 """BLA as a torch custom op, ``torch.ops.bla_tvm.forward``: the compiled kernels, launched from PyTorch.
 
-Tensors reach the kernels through DLPack with no copy when they are already contiguous (inputs that are not
-are made contiguous with one copy). CPU tensors run the LLVM kernels, CUDA tensors the CUDA kernels on torch's
+Tensors reach the kernels through DLPack with no copy when they are already contiguous and 64-byte aligned
+(inputs that are not are copied once). CPU tensors run the LLVM kernels, CUDA tensors the CUDA kernels on torch's
 current stream. Imports only torch, tvm_ffi and the package's runtime.
 """
 
@@ -47,6 +47,19 @@ def device_constants(params: BLAParams, chunk_size: int, dtype: torch.dtype, dev
     }
 
 
+#: compiled kernels assume their tensors' data is aligned to this many bytes (TVM's default buffer
+#: data_alignment) and do not check it: an unaligned vector load segfaults.
+KERNEL_ALIGNMENT = 64
+
+
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """x itself when contiguous and aligned (no copy), else a contiguous, aligned copy."""
+    x = x.contiguous()
+    if x.data_ptr() % KERNEL_ALIGNMENT:
+        x = x.clone()
+    return x
+
+
 def _launch(function, *args):
     if args[0].is_cuda:
         with tvm_ffi.use_torch_stream():
@@ -89,7 +102,7 @@ def forward(
     """o [B, T, H, V] = BLA(q [B, T, H, K], k [B, T, H, K], v [B, T, H, V]) in q's dtype; arguments validated
     by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (_kernel_ready(x) for x in (q, k, v))
     o = q.new_empty(*q.shape[:3], spec.head_v)
     launch_forward(q, k, v, o, spec, scale)
     return o
