@@ -53,11 +53,11 @@ def check_cases(count: int = 20, seed: int = 2026) -> list[dict]:
     return cases
 
 
-def chunk_size(resolution, slots, K, V) -> int:
+def chunk_size(window, resolution, slots, K, V, dtype) -> int:
     sys.path.insert(0, str(REPO))
-    from bla_tvm.spec import choose_chunk_size
+    from bla_tvm.runtime import cuda_chunk_size
 
-    return choose_chunk_size("cuda", resolution, slots, K, V)
+    return cuda_chunk_size("sm_90", window, resolution, slots, K, V, dtype)
 
 
 def kernel_specs() -> list[dict]:
@@ -66,14 +66,14 @@ def kernel_specs() -> list[dict]:
         for dtype in CHECK_DTYPES:
             W, N, M, K, V = (case[x] for x in ("window", "resolution", "num_slots", "K", "V"))
             specs.append(
-                dict(window=W, resolution=N, num_slots=M, chunk_size=chunk_size(N, M, K, V),
+                dict(window=W, resolution=N, num_slots=M, chunk_size=chunk_size(W, N, M, K, V, dtype),
                      head_k=K, head_v=V, dtype=dtype)
             )  # fmt: skip
     for resolution, slots in BENCH_BLA.values():
         for dtype in ("bfloat16", "float32"):
             specs.append(
                 dict(window=BENCH["window"], resolution=resolution, num_slots=slots,
-                     chunk_size=chunk_size(resolution, slots, BENCH["K"], BENCH["V"]),
+                     chunk_size=chunk_size(BENCH["window"], resolution, slots, BENCH["K"], BENCH["V"], dtype),
                      head_k=BENCH["K"], head_v=BENCH["V"], dtype=dtype)
             )  # fmt: skip
     unique = {json.dumps(s, sort_keys=True): s for s in specs}
@@ -110,7 +110,7 @@ def run_checks(torch, bla) -> list[dict]:
             B, T, H, K, V = (case[x] for x in "BTHKV")
             q, k = (torch.randn(B, T, H, K, device="cuda", generator=g, dtype=dtype) for _ in range(2))
             v = torch.randn(B, T, H, V, device="cuda", generator=g, dtype=dtype)
-            L = chunk_size(case["resolution"], case["num_slots"], K, V)
+            L = chunk_size(case["window"], case["resolution"], case["num_slots"], K, V, dtype_name)
             spec = kernel_spec(q, v, case["window"], case["resolution"], case["num_slots"], L)
             scale = K**-0.5
             o = torch.full((B, T, H, V), float("nan"), device="cuda", dtype=dtype)  # poisoned
@@ -157,7 +157,7 @@ def run_benchmarks(torch, args) -> dict:
         for name, (resolution, slots) in BENCH_BLA.items():
             row[name] = bench(lambda: bla_tvm.blurry_window_attention(q, k, v, W, resolution, slots), do_bench)
             if T == 4096:  # where the time goes: each kernel alone
-                L = chunk_size(resolution, slots, K, V)
+                L = chunk_size(W, resolution, slots, K, V, "bfloat16")
                 spec = kernel_spec(q, v, W, resolution, slots, L)
                 fns = [LIBRARY.function(kn, spec, q.device) for kn in FORWARD_KERNELS]
                 consts = device_constants(spec.params, L, torch.float32, q.device, K**-0.5)

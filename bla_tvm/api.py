@@ -6,7 +6,7 @@ import torch
 
 from . import ops
 from .params import BLAParams, check_qkv, check_scale
-from .spec import choose_chunk_size
+from .runtime import chunk_size_for
 
 
 def blurry_window_attention(
@@ -52,8 +52,7 @@ def blurry_window_attention(
     check_qkv(q, k, v)
     params = BLAParams.make(window, resolution, num_slots)
     scale = check_scale(scale, q.shape[-1])
-    chunk_size = choose_chunk_size(
-        ops.device_kind(q.device), params.resolution, params.num_slots, q.shape[-1], v.shape[-1]
-    )
+    dtype = ops.dtype_name(q.dtype)
+    chunk_size = chunk_size_for(q.device, *params.__dict__.values(), q.shape[-1], v.shape[-1], dtype)
     o = torch.ops.bla_tvm.forward(q, k, v, params.window, params.resolution, params.num_slots, scale, chunk_size)
     return o, None

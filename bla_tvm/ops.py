@@ -25,10 +25,14 @@ DTYPE_NAMES = {
 }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in DTYPE_NAMES:
+        raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {dtype}")
+    return DTYPE_NAMES[dtype]
+
+
 def kernel_spec(q, v, window, resolution, num_slots, chunk_size) -> KernelSpec:
-    if q.dtype not in DTYPE_NAMES:
-        raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype}")
-    return KernelSpec(window, resolution, num_slots, chunk_size, q.shape[-1], v.shape[-1], DTYPE_NAMES[q.dtype])
+    return KernelSpec(window, resolution, num_slots, chunk_size, q.shape[-1], v.shape[-1], dtype_name(q.dtype))
 
 
 @functools.lru_cache(maxsize=128)

@@ -21,7 +21,7 @@ import torch
 import tvm_ffi
 
 from . import env
-from .spec import KernelSpec, entry_symbol
+from .spec import CHUNK_SIZES, CUDA_SHARED_MEMORY_LIMIT, KernelSpec, cuda_shared_memory_bound, entry_symbol
 
 MANIFEST = "manifest.json"
 
@@ -166,6 +166,37 @@ def _find_prebuilt(kernel, spec, target, config) -> Path | None:
         ):
             return folder / entry["file"]
     return None
+
+
+def chunk_size_for(device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str) -> int:
+    """The chunk length L for a layer on ``device``: 64 on the CPU; on CUDA see ``cuda_chunk_size``."""
+    if device_kind(device) == "cpu":
+        return CHUNK_SIZES[0]
+    return cuda_chunk_size(target_id(device), window, resolution, num_slots, head_k, head_v, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def cuda_chunk_size(target: str, window, resolution, num_slots, head_k, head_v, dtype: str) -> int:
+    """The longest chunk whose chunk_output block fits in shared memory: the longest among prebuilt kernels;
+    else, where kernels may be built, the longest whose compiled kernel fits (measured by ``bla_tvm.build``);
+    else the longest under ``cuda_shared_memory_bound``."""
+    candidates = [KernelSpec(window, resolution, num_slots, L, head_k, head_v, dtype) for L in CHUNK_SIZES]
+    for spec in candidates:
+        if _find_prebuilt("chunk_output", spec, target, None) is not None:
+            return spec.chunk_size
+    for spec in candidates:
+        if env.build_allowed():
+            from . import build
+
+            needed = build.cuda_shared_memory(spec, target)
+        else:
+            needed = cuda_shared_memory_bound(spec.chunk_size, resolution, num_slots, head_k, head_v)
+        if needed <= CUDA_SHARED_MEMORY_LIMIT:
+            return spec.chunk_size
+    raise ValueError(
+        f"num_slots={num_slots}, resolution={resolution}, K={head_k}, V={head_v} need more shared memory per "
+        f"chunk than a CUDA block has, even at chunk length {CHUNK_SIZES[-1]}"
+    )
 
 
 LIBRARY = KernelLibrary()

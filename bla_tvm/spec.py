@@ -25,25 +25,17 @@ CHUNK_SIZES = (64, 32, 16)
 CUDA_SHARED_MEMORY_LIMIT = 232448
 
 
-def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int) -> int:
-    """Upper bound on the bytes of shared memory of one chunk_output block (fp32 intermediates, no reuse):
-    q [L, K], k | v [L, F], k' | v' [L, F], qx [L, L + N], z [L, N], scores and probs [L, M] each, w [L, N],
-    g [L, L], o [L, V]."""
+def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int) -> int:  # noqa: E741
+    """Upper bound on the bytes of shared memory of one chunk_output block: every fp32 intermediate of
+    ``compute.forward.chunk_output`` at once, as if none reused another's space.
+
+    q [L, K]; [k|v; X|Y] [L + N, F]; k'|v' [L, F]; [k'; X] [L + N, K]; qx [L, L + N]; z, z_intra, w [L, N];
+    scores, probs [L, M]; g [L, L]; mix [L, L + N]; [v'; Y] [L + N, V]; o [L, V]; row max and sum [L].
+    """
     F = K + V
-    return 4 * (L * K + 2 * L * F + L * (L + N) + 2 * L * N + 2 * L * M + L * L + L * V + 2 * L)
-
-
-def choose_chunk_size(device_kind: str, resolution: int, num_slots: int, head_k: int, head_v: int) -> int:
-    """The chunk length L: 64 on the CPU; on CUDA the longest whose chunk fits one block's shared memory."""
-    if device_kind == "cpu":
-        return CHUNK_SIZES[0]
-    for L in CHUNK_SIZES:
-        if cuda_shared_memory_bound(L, resolution, num_slots, head_k, head_v) <= CUDA_SHARED_MEMORY_LIMIT:
-            return L
-    raise ValueError(
-        f"num_slots={num_slots}, resolution={resolution}, K={head_k}, V={head_v} need more shared memory per "
-        f"chunk than a CUDA block has, even at chunk length {CHUNK_SIZES[-1]}"
-    )
+    rows = L + N
+    floats = L * K + rows * F + L * F + rows * K + 2 * L * rows + 3 * L * N + 2 * L * M + L * L
+    return 4 * (floats + rows * V + L * V + 2 * L)
 
 
 #: dtypes the kernels accept as inputs, and the dtype they accumulate in.

@@ -14,6 +14,7 @@ import tvm
 #: stages of ``chunk_output``, consumers before producers (the order in which compute_at must move them)
 OUTPUT_STAGES = (
     "bla_fwd_out_chunk",
+    "bla_fwd_values",
     "bla_fwd_mix",
     "bla_fwd_g",
     "bla_fwd_w",
@@ -25,7 +26,9 @@ OUTPUT_STAGES = (
     "bla_fwd_z",
     "bla_fwd_z_intra",
     "bla_fwd_qx",
+    "bla_fwd_keys",
     "bla_fwd_kv_eff",
+    "bla_fwd_kv_state",
     "bla_fwd_kv_chunk",
     "bla_fwd_q_chunk",
 )
@@ -78,8 +81,7 @@ def schedule_chunk_state(func, spec, config: CpuConfig = CpuConfig()):
 TRANSPOSED_READS = (
     ("bla_fwd_z_intra", "lag_basis", lambda n, d: (d, n), False),
     ("bla_fwd_scores", "C", lambda i, n: (n, i), False),
-    ("bla_fwd_qx", "bla_fwd_kv_eff", lambda b, c, h, s, f: (b, c, h, f, s), False),
-    ("bla_fwd_qx", "states", lambda b, c, h, n, f: (b, c, h, f, n), True),
+    ("bla_fwd_qx", "bla_fwd_keys", lambda b, c, h, r, k: (b, c, h, k, r), False),
 )
 
 #: matmul-like stages: loops (unit c, b, h, j, x, r) become (j, r, x) with x vectorised
@@ -94,7 +96,15 @@ CONTRACTIONS = (
 )
 
 #: elementwise stages whose innermost loop is vectorised
-ELEMENTWISE = ("bla_fwd_kv_chunk", "bla_fwd_q_chunk", "bla_fwd_z", "bla_fwd_probs", "bla_fwd_mix")
+ELEMENTWISE = (
+    "bla_fwd_kv_chunk",
+    "bla_fwd_kv_state",
+    "bla_fwd_q_chunk",
+    "bla_fwd_z",
+    "bla_fwd_probs",
+    "bla_fwd_mix",
+    "bla_fwd_values",
+)
 
 
 def schedule_chunk_output(func, spec, config: CpuConfig = CpuConfig()):

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import tvm
 
-from .cpu import OUTPUT_STAGES
+from .cpu import CONTRACTIONS, OUTPUT_STAGES
 
 #: stages recomputed where they are read instead of stored
-CUDA_INLINED = ("bla_fwd_logits", "bla_fwd_z", "bla_fwd_mix")
+CUDA_INLINED = ("bla_fwd_kv_chunk", "bla_fwd_logits")
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,11 @@ class CudaConfig:
     """Knobs of the CUDA schedules.
 
     threads: threads per block of the per-chunk kernels.
+    tile: outputs (rows, columns) each thread of a contraction stage accumulates in registers.
     """
 
     threads: int = 256
+    tile: tuple[int, int] = (4, 4)
 
 
 def _bind_threads(sch, loops, threads: int) -> None:
@@ -46,6 +48,33 @@ def _spread_over_threads(sch, block, threads: int) -> None:
         thread_loop = sch.get_loops(block)[-1 - (len(iter_vars) - len(spatial))]
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, thread_loop, preserve_unit_loops=True)
+
+
+#: operands read along a diagonal (A[j, j - D]): caching their slice in registers defeats TVM's region
+#: analysis, so they are read from shared memory directly
+GATHERED = {"bla_fwd_z_intra": ("bla_fwd_qx",)}
+
+
+def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int]) -> None:
+    """For a contraction (loops unit c, b, h, then rows j, columns x, reduction r) inside the chunk's block:
+    each thread owns a tile[0] x tile[1] box of outputs, held in registers across the reduction, so each
+    operand load feeds several multiply-adds; the box is written to shared memory once."""
+    operands = [region.source.name for region in sch.get(block).reads]
+    if sch.get(block).name_hint in GATHERED:
+        operands = [name for name in operands if name not in GATHERED[sch.get(block).name_hint]]
+    *_, row, col, red = sch.get_loops(block)
+    row_o, row_i = sch.split(row, factors=[None, tile[0]])
+    col_o, col_i = sch.split(col, factors=[None, tile[1]])
+    sch.reorder(row_o, col_o, red, row_i, col_i)
+    _, thread = sch.split(sch.fuse(row_o, col_o), factors=[None, threads])
+    sch.bind(thread, "threadIdx.x")
+    for operand in operands:  # this step's slice of each operand, loaded once into registers
+        sch.compute_at(sch.cache_read(block, operand, "local", [block]), red, preserve_unit_loops=True)
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
+    sch.unroll(row_i)
+    sch.unroll(col_i)
+    sch.decompose_reduction(block, red)
 
 
 def _bind_chunk_blocks(sch, c, b, h) -> None:
@@ -86,6 +115,9 @@ def schedule_chunk_output(func, spec, config: CudaConfig = CudaConfig()):
             continue
         block = sch.get_sblock(name)
         sch.set_scope(block, 0, "shared.dyn")
-        _spread_over_threads(sch, block, config.threads)
+        if name in CONTRACTIONS:
+            _tile_over_threads(sch, block, config.threads, config.tile)
+        else:
+            _spread_over_threads(sch, block, config.threads)
     _bind_threads(sch, [j, v], config.threads)
     return sch

@@ -85,13 +85,13 @@ def chunk_output(spec: KernelSpec):
     Output: o [B, T, H, V] in the input dtype.
 
     Per chunk, steps 1-5 of the chunked form regrouped into products over concatenated axes
-    (j, D < L; r < L + N; i < M; n < N; Rb = lag_basis, so H = C Rb):
-      kv_eff  = input_map [kv; X]                         k', v' = Inv (kv - Psi X)          [L, F]
-      qx      = q [k'; X_k]^T                             (Q K'^T | X q_j)                   [L, L + N]
+    (j, D < L; r < L + N; i < M; n < N; Rb = lag_basis, so H = C Rb), each operand a stage of its own:
+      kv_eff  = input_map [kv; X | Y]                     k', v' = Inv (kv - Psi X)          [L, F]
+      qx      = q [k'; X]^T                               (Q K'^T | X q_j)                   [L, L + N]
       z[j, n] = sum_{D<=j} Rb[n, D] qx[j, j-D] + (R^{j+1} X q_j)[n]                          [L, N]
       logit   = scale C z, -inf where slot lag i W / M > t;  E = exp(logit - rowmax)          [L, M]
       w       = E C,  g = w Rb                                                               [L, N], [L, L]
-      o_j     = (sum_{s<=j} g[j, j-s] v'_s + (w_j R^{j+1}) Y) / rowsum(E)_j                  [L, V]
+      o_j     = mix_j [v'; Y] / rowsum(E)_j, mix_j = [g[j, j-s] (s<=j) | w_j R^{j+1}]       [L, V]
     The slot count M enters only the two [L, N] x [N, M] products and the softmax.
     """
     B, T, H, NC = _symbolic_sizes(spec.chunk_size)
@@ -112,25 +112,28 @@ def chunk_output(spec: KernelSpec):
     q_chunk = _q_chunks(q, spec, B, T, H, NC)
     kv = _kv_chunks(k, v, spec, B, T, H, NC)
 
-    def chunk_or_state(chunk_part, b, c, h, r, f):
-        """Row r of [chunk rows (r < L); state rows X | Y (r >= L)]."""
-        return te.if_then_else(r < L, chunk_part, states[b, c, h, te.max(r - L, 0), f])
+    def stack_state(name, chunk_rows, columns, offset):
+        """[chunk_rows (r < L); state rows X | Y from column ``offset`` (r >= L)]: [L + N, columns]."""
+        return te.compute(
+            (B, NC, H, L + N, columns),
+            lambda b, c, h, r, f: te.if_then_else(
+                r < L, chunk_rows[b, c, h, te.min(r, L - 1), offset + f], states[b, c, h, te.max(r - L, 0), offset + f]
+            ),
+            name=name,
+        )
 
+    kv_state = stack_state("bla_fwd_kv_state", kv, F, 0)
     r1 = te.reduce_axis((0, L + N), name="r1")
     kv_eff = te.compute(
         (B, NC, H, L, F),
-        lambda b, c, h, j, f: te.sum(
-            input_map[j, r1] * chunk_or_state(kv[b, c, h, te.min(r1, L - 1), f], b, c, h, r1, f), axis=r1
-        ),
+        lambda b, c, h, j, f: te.sum(input_map[j, r1] * kv_state[b, c, h, r1, f], axis=r1),
         name="bla_fwd_kv_eff",
     )
+    keys = stack_state("bla_fwd_keys", kv_eff, K, 0)
     k1 = te.reduce_axis((0, K), name="k1")
     qx = te.compute(
         (B, NC, H, L, L + N),
-        lambda b, c, h, j, r: te.sum(
-            q_chunk[b, c, h, j, k1] * chunk_or_state(kv_eff[b, c, h, te.min(r, L - 1), k1], b, c, h, r, k1),
-            axis=k1,
-        ),
+        lambda b, c, h, j, r: te.sum(q_chunk[b, c, h, j, k1] * keys[b, c, h, r, k1], axis=k1),
         name="bla_fwd_qx",
     )
     d1 = te.reduce_axis((0, L), name="d1")
@@ -200,13 +203,11 @@ def chunk_output(spec: KernelSpec):
         ),
         name="bla_fwd_mix",
     )
+    values = stack_state("bla_fwd_values", kv_eff, V, K)
     r2 = te.reduce_axis((0, L + N), name="r2")
     out_chunk = te.compute(
         (B, NC, H, L, V),
-        lambda b, c, h, j, vv: te.sum(
-            mix[b, c, h, j, r2] * chunk_or_state(kv_eff[b, c, h, te.min(r2, L - 1), K + vv], b, c, h, r2, K + vv),
-            axis=r2,
-        ),
+        lambda b, c, h, j, vv: te.sum(mix[b, c, h, j, r2] * values[b, c, h, r2, vv], axis=r2),
         name="bla_fwd_out_chunk",
     )
     o = te.compute(
