@@ -151,3 +151,70 @@ def swa_reference(q, k, v, window: int, scale: float | None = None) -> torch.Ten
     visible = (s <= t) & (s > t - window)
     p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.einsum("bhts,bshv->bthv", p, v)
+
+
+# --- cases for the compiled kernels -----------------------------------------------------------------------
+#
+# Every distinct (W, N, M, K, V, dtype) compiles three kernels (about a second on two cores), so tests of the
+# compiled op draw W, N, M, K and V from this small fixed pool and let hypothesis vary everything a kernel is
+# not specialised on (B, T, H, scale, data).
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """What a compiled kernel is specialised on, less dtype and chunk length: W, N, M, K, V."""
+
+    W: int
+    N: int
+    M: int
+    K: int
+    V: int
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"W{self.W}N{self.N}M{self.M}K{self.K}V{self.V}"
+
+    @property
+    def is_swa(self) -> bool:
+        return self.N == self.W == self.M
+
+
+KERNEL_POOL = (
+    KernelShape(16, 16, 16, 8, 8, "N == W == M, even W: the Nyquist row; SWA"),
+    KernelShape(7, 7, 7, 5, 3, "N == W == M, odd W, K != V; SWA"),
+    KernelShape(1, 1, 1, 4, 6, "W = 1: o_t = v_t"),
+    KernelShape(80, 80, 80, 16, 16, "N == W == M with W > L (window spans chunks), even W; SWA"),
+    KernelShape(16, 7, 9, 40, 72, "M > N, K and V not powers of two"),
+    KernelShape(12, 5, 12, 16, 24, "M == W > N"),
+    KernelShape(9, 5, 3, 6, 6, "M < N"),
+    KernelShape(64, 15, 15, 64, 64, "the demo's shape: W == L, N == M < W"),
+    KernelShape(100, 31, 40, 72, 40, "W > L, M > N, K = 72, V = 40"),
+)
+
+
+@st.composite
+def pooled_cases(
+    draw, shape: KernelShape, max_T: int = 200, max_B: int = 3, max_H: int = 3, chunk_size: int = 64,
+    draw_scale: bool = True,
+) -> BLACase:
+    """A BLACase with W, N, M, K, V from ``shape`` and L = chunk_size; T in [1, max_T] with T == 1, T around
+    W and T around multiples of L drawn often (T < W, partial last chunks, exact multiples)."""
+    W, L = shape.W, chunk_size
+    edges = sorted({x for x in (1, 2, W - 1, W, W + 1, L - 1, L, L + 1, 2 * L, 2 * L + 1) if 1 <= x <= max_T})
+    if draw(st.integers(0, 2), label="T kind") == 0:
+        T = draw(st.sampled_from(edges), label="T")
+    else:
+        T = draw(st.integers(1, max_T), label="T")
+    B = draw(st.integers(1, max_B), label="B")
+    H = draw(st.integers(1, max_H), label="H")
+    scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0)), label="scale") if draw_scale else None
+    seed = draw(st.integers(0, 2**31 - 1), label="seed")
+    return BLACase(W=W, N=shape.N, M=shape.M, T=T, L=L, B=B, H=H, K=shape.K, V=shape.V, scale=scale, seed=seed)
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 for empty tensors), in float64."""
+    if not expected.numel():
+        return 0.0
+    return max_abs_err(actual, expected) / max(expected.to(F64).abs().max().item(), 1e-300)

@@ -1,0 +1,326 @@
+"""The torch op ``bla_tvm::forward`` and the public entry point around it, on the CPU: torch.library's
+opcheck, torch.compile, zero-copy argument passing, input validation, the tvm-free runtime path, the kernel
+cache key and concurrent first builds.
+
+Shapes come from ``helpers.KERNEL_POOL`` where possible, so these tests reuse kernels that
+test_forward_cpu.py compiles in the same session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from helpers import KERNEL_POOL, F64, max_rel_err
+
+import bla_tvm
+import bla_tvm.ops
+from bla_tvm import bla_recurrent, blurry_window_attention
+from bla_tvm.runtime import kernel_key
+from bla_tvm.spec import FORWARD_KERNELS, KernelSpec
+
+SHAPE = next(s for s in KERNEL_POOL if (s.K, s.V) == (40, 72))  # M > N, K != V, neither a power of two
+ARGS = dict(window=SHAPE.W, resolution=SHAPE.N, num_slots=SHAPE.M)
+CHUNK = 64  # the CPU chunk length (bla_tvm.spec.choose_chunk_size)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def qkv(B=2, T=70, H=3, K=SHAPE.K, V=SHAPE.V, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
+    return q.to(dtype), k.to(dtype), torch.randn(B, T, H, V, generator=gen).to(dtype)
+
+
+def op_args(q, k, v, scale=0.3):
+    return (q, k, v, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
+
+
+def run_python(code: str, env: dict | None = None, timeout=300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with this process's environment (hence its BLA_TVM_CACHE_DIR)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --- torch.library ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch all agree with the kernel."""
+    q, k, v = qkv(dtype=dtype)
+    torch.library.opcheck(torch.ops.bla_tvm.forward, op_args(q, k, v))
+
+
+def test_fake_impl_on_meta_tensors():
+    q, k, v = (x.to("meta") for x in qkv(B=3, T=1000, H=5))
+    o = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    assert o.device.type == "meta" and o.shape == (3, 1000, 5, SHAPE.V) and o.dtype == torch.float32
+
+
+def surrounded(q, k, v):
+    """Torch ops before and after BLA, so the compiled graph has more than the one custom op."""
+    o, state = blurry_window_attention(q * 0.5 + 0.1, torch.tanh(k), v.flip(1), **ARGS)
+    assert state is None
+    return torch.relu(o) * 2.0 + o.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    """One graph, no breaks (fullgraph=True raises on any), same result as eager."""
+    torch._dynamo.reset()
+    q, k, v = qkv()
+    expected = surrounded(q, k, v)
+    compiled = torch.compile(surrounded, fullgraph=True, backend=backend)
+    out = compiled(q, k, v)
+    # inductor fuses the surrounding elementwise ops, so it may round differently from eager
+    tol = 0.0 if backend != "inductor" else 1e-5
+    assert max_rel_err(out, expected) <= tol
+
+
+def test_torch_compile_dynamic_lengths():
+    """With dynamic shapes, one compiled graph serves several (B, T) through the fake implementation."""
+    torch._dynamo.reset()
+    compiled = torch.compile(surrounded, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B, T in ((1, 70), (2, 131), (3, 5)):
+        q, k, v = qkv(B=B, T=T)
+        assert max_rel_err(compiled(q, k, v), surrounded(q, k, v)) == 0.0
+
+
+# --- how tensors reach the kernels -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Record each kernel launch as a list of (is_tensor, data_ptr, is_contiguous) per argument."""
+    calls = []
+    launch = bla_tvm.ops._launch
+
+    def recording(function, *args):
+        calls.append([(a.data_ptr(), a.is_contiguous()) if isinstance(a, torch.Tensor) else None for a in args])
+        return launch(function, *args)
+
+    monkeypatch.setattr(bla_tvm.ops, "_launch", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_contiguous_inputs_are_not_copied(dtype, launches):
+    q, k, v = qkv(dtype=dtype)
+    o, _ = blurry_window_attention(q, k, v, **ARGS)
+    assert len(launches) == len(FORWARD_KERNELS)
+    chunk_state, _, chunk_output = launches
+    assert [a[0] for a in chunk_state[:2]] == [k.data_ptr(), v.data_ptr()]
+    assert [a[0] for a in chunk_output[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
+    assert chunk_output[-1][0] == o.data_ptr()  # the kernel writes the returned tensor itself
+
+
+def test_non_contiguous_inputs_give_the_same_result(launches):
+    """[B, H, T, D] tensors transposed to [B, T, H, D]: one contiguous copy each, the same output bits."""
+    q, k, v = qkv()
+    q_t, k_t, v_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not any(x.is_contiguous() for x in (q_t, k_t, v_t))
+    expected, _ = blurry_window_attention(q, k, v, **ARGS)
+    launches.clear()
+    o, _ = blurry_window_attention(q_t, k_t, v_t, **ARGS)
+    assert torch.equal(o, expected)
+    chunk_output = launches[-1]
+    assert all(contiguous for _, contiguous in chunk_output[:3])
+    assert {ptr for ptr, _ in chunk_output[:3]}.isdisjoint({x.data_ptr() for x in (q_t, k_t, v_t)})
+
+
+def test_inputs_at_unaligned_addresses():
+    """A contiguous view that starts at an arbitrary element (a slice of a larger buffer) is valid input.
+
+    Regression: the compiled kernels assume 64-byte aligned data (TVM buffers' default data_alignment) and do
+    not check it; a q starting 4 or 16 bytes past a boundary made bla_fwd_chunk_output segfault on an aligned
+    vector load, until ops.forward copied unaligned inputs. Run in a subprocess so that a crash fails this
+    test instead of killing the whole run.
+    """
+    for dtype in (torch.float32, torch.bfloat16):  # kernels built here, so the subprocess only loads them
+        blurry_window_attention(*qkv(dtype=dtype), **ARGS)
+    result = run_python(
+        f"""
+        import torch
+        from bla_tvm import blurry_window_attention
+        for dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(0)
+            shapes = {{"q": (2, 70, 3, {SHAPE.K}), "k": (2, 70, 3, {SHAPE.K}), "v": (2, 70, 3, {SHAPE.V})}}
+            for name in shapes:
+                for offset in (1, 2, 4, 8):
+                    args = {{}}
+                    for n, shape in shapes.items():
+                        x = torch.randn(shape, generator=gen).to(dtype)
+                        if n == name:  # the same values, copied into a buffer at an unaligned address
+                            base = torch.empty(x.numel() + 128, dtype=dtype)
+                            start = (-base.data_ptr()) % 64 // x.element_size() + offset  # 64-aligned + offset
+                            base[start:start + x.numel()] = x.flatten()
+                            x_view = base[start:start + x.numel()].view(shape)
+                            assert x_view.is_contiguous() and x_view.data_ptr() % 64 != 0
+                            args[n] = (x_view, x)
+                        else:
+                            args[n] = (x, x)
+                    o_view, _ = blurry_window_attention(*(a[0] for a in args.values()), {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+                    o, _ = blurry_window_attention(*(a[1] for a in args.values()), {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+                    assert torch.equal(o_view, o), (dtype, name, offset)
+        print("ok")
+        """,
+        env={"BLA_TVM_NO_BUILD": "1"},
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (
+        f"returncode {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[:1500]}"
+    )
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_mixed_dtypes_rejected(name):
+    args = dict(zip("qkv", qkv()))
+    args[name] = args[name].to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"q, k and v must share one dtype"):
+        blurry_window_attention(args["q"], args["k"], args["v"], **ARGS)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_integer_dtypes_rejected(name, dtype):
+    args = dict(zip("qkv", qkv()))
+    args[name] = args[name].to(dtype)
+    with pytest.raises(TypeError, match=rf"^{name} must have a floating dtype, got {dtype}"):
+        blurry_window_attention(args["q"], args["k"], args["v"], **ARGS)
+
+
+def test_unsupported_floating_dtype_rejected():
+    q, k, v = (x.to(torch.float8_e4m3fn) for x in qkv())
+    with pytest.raises(TypeError, match=r"^q must be float32, float16, bfloat16 or float64"):
+        blurry_window_attention(q, k, v, **ARGS)
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_mixed_devices_rejected(name):
+    args = dict(zip("qkv", qkv()))
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=r"q, k and v must be on one device; got cpu"):
+        blurry_window_attention(args["q"], args["k"], args["v"], **ARGS)
+
+
+def test_unsupported_device_rejected():
+    q, k, v = (x.to("meta") for x in qkv())
+    with pytest.raises(ValueError, match=r"^q must be on a CPU or CUDA device, got meta"):
+        blurry_window_attention(q, k, v, **ARGS)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(initial_state=torch.zeros(2, 3, SHAPE.N, SHAPE.K + SHAPE.V)), "initial_state"),
+        (dict(output_final_state=True), "output_final_state"),
+        (dict(cu_seqlens=torch.tensor([0, 30, 70])), "cu_seqlens"),
+    ],
+    ids=["initial_state", "output_final_state", "cu_seqlens"],
+)
+def test_unimplemented_arguments_raise(kwargs, name):
+    with pytest.raises(NotImplementedError, match=rf"^{name}"):
+        blurry_window_attention(*qkv(), **ARGS, **kwargs)
+
+
+# --- runtime: no tvm, cache keys, concurrent first builds ---------------------------------------------------
+
+
+def test_runtime_path_imports_no_tvm():
+    """A process where ``import tvm`` is impossible runs a kernel built earlier (here, by this process)."""
+    q, k, v = qkv(seed=3)
+    expected, _ = blurry_window_attention(q, k, v, **ARGS)  # builds (or finds) the kernels in BLA_TVM_CACHE_DIR
+    result = run_python(
+        f"""
+        import sys
+        sys.modules["tvm"] = None  # any "import tvm" now raises ImportError
+        import json, torch, bla_tvm
+        gen = torch.Generator().manual_seed(3)
+        q, k = torch.randn(2, 70, 3, {SHAPE.K}, generator=gen), torch.randn(2, 70, 3, {SHAPE.K}, generator=gen)
+        v = torch.randn(2, 70, 3, {SHAPE.V}, generator=gen)
+        o, _ = bla_tvm.blurry_window_attention(q, k, v, {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+        loaded = sorted(n for n, m in sys.modules.items() if m is not None and (n == "tvm" or n.startswith("tvm.")))
+        tvm = repr(sys.modules["tvm"])
+        print(json.dumps({{"o": o.double().flatten().tolist(), "tvm_modules": loaded, "tvm": tvm}}))
+        """,
+        env={"BLA_TVM_NO_BUILD": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["tvm"] == "None" and out["tvm_modules"] == []
+    assert torch.equal(torch.tensor(out["o"], dtype=F64), expected.double().flatten())
+
+
+def test_kernel_key_changes_with_spec_and_config():
+    base = dict(window=16, resolution=7, num_slots=9, chunk_size=64, head_k=40, head_v=72, dtype="float32")
+    variants = [KernelSpec(**base)]
+    for field, value in [
+        ("window", 17), ("resolution", 5), ("num_slots", 7), ("chunk_size", 32),
+        ("head_k", 41), ("head_v", 64), ("dtype", "bfloat16"),
+    ]:
+        variants.append(KernelSpec(**{**base, field: value}))
+    keys = {kernel_key("chunk_output", spec, "x86_64-test", None) for spec in variants}
+    assert len(keys) == len(variants)
+    spec = variants[0]
+    assert kernel_key("chunk_output", spec, "x86_64-test", None) == kernel_key(
+        "chunk_output", KernelSpec(**base), "x86_64-test", None
+    )  # deterministic
+    others = {
+        kernel_key("chunk_state", spec, "x86_64-test", None),
+        kernel_key("chunk_output", spec, "sm_90", None),
+        kernel_key("chunk_output", spec, "x86_64-test", {"vector_lanes": 8}),
+        kernel_key("chunk_output", spec, "x86_64-test", {"vector_lanes": 4}),
+    }
+    assert len(others | keys) == len(keys) + 4
+
+
+def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
+    """Two threads call the op for a spec no one has built: each kernel is compiled once, both are right."""
+    from bla_tvm import build  # imports tvm; this process compiles kernels anyway
+
+    monkeypatch.setenv("BLA_TVM_CACHE_DIR", str(tmp_path))
+    builds = []
+    build_to_path = build.build_to_path
+
+    def counting(kernel, *args, **kwargs):
+        builds.append(kernel)
+        return build_to_path(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(build, "build_to_path", counting)
+    W, N, M, K, V = 5, 3, 4, 3, 2  # used by no other test: not in memory, not on disk
+    gen = torch.Generator().manual_seed(7)
+    inputs = [tuple(torch.randn(1, 9, 2, D, generator=gen) for D in (K, K, V)) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    results, errors = [None, None], []
+
+    def worker(i):
+        try:
+            barrier.wait()
+            results[i] = blurry_window_attention(*inputs[i], W, N, M)[0]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(builds) == sorted(FORWARD_KERNELS)
+    assert len(list(tmp_path.glob("*.so"))) == len(FORWARD_KERNELS)
+    for i in range(2):
+        assert max_rel_err(results[i], bla_recurrent(*inputs[i], W, N, M)) <= 1e-5
