@@ -21,6 +21,7 @@ from helpers import KERNEL_POOL, F64, max_rel_err
 
 import bla_tvm
 import bla_tvm.ops
+import bla_tvm.runtime
 from bla_tvm import bla_recurrent, blurry_window_attention
 from bla_tvm.runtime import kernel_key
 from bla_tvm.spec import FORWARD_KERNELS, KernelSpec
@@ -39,6 +40,13 @@ def qkv(B=2, T=70, H=3, K=SHAPE.K, V=SHAPE.V, dtype=torch.float32, seed=0):
 
 def op_args(q, k, v, scale=0.3):
     return (q, k, v, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
+
+
+def forget_source_digest() -> None:
+    """A fresh process hashes the compute and schedule sources anew for its kernel keys, while this one keeps
+    the digest it took first: if the sources were edited since (a live checkout), the keys would differ and a
+    subprocess would not find the kernels built here. Called before building kernels a subprocess will load."""
+    bla_tvm.runtime._source_digest.cache_clear()
 
 
 def run_python(code: str, env: dict | None = None, timeout=300) -> subprocess.CompletedProcess:
@@ -148,6 +156,7 @@ def test_inputs_at_unaligned_addresses():
     vector load, until ops.forward copied unaligned inputs. Run in a subprocess so that a crash fails this
     test instead of killing the whole run.
     """
+    forget_source_digest()
     for dtype in (torch.float32, torch.bfloat16):  # kernels built here, so the subprocess only loads them
         blurry_window_attention(*qkv(dtype=dtype), **ARGS)
     result = run_python(
@@ -243,6 +252,7 @@ def test_unimplemented_arguments_raise(kwargs, name):
 def test_runtime_path_imports_no_tvm():
     """A process where ``import tvm`` is impossible runs a kernel built earlier (here, by this process)."""
     q, k, v = qkv(seed=3)
+    forget_source_digest()
     expected, _ = blurry_window_attention(q, k, v, **ARGS)  # builds (or finds) the kernels in BLA_TVM_CACHE_DIR
     result = run_python(
         f"""
