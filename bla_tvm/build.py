@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -57,6 +59,28 @@ def cuda_shared_memory(spec: KernelSpec, arch: str) -> int:
         mod = lower(tvm.tirx.transform.BindTarget(target)(mod))
     per_function = tvm.s_tir.analysis.calculate_allocated_bytes(mod)
     return max((int(scopes.get("shared.dyn", 0)) for scopes in per_function.values()), default=0)
+
+
+def ptxas_report(module, arch: str) -> dict:
+    """Registers, spills and stack frame of a compiled CUDA module's kernels, from ``ptxas -v`` on its source
+    (TVM's nvcc call drops the report). Any spill or stack frame means arrays went to local memory."""
+    from .cuda_toolchain import find_cuda_home
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.cu"
+        source.write_text(module.mod.imports[0].inspect_source())
+        nvcc = Path(find_cuda_home()) / "bin" / "nvcc"
+        result = subprocess.run(
+            [str(nvcc), f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-w", str(source), "-o", str(source) + ".cubin"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    numbers = {
+        "registers": r"Used (\d+) registers",
+        "stack_frame": r"(\d+) bytes stack frame",
+        "spill_stores": r"(\d+) bytes spill stores",
+        "spill_loads": r"(\d+) bytes spill loads",
+    }
+    return {key: max(map(int, re.findall(pattern, result.stderr)), default=0) for key, pattern in numbers.items()}
 
 
 def build_to_path(

@@ -85,7 +85,8 @@ def _bind_chunk_blocks(sch, c, b, h) -> None:
 
 
 def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
-    """U[b, c, h, n, f]: a block per (c, b, h); the chunk's k | v staged in shared memory."""
+    """U[b, c, h, n, f]: a block per (c, b, h); the chunk's k | v staged in shared memory, each thread a
+    register tile of U."""
     sch = tvm.s_tir.Schedule(func)
     block = sch.get_sblock("bla_fwd_chunk_state")
     b, c, h, n, f, j = sch.get_loops(block)
@@ -94,7 +95,7 @@ def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
     sch.compute_at(staged, b, preserve_unit_loops=True)
     sch.set_scope(staged, 0, "shared.dyn")
     _spread_over_threads(sch, staged, config.threads)
-    _bind_threads(sch, [n, f], config.threads)
+    _tile_over_threads(sch, block, config.threads, config.tile)
     return sch
 
 

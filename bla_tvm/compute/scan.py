@@ -49,7 +49,7 @@ def _state_scan_cpu(spec: KernelSpec):
     return bla_fwd_state_scan
 
 
-def _state_scan_cuda(spec: KernelSpec, max_threads: int = 1024):
+def _state_scan_cuda(spec: KernelSpec, max_threads: int = 256):
     """A block per (b * H + h, tile of FT columns); thread (n, f) owns X[n, f].
 
     The running state tile X_c [N, FT] lives in shared memory; each step every thread computes
