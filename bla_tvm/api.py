@@ -54,5 +54,7 @@ def blurry_window_attention(
     scale = check_scale(scale, q.shape[-1])
     dtype = ops.dtype_name(q.dtype)
     chunk_size = chunk_size_for(q.device, *params.__dict__.values(), q.shape[-1], v.shape[-1], dtype)
-    o = torch.ops.bla_tvm.forward(q, k, v, params.window, params.resolution, params.num_slots, scale, chunk_size)
+    o, _ = torch.ops.bla_tvm.forward(
+        q, k, v, params.window, params.resolution, params.num_slots, scale, chunk_size
+    )
     return o, None

@@ -15,7 +15,7 @@ import tvm_ffi
 from .constants import chunk_constants
 from .params import BLAParams
 from .runtime import LIBRARY, device_kind
-from .spec import FORWARD_KERNELS, KernelSpec
+from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
 
 DTYPE_NAMES = {
     torch.float32: "float32",
@@ -46,6 +46,7 @@ def device_constants(params: BLAParams, chunk_size: int, dtype: torch.dtype, dev
     return {
         "state_in": put(cc.state_in),
         "state_decay": put(cc.state_decay),
+        "state_decay_t": put(cc.state_decay.T),
         "output": [put(x) for x in (cc.input_map, cc.lag_basis, cc.base.C, cc.rot_diag, cc.rot_off)],
         "scale": torch.tensor([scale], dtype=dtype, device=device),
     }
@@ -72,24 +73,56 @@ def _launch(function, *args):
         function(*args)
 
 
-def launch_forward(q, k, v, o, spec: KernelSpec, scale: float) -> None:
+def _chunk_tensors(q, spec: KernelSpec, rows: int, columns: int) -> torch.Tensor:
+    """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype."""
+    B, T, H, _ = q.shape
+    num_chunks = (T + spec.chunk_size - 1) // spec.chunk_size
+    return torch.empty(B, num_chunks, H, rows, columns, dtype=getattr(torch, spec.acc_dtype), device=q.device)
+
+
+def _kernels(names, spec, device):
+    return [LIBRARY.function(name, spec, device) for name in names]
+
+
+def launch_forward(q, k, v, o, spec: KernelSpec, scale: float) -> torch.Tensor:
     """Run the three forward kernels, writing o [B, T, H, V]; q, k, v, o contiguous, of ``spec``'s dtype.
 
-    U [B, NC, H, N, K + V] (chunk-local state contributions) and the states at every chunk start are
-    temporaries in the accumulation dtype.
+    Returns the states at every chunk start, X | Y [B, NC, H, N, K + V] in the accumulation dtype (what the
+    backward needs); U, the chunk-local state contributions, is a temporary of the same shape.
     """
-    B, T, H, _ = q.shape
-    if T == 0 or B == 0 or H == 0:
-        return
-    acc = getattr(torch, spec.acc_dtype)
-    consts = device_constants(spec.params, spec.chunk_size, acc, q.device, float(scale))
-    chunk_state, state_scan, chunk_output = (LIBRARY.function(name, spec, q.device) for name in FORWARD_KERNELS)
-    num_chunks = (T + spec.chunk_size - 1) // spec.chunk_size
-    contributions = torch.empty(B, num_chunks, H, spec.resolution, spec.state_width, dtype=acc, device=q.device)
-    states = torch.empty_like(contributions)
+    states = _chunk_tensors(q, spec, spec.resolution, spec.state_width)
+    if states.numel() == 0:
+        return states
+    consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
+    chunk_state, state_scan, chunk_output = _kernels(FORWARD_KERNELS, spec, q.device)
+    contributions = torch.empty_like(states)
     _launch(chunk_state, k, v, consts["state_in"], contributions)
     _launch(state_scan, contributions, consts["state_decay"], states)
     _launch(chunk_output, q, k, v, states, consts["scale"], *consts["output"], o)
+    return states
+
+
+def launch_backward(q, k, v, states, do, dq, dk, dv, spec: KernelSpec, scale: float) -> None:
+    """Run the backward kernels (compute/backward.py), writing dq, dk, dv; inputs as saved by the forward.
+
+    Temporaries: grads [B, NC, H, L + N, F + K] and the carried state gradients [B, NC, H, N, F].
+    """
+    if states.numel() == 0:
+        return
+    consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
+    chunk_backward, reverse_scan, *input_gradients = _kernels(BACKWARD_KERNELS, spec, q.device)
+    grads = _chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + spec.head_k)
+    carried = torch.empty_like(states)
+    _launch(chunk_backward, q, k, v, states, consts["scale"], *consts["output"], do, grads)
+    _launch(reverse_scan, grads, consts["state_decay_t"], carried)
+    for kernel, grad in zip(input_gradients, (dq, dk, dv)):
+        _launch(kernel, grads, carried, consts["state_in"], grad)
+
+
+def _fake_states(q, v, chunk_size, resolution):
+    B, T, H, K = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, (T + chunk_size - 1) // chunk_size, H, resolution, K + v.shape[-1], dtype=acc)
 
 
 @torch.library.custom_op("bla_tvm::forward", mutates_args=())
@@ -102,19 +135,62 @@ def forward(
     num_slots: int,
     scale: float,
     chunk_size: int,
-) -> torch.Tensor:
-    """o [B, T, H, V] = BLA(q [B, T, H, K], k [B, T, H, K], v [B, T, H, V]) in q's dtype; arguments validated
-    by the caller (``bla_tvm.blurry_window_attention``)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, V] in q's dtype, states [B, NC, H, N, K + V]) = BLA(q [B, T, H, K], k [B, T, H, K],
+    v [B, T, H, V]); arguments validated by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
     q, k, v = (_kernel_ready(x) for x in (q, k, v))
     o = q.new_empty(*q.shape[:3], spec.head_v)
-    launch_forward(q, k, v, o, spec, scale)
-    return o
+    states = launch_forward(q, k, v, o, spec, scale)
+    return o, states
 
 
 @forward.register_fake
 def _(q, k, v, window, resolution, num_slots, scale, chunk_size):
-    return q.new_empty(*q.shape[:3], v.shape[-1])
+    return q.new_empty(*q.shape[:3], v.shape[-1]), _fake_states(q, v, chunk_size, resolution)
 
 
-__all__ = ["forward", "device_kind"]
+@torch.library.custom_op("bla_tvm::backward", mutates_args=())
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    states: torch.Tensor,
+    do: torch.Tensor,
+    window: int,
+    resolution: int,
+    num_slots: int,
+    scale: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of BLA given dO [B, T, H, V] and the forward's saved states; in q's dtype."""
+    spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
+    q, k, v, do = (_kernel_ready(x.to(q.dtype)) for x in (q, k, v, do))
+    dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+    launch_backward(q, k, v, states.contiguous(), do, dq, dk, dv, spec, scale)
+    return dq, dk, dv
+
+
+@backward.register_fake
+def _(q, k, v, states, do, window, resolution, num_slots, scale, chunk_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, resolution, num_slots, scale, chunk_size = inputs
+    _, states = output
+    ctx.mark_non_differentiable(states)
+    ctx.save_for_backward(q, k, v, states)
+    ctx.layer = (window, resolution, num_slots, scale, chunk_size)
+
+
+def _backward(ctx, do, _unused_dstates):
+    q, k, v, states = ctx.saved_tensors
+    dq, dk, dv = torch.ops.bla_tvm.backward(q, k, v, states, do, *ctx.layer)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("bla_tvm::forward", _backward, setup_context=_setup_context)
+
+
+__all__ = ["backward", "forward", "device_kind"]

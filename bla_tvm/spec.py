@@ -12,11 +12,13 @@ from .params import BLAParams, check_chunk_size
 
 #: the forward's kernels, in launch order (bla-math.md, "A kernel decomposition that keeps the chunks parallel")
 FORWARD_KERNELS = ("chunk_state", "state_scan", "chunk_output")
+#: the backward's kernels, in launch order (compute/backward.py)
+BACKWARD_KERNELS = ("chunk_backward", "state_scan_reverse", "input_gradient_q", "input_gradient_k", "input_gradient_v")
 
 
 def entry_symbol(kernel: str) -> str:
     """Name of the function a compiled kernel module exports."""
-    return f"bla_fwd_{kernel}"
+    return f"bla_{kernel}"
 
 
 #: chunk lengths the kernels are built for, preferred first

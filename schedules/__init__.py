@@ -9,8 +9,18 @@ from __future__ import annotations
 from . import cpu, cuda
 
 _RULES = {
-    "cpu": {"chunk_state": cpu.schedule_chunk_state, "chunk_output": cpu.schedule_chunk_output},
-    "cuda": {"chunk_state": cuda.schedule_chunk_state, "chunk_output": cuda.schedule_chunk_output},
+    "cpu": {
+        "chunk_state": cpu.schedule_chunk_state,
+        "chunk_output": cpu.schedule_chunk_output,
+        "chunk_backward": cpu.schedule_chunk_backward,
+        **{f"input_gradient_{part}": cpu.schedule_input_gradient for part in "qkv"},
+    },
+    "cuda": {
+        "chunk_state": cuda.schedule_chunk_state,
+        "chunk_output": cuda.schedule_chunk_output,
+        "chunk_backward": cuda.schedule_chunk_backward,
+        **{f"input_gradient_{part}": cuda.schedule_input_gradient for part in "qkv"},
+    },
 }
 
 _CONFIGS = {"cpu": cpu.CpuConfig, "cuda": cuda.CudaConfig}

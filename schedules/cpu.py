@@ -11,30 +11,19 @@ from dataclasses import dataclass
 
 import tvm
 
-#: stages of ``chunk_output``, consumers before producers (the order in which compute_at must move them)
-OUTPUT_STAGES = (
-    "bla_fwd_out_chunk",
-    "bla_fwd_values",
-    "bla_fwd_mix",
-    "bla_fwd_g",
-    "bla_fwd_w",
-    "bla_fwd_row_sum",
-    "bla_fwd_probs",
-    "bla_fwd_row_max",
-    "bla_fwd_logits",
-    "bla_fwd_scores",
-    "bla_fwd_z",
-    "bla_fwd_z_intra",
-    "bla_fwd_qx",
-    "bla_fwd_keys",
-    "bla_fwd_kv_eff",
-    "bla_fwd_kv_state",
-    "bla_fwd_kv_chunk",
-    "bla_fwd_q_chunk",
-)
+from .common import chunk_loops, is_contraction, is_elementwise, output_name
 
-#: elementwise stages cheap enough to recompute where they are read
+#: stages recomputed where they are read instead of stored
 INLINED = ("bla_fwd_logits",)
+
+#: (stage, buffer it reads across its vectorised axis, index map to the layout that makes that read contiguous,
+#:  whether the copy moves into the (c, b, h) loop: inputs that change per chunk; constants are copied once per
+#:  call, and copies of intermediates already land beside their producer)
+TRANSPOSED_READS = (
+    ("bla_fwd_z_intra", "lag_basis", lambda n, d: (d, n), False),
+    ("bla_fwd_scores", "C", lambda i, n: (n, i), False),
+    ("bla_fwd_qx", "bla_fwd_keys", lambda b, c, h, r, k: (b, c, h, k, r), False),
+)
 
 
 @dataclass(frozen=True)
@@ -75,66 +64,53 @@ def schedule_chunk_state(func, spec, config: CpuConfig = CpuConfig()):
     return sch
 
 
-#: (stage, buffer it reads across its vectorised axis, index map to the layout that makes that read contiguous,
-#:  whether the copy moves into the (c, b, h) loop: inputs that change per chunk; constants are copied once per
-#:  call, and copies of intermediates already land beside their producer)
-TRANSPOSED_READS = (
-    ("bla_fwd_z_intra", "lag_basis", lambda n, d: (d, n), False),
-    ("bla_fwd_scores", "C", lambda i, n: (n, i), False),
-    ("bla_fwd_qx", "bla_fwd_keys", lambda b, c, h, r, k: (b, c, h, k, r), False),
-)
+def schedule_per_chunk(sch, anchor: str, spec, config: CpuConfig, inlined=(), transposed_reads=()):
+    """Schedule a kernel whose ``anchor`` output is [B, T, H, X] or [B, NC, H, R, X] and whose other stages
+    are per chunk.
 
-#: matmul-like stages: loops (unit c, b, h, j, x, r) become (j, r, x) with x vectorised
-CONTRACTIONS = (
-    "bla_fwd_kv_eff",
-    "bla_fwd_qx",
-    "bla_fwd_z_intra",
-    "bla_fwd_scores",
-    "bla_fwd_w",
-    "bla_fwd_g",
-    "bla_fwd_out_chunk",
-)
-
-#: elementwise stages whose innermost loop is vectorised
-ELEMENTWISE = (
-    "bla_fwd_kv_chunk",
-    "bla_fwd_kv_state",
-    "bla_fwd_q_chunk",
-    "bla_fwd_z",
-    "bla_fwd_probs",
-    "bla_fwd_mix",
-    "bla_fwd_values",
-)
-
-
-def schedule_chunk_output(func, spec, config: CpuConfig = CpuConfig()):
-    """o[b, t, h, v]: t split into (chunk c, position j); chunks parallel, every stage computed per (c, b, h).
-
-    Contractions run as rank-1 updates over their reduction (the innermost output axis vectorised); constants
-    read across that axis are transposed once per call.
+    The anchor's t is split into (chunk c, position j) if it has one; chunks run in parallel, and every other stage (other
+    outputs included) is computed inside the (c, b, h) loop, so a chunk's intermediates stay in cache.
+    Contractions run as rank-1 updates over their reduction (the column axis vectorised); elementwise stages
+    are vectorised along their last axis.
     """
-    sch = tvm.s_tir.Schedule(func)
-    out = sch.get_sblock("bla_fwd_out")
-    b, t, h, v = sch.get_loops(out)
-    c, j = sch.split(t, factors=[None, spec.chunk_size])
-    sch.reorder(c, b, h, j, v)
+    c, b, h = chunk_loops(sch, anchor, spec)
     sch.parallel(c)
-    for name in OUTPUT_STAGES:
-        sch.compute_at(sch.get_sblock(name), h, preserve_unit_loops=True)
-    for name in INLINED:
+    root = sch.get_sblock("root")
+    stages = [blk for blk in sch.get_child_blocks(root) if sch.get(blk).name_hint != anchor]
+    for block in reversed(stages):  # consumers first
+        sch.compute_at(block, h, preserve_unit_loops=True)
+    for name in inlined:
         sch.compute_inline(sch.get_sblock(name))
-    for name, buffer, index_map, into_chunk_loop in TRANSPOSED_READS:
+    for name, buffer, index_map, into_chunk_loop in transposed_reads:
         reader = sch.get_sblock(name)
         copy = sch.cache_read(reader, buffer, "global", consumer_blocks=[reader])
         sch.transform_layout(copy, ("write", 0), index_map)
         if into_chunk_loop:
             sch.compute_at(copy, h, preserve_unit_loops=True)
-    for name in CONTRACTIONS:
-        block = sch.get_sblock(name)
-        *_, row, col, red = sch.get_loops(block)
-        sch.reorder(row, red, col)
-        _vectorize_inner(sch, block, config.vector_lanes)
-        sch.decompose_reduction(block, red)
-    for name in ELEMENTWISE:
-        _vectorize_inner(sch, sch.get_sblock(name), config.vector_lanes)
+    for block in sch.get_child_blocks(h):
+        if is_contraction(sch, block):
+            *_, row, col, red = sch.get_loops(block)
+            sch.reorder(row, red, col)
+            _vectorize_inner(sch, block, config.vector_lanes)
+            sch.decompose_reduction(block, red)
+        elif is_elementwise(sch, block):
+            _vectorize_inner(sch, block, config.vector_lanes)
     return sch
+
+
+def schedule_chunk_output(func, spec, config: CpuConfig = CpuConfig()):
+    """o[b, t, h, v]: see ``schedule_per_chunk``; constants read across a vectorised axis are transposed."""
+    sch = tvm.s_tir.Schedule(func)
+    return schedule_per_chunk(sch, "bla_fwd_out", spec, config, INLINED, TRANSPOSED_READS)
+
+
+def schedule_chunk_backward(func, spec, config: CpuConfig = CpuConfig()):
+    """grads[b, c, h, r, f]: see ``schedule_per_chunk``."""
+    sch = tvm.s_tir.Schedule(func)
+    return schedule_per_chunk(sch, "bla_bwd_grads", spec, config, INLINED)
+
+
+def schedule_input_gradient(func, spec, config: CpuConfig = CpuConfig()):
+    """dq, dk or dv [B, T, H, X]: see ``schedule_per_chunk``."""
+    sch = tvm.s_tir.Schedule(func)
+    return schedule_per_chunk(sch, output_name(sch), spec, config)

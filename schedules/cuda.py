@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import tvm
 
-from .cpu import CONTRACTIONS, OUTPUT_STAGES
+from .common import chunk_loops, intermediate_buffers, is_contraction, output_name
 
 #: stages recomputed where they are read instead of stored
 CUDA_INLINED = ("bla_fwd_kv_chunk", "bla_fwd_logits")
@@ -99,26 +99,43 @@ def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
     return sch
 
 
-def schedule_chunk_output(func, spec, config: CudaConfig = CudaConfig()):
-    """o[b, t, h, v]: t split into (chunk, position); a block per (c, b, h) computes every stage of its chunk."""
-    sch = tvm.s_tir.Schedule(func)
-    out = sch.get_sblock("bla_fwd_out")
-    b, t, h, v = sch.get_loops(out)
-    c, j = sch.split(t, factors=[None, spec.chunk_size])
-    sch.reorder(c, h, b, j, v)
+def schedule_per_chunk(sch, anchor: str, spec, config: CudaConfig, inlined=()):
+    """Schedule a kernel whose ``anchor`` output is [B, T, H, X] and whose other stages are per chunk: t split
+    into (chunk, position); a block per (c, b, h) computes every stage of its chunk, intermediates in shared
+    memory, contractions as register tiles, other stages spread over the threads."""
+    c, b, h = chunk_loops(sch, anchor, spec)
+    inner = sch.get_loops(sch.get_sblock(anchor))[3:]
     _bind_chunk_blocks(sch, c, b, h)
-    for name in OUTPUT_STAGES:
-        sch.compute_at(sch.get_sblock(name), b, preserve_unit_loops=True)
-    for name in CUDA_INLINED:
+    stages = [blk for blk in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(blk).name_hint != anchor]
+    for block in reversed(stages):  # consumers first
+        sch.compute_at(block, b, preserve_unit_loops=True)
+    for name in inlined:
         sch.compute_inline(sch.get_sblock(name))
-    for name in OUTPUT_STAGES:
-        if name in CUDA_INLINED:
+    intermediates = intermediate_buffers(sch)
+    for block in sch.get_child_blocks(b):
+        if sch.get(block).name_hint == anchor:
             continue
-        block = sch.get_sblock(name)
-        sch.set_scope(block, 0, "shared.dyn")
-        if name in CONTRACTIONS:
+        if sch.get(block).writes[0].source.name in intermediates:
+            sch.set_scope(block, 0, "shared.dyn")
+        if is_contraction(sch, block):
             _tile_over_threads(sch, block, config.threads, config.tile)
         else:
             _spread_over_threads(sch, block, config.threads)
-    _bind_threads(sch, [j, v], config.threads)
+    _bind_threads(sch, inner, config.threads)
     return sch
+
+
+def schedule_chunk_output(func, spec, config: CudaConfig = CudaConfig()):
+    """o[b, t, h, v]: see ``schedule_per_chunk``."""
+    return schedule_per_chunk(tvm.s_tir.Schedule(func), "bla_fwd_out", spec, config, CUDA_INLINED)
+
+
+def schedule_chunk_backward(func, spec, config: CudaConfig = CudaConfig()):
+    """grads[b, c, h, r, f]: see ``schedule_per_chunk``."""
+    return schedule_per_chunk(tvm.s_tir.Schedule(func), "bla_bwd_grads", spec, config, CUDA_INLINED)
+
+
+def schedule_input_gradient(func, spec, config: CudaConfig = CudaConfig()):
+    """dq, dk or dv [B, T, H, X]: see ``schedule_per_chunk``."""
+    sch = tvm.s_tir.Schedule(func)
+    return schedule_per_chunk(sch, output_name(sch), spec, config)

@@ -5,24 +5,34 @@
 
 from __future__ import annotations
 
+import functools
+
 from tvm import te
 
-from ..spec import FORWARD_KERNELS, KernelSpec, entry_symbol
+from ..spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec, entry_symbol
+from .backward import chunk_backward, input_gradient
 from .forward import chunk_output, chunk_state_contribution
 from .scan import state_scan
 
-_TE_KERNELS = {"chunk_state": chunk_state_contribution, "chunk_output": chunk_output}
+_TE_KERNELS = {
+    "chunk_state": chunk_state_contribution,
+    "chunk_output": chunk_output,
+    "chunk_backward": chunk_backward,
+    **{f"input_gradient_{part}": functools.partial(input_gradient, part=part) for part in "qkv"},
+}
+_SCANS = {"state_scan": False, "state_scan_reverse": True}
 
 
 def prim_func(kernel: str, spec: KernelSpec, device_kind: str = "cpu"):
-    """The PrimFunc of ``kernel`` (one of FORWARD_KERNELS), exported under ``entry_symbol(kernel)``.
+    """The PrimFunc of ``kernel`` (one of FORWARD_KERNELS + BACKWARD_KERNELS), exported under
+    ``entry_symbol(kernel)``.
 
-    TE kernels are the same for every target; the TVMScript scan comes in one version per ``device_kind``.
+    TE kernels are the same for every target; the TVMScript scans come in one version per ``device_kind``.
     """
-    if kernel not in FORWARD_KERNELS:
-        raise ValueError(f"kernel must be one of {FORWARD_KERNELS}, got {kernel!r}")
-    if kernel == "state_scan":
-        func = state_scan(spec, device_kind)
+    if kernel not in FORWARD_KERNELS + BACKWARD_KERNELS:
+        raise ValueError(f"kernel must be one of {FORWARD_KERNELS + BACKWARD_KERNELS}, got {kernel!r}")
+    if kernel in _SCANS:
+        func = state_scan(spec, device_kind, reverse=_SCANS[kernel])
     else:
         func = te.create_prim_func(_TE_KERNELS[kernel](spec))
     return func.with_attr("global_symbol", entry_symbol(kernel))

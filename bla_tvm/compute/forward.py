@@ -13,6 +13,9 @@ Key and value states travel together as one [.., N, F] tensor (columns 0..K-1 ke
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import NamedTuple
+
 from tvm import te, tirx
 
 from ..spec import KernelSpec
@@ -94,10 +97,38 @@ def chunk_output(spec: KernelSpec):
       o_j     = mix_j [v'; Y] / rowsum(E)_j, mix_j = [g[j, j-s] (s<=j) | w_j R^{j+1}]       [L, V]
     The slot count M enters only the two [L, N] x [N, M] products and the softmax.
     """
+    inputs = chunk_inputs(spec)
+    fwd = chunk_forward_stages(spec, inputs)
+    L, dt = spec.chunk_size, spec.dtype
+    B, T, H, _ = inputs.q.shape
+    o = te.compute(
+        (B, T, H, spec.head_v),
+        lambda b, t, h, vv: (fwd.out_chunk[b, t // L, h, t % L, vv] / fwd.row_sum[b, t // L, h, t % L]).astype(dt),
+        name="bla_fwd_out",
+    )
+    return [*inputs, o]
+
+
+class ChunkInputs(NamedTuple):
+    """The inputs every per-chunk kernel (forward output, backward) reads; shapes as in ``chunk_output``."""
+
+    q: te.Tensor
+    k: te.Tensor
+    v: te.Tensor
+    states: te.Tensor
+    scale: te.Tensor
+    input_map: te.Tensor
+    lag_basis: te.Tensor
+    C: te.Tensor
+    rot_diag: te.Tensor
+    rot_off: te.Tensor
+
+
+def chunk_inputs(spec: KernelSpec) -> ChunkInputs:
+    """Placeholders of ``ChunkInputs`` over symbolic B, T, H."""
     B, T, H, NC = _symbolic_sizes(spec.chunk_size)
-    W, N, M = spec.window, spec.resolution, spec.num_slots
-    L, K, V, F, acc, dt = spec.chunk_size, spec.head_k, spec.head_v, spec.state_width, spec.acc_dtype, spec.dtype
-    zero = tirx.const(0, acc)
+    N, M, L, K, V, F = spec.resolution, spec.num_slots, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width
+    acc, dt = spec.acc_dtype, spec.dtype
     q = te.placeholder((B, T, H, K), dt, name="q")
     k = te.placeholder((B, T, H, K), dt, name="k")
     v = te.placeholder((B, T, H, V), dt, name="v")
@@ -108,7 +139,18 @@ def chunk_output(spec: KernelSpec):
     C = te.placeholder((M, N), acc, name="C")
     rot_diag = te.placeholder((L, N), acc, name="rot_diag")
     rot_off = te.placeholder((L, N), acc, name="rot_off")
+    return ChunkInputs(q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off)
 
+
+def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespace:
+    """The per-chunk stages of the forward (see ``chunk_output``), shared with the backward, which recomputes
+    them from the saved states instead of storing them."""
+    q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off = inputs
+    B, T, H, _ = q.shape
+    NC = states.shape[1]
+    W, N, M = spec.window, spec.resolution, spec.num_slots
+    L, K, V, F, acc = spec.chunk_size, spec.head_k, spec.head_v, spec.state_width, spec.acc_dtype
+    zero = tirx.const(0, acc)
     q_chunk = _q_chunks(q, spec, B, T, H, NC)
     kv = _kv_chunks(k, v, spec, B, T, H, NC)
 
@@ -210,9 +252,4 @@ def chunk_output(spec: KernelSpec):
         lambda b, c, h, j, vv: te.sum(mix[b, c, h, j, r2] * values[b, c, h, r2, vv], axis=r2),
         name="bla_fwd_out_chunk",
     )
-    o = te.compute(
-        (B, T, H, V),
-        lambda b, t, h, vv: (out_chunk[b, t // L, h, t % L, vv] / row_sum[b, t // L, h, t % L]).astype(dt),
-        name="bla_fwd_out",
-    )
-    return [q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off, o]
+    return SimpleNamespace(**{name: value for name, value in locals().items() if isinstance(value, te.Tensor)})
