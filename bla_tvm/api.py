@@ -53,7 +53,8 @@ def blurry_window_attention(
     params = BLAParams.make(window, resolution, num_slots)
     scale = check_scale(scale, q.shape[-1])
     dtype = ops.dtype_name(q.dtype)
-    chunk_size = chunk_size_for(q.device, *params.__dict__.values(), q.shape[-1], v.shape[-1], dtype)
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    chunk_size = chunk_size_for(q.device, *params.__dict__.values(), q.shape[-1], v.shape[-1], dtype, backward)
     o, _ = torch.ops.bla_tvm.forward(
         q, k, v, params.window, params.resolution, params.num_slots, scale, chunk_size
     )

@@ -48,17 +48,21 @@ def compile_kernel(kernel: str, spec: KernelSpec, device_kind: str, arch: str | 
         return tvm.compile(mod, target=target)
 
 
-def cuda_shared_memory(spec: KernelSpec, arch: str) -> int:
-    """Bytes of dynamic shared memory one chunk_output block uses, read off the lowered kernel."""
+def cuda_shared_memory(spec: KernelSpec, arch: str, kernels=("chunk_output", "chunk_backward")) -> int:
+    """Bytes of dynamic shared memory a block of the per-chunk ``kernels`` uses at most, read off the lowered
+    kernels."""
     from bla_tvm import schedules
 
-    mod = schedules.schedule("chunk_output", compute.prim_func("chunk_output", spec, "cuda"), spec, "cuda")
     target = target_for("cuda", arch)
     lower = tvm.s_tir.pipeline.default_s_tir_pipeline()[0]
-    with target:
-        mod = lower(tvm.tirx.transform.BindTarget(target)(mod))
-    per_function = tvm.s_tir.analysis.calculate_allocated_bytes(mod)
-    return max((int(scopes.get("shared.dyn", 0)) for scopes in per_function.values()), default=0)
+    largest = 0
+    for kernel in kernels:
+        mod = schedules.schedule(kernel, compute.prim_func(kernel, spec, "cuda"), spec, "cuda")
+        with target:
+            mod = lower(tvm.tirx.transform.BindTarget(target)(mod))
+        for scopes in tvm.s_tir.analysis.calculate_allocated_bytes(mod).values():
+            largest = max(largest, int(scopes.get("shared.dyn", 0)))
+    return largest
 
 
 def ptxas_report(module, arch: str) -> dict:

@@ -166,7 +166,7 @@ def backward(
     """(dq, dk, dv) of BLA given dO [B, T, H, V] and the forward's saved states; in q's dtype."""
     spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
     q, k, v, do = (_kernel_ready(x.to(q.dtype)) for x in (q, k, v, do))
-    dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     launch_backward(q, k, v, states.contiguous(), do, dq, dk, dv, spec, scale)
     return dq, dk, dv
 

@@ -168,29 +168,33 @@ def _find_prebuilt(kernel, spec, target, config) -> Path | None:
     return None
 
 
-def chunk_size_for(device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str) -> int:
-    """The chunk length L for a layer on ``device``: 64 on the CPU; on CUDA see ``cuda_chunk_size``."""
+def chunk_size_for(
+    device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool
+) -> int:
+    """The chunk length L for a layer on ``device``: 64 on the CPU; on CUDA see ``cuda_chunk_size``. The
+    forward and backward of one call must agree on L (the backward reads the states at chunk starts)."""
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
-    return cuda_chunk_size(target_id(device), window, resolution, num_slots, head_k, head_v, dtype)
+    return cuda_chunk_size(target_id(device), window, resolution, num_slots, head_k, head_v, dtype, backward)
 
 
 @functools.lru_cache(maxsize=256)
-def cuda_chunk_size(target: str, window, resolution, num_slots, head_k, head_v, dtype: str) -> int:
-    """The longest chunk whose chunk_output block fits in shared memory: the longest among prebuilt kernels;
-    else, where kernels may be built, the longest whose compiled kernel fits (measured by ``bla_tvm.build``);
-    else the longest under ``cuda_shared_memory_bound``."""
+def cuda_chunk_size(target: str, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool) -> int:
+    """The longest chunk whose per-chunk blocks (the forward's, and the backward's when ``backward``) fit in
+    shared memory: the longest among prebuilt kernels; else, where kernels may be built, the longest whose
+    compiled kernels fit (measured by ``bla_tvm.build``); else the longest under ``cuda_shared_memory_bound``."""
+    kernels = ("chunk_output", "chunk_backward") if backward else ("chunk_output",)
     candidates = [KernelSpec(window, resolution, num_slots, L, head_k, head_v, dtype) for L in CHUNK_SIZES]
     for spec in candidates:
-        if _find_prebuilt("chunk_output", spec, target, None) is not None:
+        if all(_find_prebuilt(kernel, spec, target, None) is not None for kernel in kernels):
             return spec.chunk_size
     for spec in candidates:
         if env.build_allowed():
             from . import build
 
-            needed = build.cuda_shared_memory(spec, target)
+            needed = build.cuda_shared_memory(spec, target, kernels)
         else:
-            needed = cuda_shared_memory_bound(spec.chunk_size, resolution, num_slots, head_k, head_v)
+            needed = cuda_shared_memory_bound(spec.chunk_size, resolution, num_slots, head_k, head_v, backward)
         if needed <= CUDA_SHARED_MEMORY_LIMIT:
             return spec.chunk_size
     raise ValueError(

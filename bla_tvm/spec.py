@@ -27,17 +27,22 @@ CHUNK_SIZES = (64, 32, 16)
 CUDA_SHARED_MEMORY_LIMIT = 232448
 
 
-def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int) -> int:  # noqa: E741
-    """Upper bound on the bytes of shared memory of one chunk_output block: every fp32 intermediate of
-    ``compute.forward.chunk_output`` at once, as if none reused another's space.
+def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: bool = True) -> int:  # noqa: E741
+    """Upper bound on the bytes of shared memory of one block of the per-chunk kernels: every fp32
+    intermediate of ``compute.forward.chunk_output`` (and with ``backward`` of ``compute.backward.
+    chunk_backward``, which recomputes the forward's) at once, as if none reused another's space.
 
     q [L, K]; [k|v; X|Y] [L + N, F]; k'|v' [L, F]; [k'; X] [L + N, K]; qx [L, L + N]; z, z_intra, w [L, N];
     scores, probs [L, M]; g [L, L]; mix [L, L + N]; [v'; Y] [L + N, V]; o [L, V]; row max and sum [L].
     """
     F = K + V
     rows = L + N
-    floats = L * K + rows * F + L * F + rows * K + 2 * L * rows + 3 * L * N + 2 * L * M + L * L
-    return 4 * (floats + rows * V + L * V + 2 * L)
+    forward = L * K + rows * F + L * F + rows * K + 2 * L * rows + 3 * L * N + 2 * L * M + L * L + rows * V + L * V
+    # the backward recomputes those and adds: dO, P, mix / rowsum, dmix, d[v'; Y], dw (twice), dP, dscores,
+    # dz, dqx (lagged and stacked), dq, d[k'; X], d[kv; X|Y] and the row dot products
+    gradients = L * V + L * M + 2 * L * rows + rows * V + 2 * L * N + 2 * L * M + L * N + L * L + L * rows
+    gradients += L * K + rows * K + rows * F
+    return 4 * (forward + (gradients if backward else 0) + 3 * L)
 
 
 #: dtypes the kernels accept as inputs, and the dtype they accumulate in.

@@ -10,10 +10,14 @@ def is_elementwise(sch, block) -> bool:
 
 
 def is_contraction(sch, block) -> bool:
-    """One reduction axis, innermost, under at least a row and a column axis: a small matrix product."""
+    """One reduction axis, innermost, under a row and a column axis of fixed size: a small matrix product
+    (a row reduction such as a softmax's max has no column axis)."""
     iter_vars = sch.get(block).iter_vars
     reduce = [iv for iv in iter_vars if iv.iter_type != tvm.tirx.IterVar.DataPar]
-    return len(reduce) == 1 and iter_vars[-1].iter_type != tvm.tirx.IterVar.DataPar and len(iter_vars) >= 3
+    if len(reduce) != 1 or iter_vars[-1].iter_type == tvm.tirx.IterVar.DataPar:
+        return False
+    row, col = iter_vars[-3], iter_vars[-2]
+    return all(isinstance(iv.dom.extent, tvm.tirx.IntImm) and iv.dom.extent.value > 1 for iv in (row, col))
 
 
 def intermediate_buffers(sch) -> set[str]:

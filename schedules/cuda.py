@@ -52,7 +52,12 @@ def _spread_over_threads(sch, block, threads: int) -> None:
 
 #: operands read along a diagonal (A[j, j - D]): caching their slice in registers defeats TVM's region
 #: analysis, so they are read from shared memory directly
-GATHERED = {"bla_fwd_z_intra": ("bla_fwd_qx",)}
+GATHERED = {
+    "bla_fwd_z_intra": ("bla_fwd_qx",),
+    "bla_bwd_dw_lag": ("bla_bwd_dmix",),
+    "bla_bwd_dqx_lag": ("lag_basis",),
+    "bla_bwd_d_kv_state": ("bla_bwd_dkeys", "bla_bwd_dvalues"),  # read through a k | v select
+}
 
 
 def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int]) -> None:
@@ -60,8 +65,8 @@ def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int]) -> None:
     each thread owns a tile[0] x tile[1] box of outputs, held in registers across the reduction, so each
     operand load feeds several multiply-adds; the box is written to shared memory once."""
     operands = [region.source.name for region in sch.get(block).reads]
-    if sch.get(block).name_hint in GATHERED:
-        operands = [name for name in operands if name not in GATHERED[sch.get(block).name_hint]]
+    gathered = GATHERED.get(sch.get(block).name_hint, ())
+    operands = [name for name in operands if name.removesuffix("_shared.dyn") not in gathered]
     *_, row, col, red = sch.get_loops(block)
     row_o, row_i = sch.split(row, factors=[None, tile[0]])
     col_o, col_i = sch.split(col, factors=[None, tile[1]])
