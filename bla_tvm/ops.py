@@ -166,14 +166,17 @@ def backward(
     """(dq, dk, dv) of BLA given dO [B, T, H, V] and the forward's saved states; in q's dtype."""
     spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
     q, k, v, do = (_kernel_ready(x.to(q.dtype)) for x in (q, k, v, do))
-    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
+    # the odd strides of size-1 dims), which is what the fake implementation promises
+    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
     launch_backward(q, k, v, states.contiguous(), do, dq, dk, dv, spec, scale)
     return dq, dk, dv
 
 
 @backward.register_fake
 def _(q, k, v, states, do, window, resolution, num_slots, scale, chunk_size):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous whatever the inputs' strides: the real implementation writes into fresh contiguous tensors
+    return tuple(q.new_empty(x.shape) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
