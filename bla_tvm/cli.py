@@ -3,7 +3,8 @@
     bla-tvm build  --device cuda --arch sm_90 --specs specs.json --out DIR   # kernels + DIR/manifest.json
     bla-tvm bundle --out DIR                                                 # DIR/lib/*.so + DIR/wheels/*.whl
 
-specs.json is a list of KernelSpec fields ({"window": 512, "resolution": 63, ...}). On the GPU machine, point
+specs.json is a list of KernelSpec fields ({"window": 512, "resolution": 63, ...}), each optionally with
+"kernels": the kernels to build (default: the forward's and the backward's). On the GPU machine, point
 BLA_TVM_PREBUILT_DIR at the kernels, BLA_TVM_RUNTIME_DIR at DIR/lib, and install DIR/wheels' tvm_ffi.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .runtime import MANIFEST
-from .spec import FORWARD_KERNELS, KernelSpec
+from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
 
 #: the tvm_ffi release the kernels are built against (../shared/docs/toolchain.md: newer ones segfault)
 TVM_FFI_VERSION = "0.1.14.post1"
@@ -40,17 +41,19 @@ def _build_one(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None
     return {"kernel": kernel, "spec": spec.as_dict(), "target": target, "config": None, "file": name}
 
 
-def build_kernels(specs: list[KernelSpec], device_kind: str, arch: str, out: Path, jobs: int) -> list[dict]:
-    """Compile every forward kernel of every spec into ``out`` and write ``out/manifest.json``."""
+def build_kernels(
+    specs: list[tuple[KernelSpec, tuple[str, ...]]], device_kind: str, arch: str, out: Path, jobs: int
+) -> list[dict]:
+    """Compile the given kernels of every spec into ``out`` and write ``out/manifest.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    work = [(kernel, spec) for spec in specs for kernel in FORWARD_KERNELS]
+    work = [(kernel, spec) for spec, kernels in specs for kernel in kernels]
     entries = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(_build_one, kernel, spec, device_kind, arch, out) for kernel, spec in work]
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             entries.append(future.result())
-            print(f"\rbuilt {done}/{len(work)} kernels", end="", flush=True)
-    print()
+            if done % 10 == 0 or done == len(work):
+                print(f"built {done}/{len(work)} kernels", flush=True)
     manifest = {"device_kind": device_kind, "tvm": importlib.metadata.version("apache-tvm"), "kernels": entries}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return entries
@@ -90,7 +93,10 @@ def main(argv=None) -> int:
 
     start = time.time()
     if args.command == "build":
-        specs = [KernelSpec(**fields) for fields in json.loads(args.specs.read_text())]
+        specs = []
+        for fields in json.loads(args.specs.read_text()):
+            kernels = tuple(fields.pop("kernels", FORWARD_KERNELS + BACKWARD_KERNELS))
+            specs.append((KernelSpec(**fields), kernels))
         arch = args.arch if args.device == "cuda" else None
         entries = build_kernels(specs, args.device, arch, args.out, args.jobs)
         print(f"{len(entries)} kernels for {len(specs)} specs in {args.out} ({time.time() - start:.0f} s)")

@@ -24,10 +24,12 @@ class CudaConfig:
 
     threads: threads per block of the per-chunk kernels.
     tile: outputs (rows, columns) each thread of a contraction stage accumulates in registers.
+    cache_operands: load each reduction step's operand slices into registers once per tile.
     """
 
     threads: int = 256
     tile: tuple[int, int] = (4, 4)
+    cache_operands: bool = True
 
 
 def _bind_threads(sch, loops, threads: int) -> None:
@@ -60,7 +62,12 @@ GATHERED = {
 }
 
 
-def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int]) -> None:
+def _largest_divisor(sch, loop, at_most: int) -> int:
+    extent = int(sch.get(loop).extent)
+    return max(d for d in range(1, at_most + 1) if extent % d == 0)
+
+
+def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int], cache_operands: bool = True) -> None:
     """For a contraction (loops unit c, b, h, then rows j, columns x, reduction r) inside the chunk's block:
     each thread owns a tile[0] x tile[1] box of outputs, held in registers across the reduction, so each
     operand load feeds several multiply-adds; the box is written to shared memory once."""
@@ -68,12 +75,14 @@ def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int]) -> None:
     gathered = GATHERED.get(sch.get(block).name_hint, ())
     operands = [name for name in operands if name.removesuffix("_shared.dyn") not in gathered]
     *_, row, col, red = sch.get_loops(block)
-    row_o, row_i = sch.split(row, factors=[None, tile[0]])
-    col_o, col_i = sch.split(col, factors=[None, tile[1]])
+    # Tiles divide the extents exactly: a partial tile's register write-back loses its bound check in TVM 0.27
+    # and writes past the row into a neighbour's data (seen as a race on the H200 with N = 33).
+    row_o, row_i = sch.split(row, factors=[None, _largest_divisor(sch, row, tile[0])])
+    col_o, col_i = sch.split(col, factors=[None, _largest_divisor(sch, col, tile[1])])
     sch.reorder(row_o, col_o, red, row_i, col_i)
     _, thread = sch.split(sch.fuse(row_o, col_o), factors=[None, threads])
     sch.bind(thread, "threadIdx.x")
-    for operand in operands:  # this step's slice of each operand, loaded once into registers
+    for operand in operands if cache_operands else ():  # each step's operand slices, loaded into registers
         sch.compute_at(sch.cache_read(block, operand, "local", [block]), red, preserve_unit_loops=True)
     write_back = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
@@ -100,7 +109,7 @@ def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
     sch.compute_at(staged, b, preserve_unit_loops=True)
     sch.set_scope(staged, 0, "shared.dyn")
     _spread_over_threads(sch, staged, config.threads)
-    _tile_over_threads(sch, block, config.threads, config.tile)
+    _tile_over_threads(sch, block, config.threads, config.tile, config.cache_operands)
     return sch
 
 
@@ -123,7 +132,7 @@ def schedule_per_chunk(sch, anchor: str, spec, config: CudaConfig, inlined=()):
         if sch.get(block).writes[0].source.name in intermediates:
             sch.set_scope(block, 0, "shared.dyn")
         if is_contraction(sch, block):
-            _tile_over_threads(sch, block, config.threads, config.tile)
+            _tile_over_threads(sch, block, config.threads, config.tile, config.cache_operands)
         else:
             _spread_over_threads(sch, block, config.threads)
     _bind_threads(sch, inner, config.threads)

@@ -10,16 +10,17 @@ import sys
 import pytest
 
 from bla_tvm.cuda_toolchain import find_cuda_home
+from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
 
 pytestmark = pytest.mark.skipif(find_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
 
 BUILD_AND_REPORT = """
 import json, sys
 from bla_tvm import build
-from bla_tvm.spec import FORWARD_KERNELS, KernelSpec
+from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
 spec = KernelSpec(**json.loads(sys.argv[1]))
 out = {}
-for kernel in FORWARD_KERNELS:
+for kernel in FORWARD_KERNELS + BACKWARD_KERNELS:
     module = build.compile_kernel(kernel, spec, "cuda", "sm_90")
     module.export_library(sys.argv[2] + f"/{kernel}.so")
     out[kernel] = build.ptxas_report(module, "sm_90")
@@ -31,11 +32,12 @@ print(json.dumps(out))
 @pytest.mark.parametrize(
     "spec",
     [
-        dict(window=512, resolution=63, num_slots=63, chunk_size=64, head_k=64, head_v=64, dtype="bfloat16"),
-        dict(window=512, resolution=63, num_slots=512, chunk_size=32, head_k=64, head_v=64, dtype="float32"),
+        dict(window=512, resolution=63, num_slots=63, chunk_size=32, head_k=64, head_v=64, dtype="bfloat16"),
+        dict(window=512, resolution=63, num_slots=512, chunk_size=16, head_k=64, head_v=64, dtype="float32"),
         dict(window=16, resolution=16, num_slots=16, chunk_size=64, head_k=40, head_v=72, dtype="float16"),
+        dict(window=33, resolution=33, num_slots=33, chunk_size=32, head_k=16, head_v=72, dtype="float32"),
     ],
-    ids=["bench-bf16", "fine-slots-fp32", "swa-fp16"],
+    ids=["bench-bf16", "fine-slots-fp32", "swa-fp16", "odd-sizes-fp32"],
 )
 def test_cuda_kernels_build_without_spills(spec, tmp_path):
     result = subprocess.run(
@@ -44,7 +46,7 @@ def test_cuda_kernels_build_without_spills(spec, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for kernel in ("chunk_state", "state_scan", "chunk_output"):
+    for kernel in FORWARD_KERNELS + BACKWARD_KERNELS:
         binary = (tmp_path / f"{kernel}.so").read_bytes()
         assert b"sm_90" in binary, f"{kernel}: no sm_90 machine code embedded (CUDA source kept instead?)"
         assert report[kernel]["stack_frame"] == 0, f"{kernel}: {report[kernel]}"

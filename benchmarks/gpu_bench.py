@@ -1,0 +1,319 @@
+"""BLA on a CUDA GPU, forward and backward: every compiled kernel checked against the float64 reference, then
+timed against the kernels a user would otherwise pick. One script, one call on the GPU machine.
+
+Here (build machine, no GPU):
+    python benchmarks/gpu_bench.py --list-specs > build/gpu_specs.json
+    bla-tvm build --device cuda --arch sm_90 --specs build/gpu_specs.json --out .bundle/kernels
+    bla-tvm bundle --out .bundle
+On the GPU machine (torch + the bundle only; FLA 0.6.0 wheels optional in .whl/, with --fla):
+    python benchmarks/gpu_bench.py --bundle .bundle --out $OUT
+
+Writes gpu_bench.json (every measurement) and gpu_bench.png (forward time per token against T).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: benchmark shape (issues 4 and 5): B=4, H=16, K=V=64, bf16, window 512
+BENCH = dict(B=4, H=16, K=64, V=64, window=512)
+BENCH_T = (1024, 4096, 16384, 65536)
+BENCH_BLA = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
+CHECK_DTYPES = ("float32", "bfloat16")
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+
+
+def check_cases(count: int = 20, seed: int = 2026) -> list[dict]:
+    """Random parameter sets for the correctness check: T often not a multiple of the chunk, N == W often."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        window = rng.choice([1, 4, 8, 16, 33, 64, 100, 128])
+        odd = [n for n in range(1, window + 1) if n % 2 == 1]
+        resolution = window if i % 4 == 0 else rng.choice(odd)
+        slots = rng.choice([resolution, window, max(1, resolution // 2), rng.randint(1, 2 * window)])
+        if i % 4 == 0:
+            slots = window  # N == W == M: sliding-window attention
+        cases.append(
+            dict(
+                window=window, resolution=resolution, num_slots=slots,
+                B=rng.randint(1, 3), T=rng.choice([1, 37, 64, 100, 129, 200, 255]), H=rng.randint(1, 4),
+                K=rng.choice([16, 40, 64]), V=rng.choice([16, 64, 72]),
+            )
+        )  # fmt: skip
+    return cases
+
+
+def chunk_size(window, resolution, slots, K, V, dtype, backward) -> int:
+    sys.path.insert(0, str(REPO))
+    from bla_tvm.runtime import cuda_chunk_size
+
+    return cuda_chunk_size("sm_90", window, resolution, slots, K, V, dtype, backward)
+
+
+def kernel_specs() -> list[dict]:
+    """Every spec the checks and benchmarks load: inference chunk length (forward kernels) and training chunk
+    length (forward and backward kernels; the build command builds both for every spec)."""
+    layers = [(c["window"], c["resolution"], c["num_slots"], c["K"], c["V"], d) for c in check_cases()
+              for d in CHECK_DTYPES]  # fmt: skip
+    layers += [(BENCH["window"], n, m, BENCH["K"], BENCH["V"], d) for n, m in BENCH_BLA.values()
+               for d in ("bfloat16", "float32")]  # fmt: skip
+    from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
+
+    specs = {}
+    for W, N, M, K, V, dtype in layers:
+        for backward in (False, True):
+            L = chunk_size(W, N, M, K, V, dtype, backward)
+            spec = dict(window=W, resolution=N, num_slots=M, chunk_size=L, head_k=K, head_v=V, dtype=dtype)
+            key = json.dumps(spec, sort_keys=True)
+            kernels = set(specs.get(key, {}).get("kernels", ()))
+            kernels |= set(FORWARD_KERNELS + (BACKWARD_KERNELS if backward else ()))
+            specs[key] = dict(spec, kernels=sorted(kernels))
+    return list(specs.values())
+
+
+def use_bundle(bundle: Path) -> None:
+    """Install the bundle's tvm_ffi wheel and point bla_tvm at the prebuilt kernels and TVM runtime."""
+    site = Path("/tmp/bla_site")
+    wheels = sorted((bundle / "wheels").glob("*.whl")) + sorted(Path(REPO / ".whl").glob("*.whl"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
+         *map(str, wheels)],
+        check=True,
+    )  # fmt: skip
+    sys.path.insert(0, str(site))
+    os.environ["BLA_TVM_PREBUILT_DIR"] = str(bundle / "kernels")
+    os.environ["BLA_TVM_RUNTIME_DIR"] = str(bundle / "lib")
+    os.environ["BLA_TVM_NO_BUILD"] = "1"
+
+
+def relative_error(out, ref, floor=0.0) -> float:
+    """||out - ref|| / max(||ref||, floor). A gradient can vanish exactly (with N = 1 every slot holds the same
+    key, so dq = dk = 0): its error is then measured against ``floor`` = ||dO||, the scale of a gradient."""
+    return ((out.double().cpu() - ref).norm() / max(ref.norm().item(), floor, 1e-300)).item()
+
+
+def run_checks(torch, bla, only=None, dtypes=CHECK_DTYPES) -> list[dict]:
+    """Forward (inference chunk length) and forward + backward (training chunk length) on poisoned outputs;
+    ``only``: the indices of the cases to run (all by default)."""
+    from bla_tvm.ops import kernel_spec, launch_backward, launch_forward
+
+    results = []
+    for index, case in enumerate(check_cases()):
+        if only is not None and index not in only:
+            continue
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            g = torch.Generator(device="cuda").manual_seed(index)
+            B, T, H, K, V = (case[x] for x in "BTHKV")
+            W, N, M = case["window"], case["resolution"], case["num_slots"]
+            q, k = (torch.randn(B, T, H, K, device="cuda", generator=g, dtype=dtype) for _ in range(2))
+            v, do = (torch.randn(B, T, H, V, device="cuda", generator=g, dtype=dtype) for _ in range(2))
+            scale = K**-0.5
+            qr, kr, vr = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+            ref = bla.bla_quadratic(qr, kr, vr, W, N, M, scale)
+            ref.backward(do.cpu().double())
+            row = dict(case, dtype=dtype_name)
+            for backward in (False, True):
+                spec = kernel_spec(q, v, W, N, M, chunk_size(W, N, M, K, V, dtype_name, backward))
+                o = torch.full((B, T, H, V), float("nan"), device="cuda", dtype=dtype)  # poisoned
+                states = launch_forward(q, k, v, o, spec, scale)
+                tag = "train" if backward else "infer"
+                outputs = {f"o_{tag}": (o, ref.detach())}
+                if backward:
+                    dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+                    launch_backward(q, k, v, states, do, dq, dk, dv, spec, scale)
+                    outputs.update(dq=(dq, qr.grad), dk=(dk, kr.grad), dv=(dv, vr.grad))
+                torch.cuda.synchronize()
+                for name, (out, expected) in outputs.items():
+                    floor = 0.0 if name.startswith("o_") else do.double().norm().item()
+                    row[name] = relative_error(out, expected, floor)
+                    row[name + "_finite"] = bool(torch.isfinite(out).all())
+            names = ("o_infer", "o_train", "dq", "dk", "dv")
+            row["ok"] = all(row[n + "_finite"] and row[n] <= TOLERANCE[dtype_name] for n in names)
+            results.append(row)
+            print(f"check {index:2d} {dtype_name:8s} W={W} N={N} M={M} B={B} T={T} H={H} K={K} V={V} "
+                  + " ".join(f"{n}={row[n]:.1e}" for n in names) + (" ok" if row["ok"] else " FAIL"), flush=True)
+    return results
+
+
+def bench(fn, do_bench) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_bwd(torch, fn, inputs, do):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(do)
+
+    return run
+
+
+def peak_memory_mb(torch, fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_benchmarks(torch, args) -> dict:
+    from triton.testing import do_bench
+
+    import bla_tvm
+    from bla_tvm.ops import device_constants, kernel_spec
+    from bla_tvm.runtime import LIBRARY
+    from bla_tvm.spec import FORWARD_KERNELS
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention)
+    fla = None
+    if args.fla:
+        try:
+            from fla.ops.gsa import chunk_gsa
+
+            fla = chunk_gsa
+        except ImportError as error:
+            print("FLA not available:", error)
+    B, H, K, V, W = (BENCH[x] for x in ("B", "H", "K", "V", "window"))
+    rows = []
+    for T in BENCH_T:
+        g = torch.Generator(device="cuda").manual_seed(T)
+        q, k = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        v, do = (torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        row = {"T": T}
+        methods = {}
+        for name, (resolution, slots) in BENCH_BLA.items():
+            methods[name] = (
+                lambda n=resolution, m=slots: bla_tvm.blurry_window_attention(q, k, v, W, n, m)[0],
+                lambda n=resolution, m=slots: bla_tvm.blurry_window_attention(qg, kg, vg, W, n, m)[0],
+                (qg, kg, vg), do,
+            )  # fmt: skip
+            if T == 4096:  # where the forward's time goes: each kernel alone (inference chunk length)
+                L = chunk_size(W, resolution, slots, K, V, "bfloat16", False)
+                spec = kernel_spec(q, v, W, resolution, slots, L)
+                fns = [LIBRARY.function(kn, spec, q.device) for kn in FORWARD_KERNELS]
+                consts = device_constants(spec.params, L, torch.float32, q.device, K**-0.5)
+                U = torch.randn(B, T // L, H, resolution, K + V, device="cuda")
+                X, o = torch.randn_like(U), torch.empty_like(v)
+                row[name + " kernels"] = {
+                    "chunk_length": L,
+                    "chunk_state": bench(lambda: fns[0](k, v, consts["state_in"], U), do_bench),
+                    "state_scan": bench(lambda: fns[1](U, consts["state_decay"], X), do_bench),
+                    "chunk_output": bench(
+                        lambda: fns[2](q, k, v, X, consts["scale"], *consts["output"], o), do_bench
+                    ),
+                }
+        qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
+        qhg, khg, vhg = (x.clone().requires_grad_() for x in (qh, kh, vh))
+
+        def sliding(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < W)
+
+        mask = create_block_mask(sliding, None, None, T, T, device="cuda")
+        methods["Flex SWA-512"] = (
+            lambda: flex(qh, kh, vh, block_mask=mask), lambda: flex(qhg, khg, vhg, block_mask=mask),
+            (qhg, khg, vhg), doh,
+        )  # fmt: skip
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        methods["SDPA causal"] = (
+            lambda: sdpa(qh, kh, vh, is_causal=True), lambda: sdpa(qhg, khg, vhg, is_causal=True),
+            (qhg, khg, vhg), doh,
+        )  # fmt: skip
+        if fla is not None and T <= 16384:
+            s = torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+            gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, 64, device="cuda", generator=g)).bfloat16()
+            sg, gg = s.clone().requires_grad_(), gate.clone().requires_grad_()
+            methods["FLA chunk_gsa M=64"] = (
+                lambda: fla(q, k, v, s, gate)[0], lambda: fla(qg, kg, vg, sg, gg)[0], (qg, kg, vg, sg, gg), do,
+            )  # fmt: skip
+        for name, (forward, training, inputs, grad_out) in methods.items():
+            with torch.no_grad():
+                row[name] = bench(forward, do_bench)
+            step = fwd_bwd(torch, training, inputs, grad_out)
+            row[name + " fwd+bwd"] = bench(step, do_bench)
+            if T == 4096:
+                row[name + " fwd+bwd peak MB"] = peak_memory_mb(torch, step)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"shape": dict(BENCH, dtype="bfloat16"), "gpu": torch.cuda.get_device_name(), "rows": rows}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = [n for n in rows[0] if n != "T" and isinstance(rows[0][n], float) and " " in n and "MB" not in n]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in names:
+        ts = [r["T"] for r in rows if name in r]
+        style = "--" if name.endswith("fwd+bwd") else "-"
+        ax.plot(ts, [r[name] * 1e6 / r["T"] for r in rows if name in r], style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (tokens)")
+    ax.set_ylabel("ns per token (B=4, H=16, K=V=64, bf16)")
+    ax.set_title(f"BLA vs baselines on {results['gpu']}")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list-specs", action="store_true", help="print the kernel specs to build, as JSON")
+    parser.add_argument("--bundle", type=Path, help="runtime bundle (for a machine without apache-tvm)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
+    parser.add_argument("--fla", action="store_true", help="also time FLA's chunk_gsa (its wheels in .whl/)")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--cases", type=int, nargs="*", help="run only these check cases")
+    parser.add_argument("--dtypes", nargs="*", default=list(CHECK_DTYPES))
+    args = parser.parse_args()
+    if args.list_specs:
+        print(json.dumps(kernel_specs(), indent=1))
+        return 0
+    if args.bundle:
+        use_bundle(args.bundle)
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    import bla_tvm
+
+    start = time.time()
+    results = {"checks": [] if args.skip_checks else run_checks(torch, bla_tvm, args.cases, args.dtypes)}
+    if args.skip_bench:
+        failed = [c for c in results["checks"] if not c["ok"]]
+        print(f"checks: {len(results['checks']) - len(failed)} passed, {len(failed)} failed")
+        return 1 if failed else 0
+    results["bench"] = run_benchmarks(torch, args)
+    results["seconds"] = time.time() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
+    plot(results["bench"], args.out / "gpu_bench.png")
+    failed = [c for c in results["checks"] if not c["ok"]]
+    print(f"checks: {len(results['checks']) - len(failed)} passed, {len(failed)} failed")
+    for row in results["bench"]["rows"]:
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                        if not k.endswith("kernels")))  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
