@@ -29,11 +29,14 @@ BENCH = dict(B=4, H=16, K=64, V=64, window=512)
 BENCH_T = (1024, 4096, 16384, 65536)
 BENCH_BLA = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
 CHECK_DTYPES = ("float32", "bfloat16")
+#: the layer of the training check: (W, N, M, K, V), float32
+TRAIN_LAYER = (16, 7, 9, 40, 72)
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
 
 
-def check_cases(count: int = 20, seed: int = 2026) -> list[dict]:
-    """Random parameter sets for the correctness check: T often not a multiple of the chunk, N == W often."""
+def check_cases(count: int = 24, seed: int = 2026) -> list[dict]:
+    """Random parameter sets for the correctness check: T often not a multiple of the chunk, N == W often;
+    float32 and bfloat16 alternately."""
     rng = random.Random(seed)
     cases = []
     for i in range(count):
@@ -47,7 +50,7 @@ def check_cases(count: int = 20, seed: int = 2026) -> list[dict]:
             dict(
                 window=window, resolution=resolution, num_slots=slots,
                 B=rng.randint(1, 3), T=rng.choice([1, 37, 64, 100, 129, 200, 255]), H=rng.randint(1, 4),
-                K=rng.choice([16, 40, 64]), V=rng.choice([16, 64, 72]),
+                K=rng.choice([16, 40, 64]), V=rng.choice([16, 64, 72]), dtype=CHECK_DTYPES[i % 2],
             )
         )  # fmt: skip
     return cases
@@ -63,10 +66,10 @@ def chunk_size(window, resolution, slots, K, V, dtype, backward) -> int:
 def kernel_specs() -> list[dict]:
     """Every spec the checks and benchmarks load: inference chunk length (forward kernels) and training chunk
     length (forward and backward kernels; the build command builds both for every spec)."""
-    layers = [(c["window"], c["resolution"], c["num_slots"], c["K"], c["V"], d) for c in check_cases()
-              for d in CHECK_DTYPES]  # fmt: skip
+    layers = [(c["window"], c["resolution"], c["num_slots"], c["K"], c["V"], c["dtype"]) for c in check_cases()]
     layers += [(BENCH["window"], n, m, BENCH["K"], BENCH["V"], d) for n, m in BENCH_BLA.values()
                for d in ("bfloat16", "float32")]  # fmt: skip
+    layers.append((*TRAIN_LAYER, "float32"))
     from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
 
     specs = {}
@@ -102,7 +105,7 @@ def relative_error(out, ref, floor=0.0) -> float:
     return ((out.double().cpu() - ref).norm() / max(ref.norm().item(), floor, 1e-300)).item()
 
 
-def run_checks(torch, bla, only=None, dtypes=CHECK_DTYPES) -> list[dict]:
+def run_checks(torch, bla, only=None) -> list[dict]:
     """Forward (inference chunk length) and forward + backward (training chunk length) on poisoned outputs;
     ``only``: the indices of the cases to run (all by default)."""
     from bla_tvm.ops import kernel_spec, launch_backward, launch_forward
@@ -111,7 +114,7 @@ def run_checks(torch, bla, only=None, dtypes=CHECK_DTYPES) -> list[dict]:
     for index, case in enumerate(check_cases()):
         if only is not None and index not in only:
             continue
-        for dtype_name in dtypes:
+        for dtype_name in [case["dtype"]]:
             dtype = getattr(torch, dtype_name)
             g = torch.Generator(device="cuda").manual_seed(index)
             B, T, H, K, V = (case[x] for x in "BTHKV")
@@ -122,7 +125,7 @@ def run_checks(torch, bla, only=None, dtypes=CHECK_DTYPES) -> list[dict]:
             qr, kr, vr = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
             ref = bla.bla_quadratic(qr, kr, vr, W, N, M, scale)
             ref.backward(do.cpu().double())
-            row = dict(case, dtype=dtype_name)
+            row = dict(case)
             for backward in (False, True):
                 spec = kernel_spec(q, v, W, N, M, chunk_size(W, N, M, K, V, dtype_name, backward))
                 o = torch.full((B, T, H, V), float("nan"), device="cuda", dtype=dtype)  # poisoned
@@ -144,6 +147,35 @@ def run_checks(torch, bla, only=None, dtypes=CHECK_DTYPES) -> list[dict]:
             print(f"check {index:2d} {dtype_name:8s} W={W} N={N} M={M} B={B} T={T} H={H} K={K} V={V} "
                   + " ".join(f"{n}={row[n]:.1e}" for n in names) + (" ok" if row["ok"] else " FAIL"), flush=True)
     return results
+
+
+def run_training(torch, bla) -> dict:
+    """A small model using the op learns, on the GPU: embeddings -> q, k, v -> BLA -> logits, trained with Adam
+    to output the token seen 5 positions earlier (inside the window, so only attention can solve it)."""
+    W, N, M, K, V = TRAIN_LAYER
+    torch.manual_seed(0)
+    vocab, dim, heads, lag = 16, 64, 2, 5
+    embed = torch.nn.Embedding(vocab, dim).cuda()
+    project = torch.nn.Linear(dim, heads * (2 * K + V)).cuda()
+    readout = torch.nn.Linear(heads * V + dim, vocab).cuda()
+    params = [*embed.parameters(), *project.parameters(), *readout.parameters()]
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for step in range(150):
+        tokens = torch.randint(0, vocab, (8, 96), device="cuda")
+        x = embed(tokens)
+        q, k, v = project(x).view(8, 96, heads, 2 * K + V).split([K, K, V], dim=-1)
+        o, _ = bla.blurry_window_attention(q.contiguous(), k.contiguous(), v.contiguous(), W, N, M)
+        logits = readout(torch.cat([o.flatten(2), x], dim=-1))[:, lag:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, :-lag].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    result = {"layer": TRAIN_LAYER, "first_loss": first, "last_loss": last, "ok": last < 0.7 * first}
+    print("training:", result, flush=True)
+    return result
 
 
 def bench(fn, do_bench) -> float:
@@ -284,7 +316,6 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--cases", type=int, nargs="*", help="run only these check cases")
-    parser.add_argument("--dtypes", nargs="*", default=list(CHECK_DTYPES))
     args = parser.parse_args()
     if args.list_specs:
         print(json.dumps(kernel_specs(), indent=1))
@@ -297,7 +328,9 @@ def main() -> int:
     import bla_tvm
 
     start = time.time()
-    results = {"checks": [] if args.skip_checks else run_checks(torch, bla_tvm, args.cases, args.dtypes)}
+    results = {"checks": [] if args.skip_checks else run_checks(torch, bla_tvm, args.cases)}
+    results["training"] = run_training(torch, bla_tvm)
+    results["checks"].append(dict(results["training"], name="training"))
     if args.skip_bench:
         failed = [c for c in results["checks"] if not c["ok"]]
         print(f"checks: {len(results['checks']) - len(failed)} passed, {len(failed)} failed")

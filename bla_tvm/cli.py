@@ -42,9 +42,11 @@ def _build_one(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None
 
 
 def build_kernels(
-    specs: list[tuple[KernelSpec, tuple[str, ...]]], device_kind: str, arch: str, out: Path, jobs: int
+    specs: list[tuple[KernelSpec, tuple[str, ...]]], device_kind: str, arch: str, out: Path, jobs: int,
+    append: bool = False,
 ) -> list[dict]:
-    """Compile the given kernels of every spec into ``out`` and write ``out/manifest.json``."""
+    """Compile the given kernels of every spec into ``out`` and write ``out/manifest.json`` (with ``append``,
+    added to the kernels it already lists)."""
     out.mkdir(parents=True, exist_ok=True)
     work = [(kernel, spec) for spec, kernels in specs for kernel in kernels]
     entries = []
@@ -54,6 +56,8 @@ def build_kernels(
             entries.append(future.result())
             if done % 10 == 0 or done == len(work):
                 print(f"built {done}/{len(work)} kernels", flush=True)
+    if append and (out / MANIFEST).exists():
+        entries = json.loads((out / MANIFEST).read_text())["kernels"] + entries
     manifest = {"device_kind": device_kind, "tvm": importlib.metadata.version("apache-tvm"), "kernels": entries}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return entries
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
     build.add_argument("--specs", type=Path, required=True, help="JSON list of KernelSpec fields")
     build.add_argument("--out", type=Path, required=True)
     build.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    build.add_argument("--append", action="store_true", help="add to the manifest already in --out")
     bundle = commands.add_parser("bundle", help="runtime libraries + tvm_ffi wheel for a machine without TVM")
     bundle.add_argument("--out", type=Path, required=True)
     bundle.add_argument("--python-version", default="3.12")
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
             kernels = tuple(fields.pop("kernels", FORWARD_KERNELS + BACKWARD_KERNELS))
             specs.append((KernelSpec(**fields), kernels))
         arch = args.arch if args.device == "cuda" else None
-        entries = build_kernels(specs, args.device, arch, args.out, args.jobs)
+        entries = build_kernels(specs, args.device, arch, args.out, args.jobs, args.append)
         print(f"{len(entries)} kernels for {len(specs)} specs in {args.out} ({time.time() - start:.0f} s)")
     else:
         assemble_bundle(args.out, args.python_version)

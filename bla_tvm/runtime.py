@@ -181,22 +181,22 @@ def chunk_size_for(
 @functools.lru_cache(maxsize=256)
 def cuda_chunk_size(target: str, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool) -> int:
     """The longest chunk whose per-chunk blocks (the forward's, and the backward's when ``backward``) fit in
-    shared memory: the longest among prebuilt kernels; else, where kernels may be built, the longest whose
-    compiled kernels fit (measured by ``bla_tvm.build``); else the longest under ``cuda_shared_memory_bound``."""
+    shared memory: the longest among prebuilt kernels; else the longest that fits under
+    ``cuda_shared_memory_bound`` or, where kernels may be built, in the compiled kernels (``bla_tvm.build``)."""
     kernels = ("chunk_output", "chunk_backward") if backward else ("chunk_output",)
     candidates = [KernelSpec(window, resolution, num_slots, L, head_k, head_v, dtype) for L in CHUNK_SIZES]
     for spec in candidates:
         if all(_find_prebuilt(kernel, spec, target, None) is not None for kernel in kernels):
             return spec.chunk_size
     for spec in candidates:
+        bound = cuda_shared_memory_bound(spec.chunk_size, resolution, num_slots, head_k, head_v, backward)
+        if bound <= CUDA_SHARED_MEMORY_LIMIT:  # fits even with no buffer reuse: no need to compile to know
+            return spec.chunk_size
         if env.build_allowed():
             from . import build
 
-            needed = build.cuda_shared_memory(spec, target, kernels)
-        else:
-            needed = cuda_shared_memory_bound(spec.chunk_size, resolution, num_slots, head_k, head_v, backward)
-        if needed <= CUDA_SHARED_MEMORY_LIMIT:
-            return spec.chunk_size
+            if build.cuda_shared_memory(spec, target, kernels) <= CUDA_SHARED_MEMORY_LIMIT:
+                return spec.chunk_size
     raise ValueError(
         f"num_slots={num_slots}, resolution={resolution}, K={head_k}, V={head_v} need more shared memory per "
         f"chunk than a CUDA block has, even at chunk length {CHUNK_SIZES[-1]}"
