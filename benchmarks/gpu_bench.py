@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: benchmark shape (issues 4 and 5): B=4, H=16, K=V=64, bf16, window 512
 BENCH = dict(B=4, H=16, K=64, V=64, window=512)
-BENCH_T = (1024, 4096, 16384, 65536)
+BENCH_T = tuple(int(t) for t in os.environ.get("BLA_BENCH_T", "1024,4096,16384,65536").split(","))
 BENCH_BLA = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
 CHECK_DTYPES = ("float32", "bfloat16")
 #: the layer of the training check: (W, N, M, K, V), float32
@@ -151,29 +151,27 @@ def run_checks(torch, bla, only=None) -> list[dict]:
 
 def run_training(torch, bla) -> dict:
     """A small model using the op learns, on the GPU: embeddings -> q, k, v -> BLA -> logits, trained with Adam
-    to output the token seen 5 positions earlier (inside the window, so only attention can solve it)."""
+    to name the current token from the attention output alone (it must learn to find it among the slots)."""
     W, N, M, K, V = TRAIN_LAYER
     torch.manual_seed(0)
-    vocab, dim, heads, lag = 16, 64, 2, 5
+    vocab, dim, heads = 16, 64, 2
     embed = torch.nn.Embedding(vocab, dim).cuda()
     project = torch.nn.Linear(dim, heads * (2 * K + V)).cuda()
-    readout = torch.nn.Linear(heads * V + dim, vocab).cuda()
+    readout = torch.nn.Linear(heads * V, vocab).cuda()
     params = [*embed.parameters(), *project.parameters(), *readout.parameters()]
     optimizer = torch.optim.Adam(params, lr=3e-3)
     losses = []
-    for step in range(150):
+    for step in range(100):
         tokens = torch.randint(0, vocab, (8, 96), device="cuda")
-        x = embed(tokens)
-        q, k, v = project(x).view(8, 96, heads, 2 * K + V).split([K, K, V], dim=-1)
+        q, k, v = project(embed(tokens)).view(8, 96, heads, 2 * K + V).split([K, K, V], dim=-1)
         o, _ = bla.blurry_window_attention(q.contiguous(), k.contiguous(), v.contiguous(), W, N, M)
-        logits = readout(torch.cat([o.flatten(2), x], dim=-1))[:, lag:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, :-lag].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(readout(o.flatten(2)).reshape(-1, vocab), tokens.reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    result = {"layer": TRAIN_LAYER, "first_loss": first, "last_loss": last, "ok": last < 0.7 * first}
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    result = {"layer": TRAIN_LAYER, "first_loss": first, "last_loss": last, "ok": last < 0.5 * first}
     print("training:", result, flush=True)
     return result
 
@@ -280,6 +278,8 @@ def run_benchmarks(torch, args) -> dict:
                 row[name + " fwd+bwd peak MB"] = peak_memory_mb(torch, step)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_bench_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # partial
     return {"shape": dict(BENCH, dtype="bfloat16"), "gpu": torch.cuda.get_device_name(), "rows": rows}
 
 

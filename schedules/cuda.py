@@ -62,23 +62,39 @@ GATHERED = {
 }
 
 
-def _largest_divisor(sch, loop, at_most: int) -> int:
-    extent = int(sch.get(loop).extent)
-    return max(d for d in range(1, at_most + 1) if extent % d == 0)
+def _divisors(n: int, at_most: int) -> list[int]:
+    return [d for d in range(1, min(n, at_most) + 1) if n % d == 0]
+
+
+def _tile_shape(rows: int, cols: int, threads: int, tile: tuple[int, int]) -> tuple[int, int] | None:
+    """The largest register tile (at most ``tile``) that divides rows and columns exactly and whose tile count is
+    a multiple of ``threads``, or None. Partial tiles, or a last thread round with idle threads, are not an option:
+    TVM 0.27 drops the bound check of the register write-back (reverse_compute_at of the local cache), and the
+    idle threads then write past the stage's buffer (seen on the H200 as a race between blocks at N = 33)."""
+    shapes = [
+        (r, c)
+        for r in _divisors(rows, tile[0])
+        for c in _divisors(cols, tile[1])
+        if (rows // r) * (cols // c) % threads == 0
+    ]
+    return max(shapes, key=lambda rc: (rc[0] * rc[1], rc[0]), default=None)
 
 
 def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int], cache_operands: bool = True) -> None:
     """For a contraction (loops unit c, b, h, then rows j, columns x, reduction r) inside the chunk's block:
-    each thread owns a tile[0] x tile[1] box of outputs, held in registers across the reduction, so each
-    operand load feeds several multiply-adds; the box is written to shared memory once."""
+    each thread owns a box of outputs, held in registers across the reduction, so each operand load feeds
+    several multiply-adds; the box is written to shared memory once. Where no box fits the stage's extents
+    exactly (see ``_tile_shape``), one output per thread instead."""
+    *_, row, col, red = sch.get_loops(block)
+    shape = _tile_shape(int(sch.get(row).extent), int(sch.get(col).extent), threads, tile)
+    if shape is None:
+        _spread_over_threads(sch, block, threads)
+        return
     operands = [region.source.name for region in sch.get(block).reads]
     gathered = GATHERED.get(sch.get(block).name_hint, ())
     operands = [name for name in operands if name.removesuffix("_shared.dyn") not in gathered]
-    *_, row, col, red = sch.get_loops(block)
-    # Tiles divide the extents exactly: a partial tile's register write-back loses its bound check in TVM 0.27
-    # and writes past the row into a neighbour's data (seen as a race on the H200 with N = 33).
-    row_o, row_i = sch.split(row, factors=[None, _largest_divisor(sch, row, tile[0])])
-    col_o, col_i = sch.split(col, factors=[None, _largest_divisor(sch, col, tile[1])])
+    row_o, row_i = sch.split(row, factors=[None, shape[0]])
+    col_o, col_i = sch.split(col, factors=[None, shape[1]])
     sch.reorder(row_o, col_o, red, row_i, col_i)
     _, thread = sch.split(sch.fuse(row_o, col_o), factors=[None, threads])
     sch.bind(thread, "threadIdx.x")
