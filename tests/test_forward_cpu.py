@@ -12,7 +12,6 @@ the scale and the data.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -22,6 +21,7 @@ from helpers import (
     F64,
     make_qkv,
     max_rel_err,
+    nan_filled_allocations,
     pooled_cases,
     swa_reference,
 )
@@ -157,34 +157,6 @@ def test_large_inputs_stay_finite_and_accurate(dtype, data):
 
 
 # --- every element written, empty inputs --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def nan_filled_allocations():
-    """Within it, torch.empty, torch.empty_like and Tensor.new_empty return floating tensors full of NaN;
-    yields the list of the poisoned allocations' shapes."""
-    originals = {"empty": torch.empty, "empty_like": torch.empty_like}
-    new_empty = torch.Tensor.new_empty
-    own_new_empty = "new_empty" in vars(torch.Tensor)  # else inherited from torch._C.TensorBase
-    poisoned = []
-
-    def fill(x):
-        if x.dtype.is_floating_point and x.device.type != "meta":
-            x.fill_(float("nan"))
-            poisoned.append(tuple(x.shape))
-        return x
-
-    torch.empty = lambda *a, **kw: fill(originals["empty"](*a, **kw))
-    torch.empty_like = lambda *a, **kw: fill(originals["empty_like"](*a, **kw))
-    torch.Tensor.new_empty = lambda self, *a, **kw: fill(new_empty(self, *a, **kw))
-    try:
-        yield poisoned
-    finally:
-        torch.empty, torch.empty_like = originals["empty"], originals["empty_like"]
-        if own_new_empty:
-            torch.Tensor.new_empty = new_empty
-        else:
-            del torch.Tensor.new_empty
 
 
 @settings(max_examples=8, deadline=None)

@@ -1,6 +1,7 @@
-"""The torch op ``bla_tvm::forward`` and the public entry point around it, on the CPU: torch.library's
-opcheck, torch.compile, zero-copy argument passing, input validation, the tvm-free runtime path, the kernel
-cache key and concurrent first builds.
+"""The torch ops ``bla_tvm::forward`` (returning (o, states): the output and the chunk-start states the backward
+reads) and ``bla_tvm::backward``, and the public entry point around them, on the CPU: torch.library's opcheck,
+torch.compile, zero-copy argument passing, input validation, the tvm-free runtime path, the kernel cache key
+and concurrent first builds. Gradients themselves are tested in test_backward_cpu.py and test_training.py.
 
 Shapes come from ``helpers.KERNEL_POOL`` where possible, so these tests reuse kernels that
 test_forward_cpu.py compiles in the same session.
@@ -64,17 +65,73 @@ def run_python(code: str, env: dict | None = None, timeout=300) -> subprocess.Co
 # --- torch.library ------------------------------------------------------------------------------------------
 
 
+def num_chunks(T):
+    return (T + CHUNK - 1) // CHUNK
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch all agree with the kernel."""
-    q, k, v = qkv(dtype=dtype)
+def test_opcheck(dtype, requires_grad):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch all agree with the kernel
+    (with inputs that require grad, AOT dispatch also runs the registered backward)."""
+    q, k, v = (x.requires_grad_(requires_grad) for x in qkv(dtype=dtype))
     torch.library.opcheck(torch.ops.bla_tvm.forward, op_args(q, k, v))
+
+
+def test_forward_returns_output_and_chunk_states():
+    q, k, v = qkv(B=2, T=70, H=3)
+    o, states = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    assert o.shape == (2, 70, 3, SHAPE.V) and o.dtype == torch.float32
+    assert states.shape == (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V) and states.dtype == torch.float32
+    assert torch.isfinite(states).all()
+    assert torch.equal(states[:, 0], torch.zeros_like(states[:, 0]))  # nothing precedes the first chunk
+    assert max_rel_err(o, bla_recurrent(q, k, v, *ARGS.values(), scale=0.3)) <= 1e-5
+    assert not states.requires_grad
+
+
+def backward_args(q, k, v, scale=0.3, seed=1):
+    """The 10 arguments of bla_tvm::backward: states from a forward call, a random upstream gradient."""
+    _, states = torch.ops.bla_tvm.forward(*op_args(q, k, v, scale))
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q.dtype)
+    return (q, k, v, states, do, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_backward(dtype):
+    torch.library.opcheck(torch.ops.bla_tvm.backward, backward_args(*qkv(dtype=dtype)))
+
+
+def test_opcheck_backward_non_contiguous():
+    """[B, H, T, D] tensors transposed to [B, T, H, D] (FLA's other layout), upstream gradient too: the fake
+    implementation must give the gradients the strides the real one returns.
+
+    Regression: the fake returned ``torch.empty_like(q)`` (q's transposed strides) while the kernel returns
+    contiguous gradients; inductor's stride assertions then failed in training (test_training.py)."""
+    args = list(backward_args(*qkv()))
+    for i in (0, 1, 2, 4):  # q, k, v, do
+        args[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not args[i].is_contiguous()
+    torch.library.opcheck(torch.ops.bla_tvm.backward, tuple(args))
 
 
 def test_fake_impl_on_meta_tensors():
     q, k, v = (x.to("meta") for x in qkv(B=3, T=1000, H=5))
-    o = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, states = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.device.type == "meta" and o.shape == (3, 1000, 5, SHAPE.V) and o.dtype == torch.float32
+    assert states.device.type == "meta" and states.dtype == torch.float32
+    assert states.shape == (3, num_chunks(1000), 5, SHAPE.N, SHAPE.K + SHAPE.V)
+    do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
+    grads = torch.ops.bla_tvm.backward(q, k, v, states, do, *op_args(q, k, v)[3:])
+    assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
+        ("meta", x.shape, torch.float32) for x in (q, k, v)
+    ]
+
+
+def test_fake_states_are_float64_for_float64_inputs():
+    q, k, v = (x.to(device="meta", dtype=F64) for x in qkv(B=1, T=64, H=2))
+    o, states = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    assert o.dtype == F64 and states.dtype == F64 and states.shape == (1, 1, 2, SHAPE.N, SHAPE.K + SHAPE.V)
 
 
 def surrounded(q, k, v):
