@@ -38,16 +38,17 @@ def _bind_threads(sch, loops, threads: int) -> None:
     sch.bind(thread, "threadIdx.x")
 
 
-def _spread_over_threads(sch, block, threads: int) -> None:
-    """For a stage computed inside the chunk's block: its own spatial loops spread over the threads; a
-    reduction accumulates in a register and is written to shared memory once, by the thread that owns it."""
-    loops = sch.get_loops(block)
+def _spread_over_threads(sch, block, threads: int, spatial=None) -> None:
+    """For a stage computed inside the chunk's block: its spatial loops (by default all of its own) spread over
+    the threads; a reduction accumulates in a register and is written once, by the thread that owns it."""
     iter_vars = sch.get(block).iter_vars
-    inner = loops[len(loops) - len(iter_vars):]
-    spatial = [loop for loop, iv in zip(inner, iter_vars) if iv.iter_type == tvm.tirx.IterVar.DataPar]
+    if spatial is None:
+        inner = sch.get_loops(block)[-len(iter_vars):]
+        spatial = [loop for loop, iv in zip(inner, iter_vars) if iv.iter_type == tvm.tirx.IterVar.DataPar]
     _bind_threads(sch, spatial, threads)
-    if len(spatial) < len(iter_vars):
-        thread_loop = sch.get_loops(block)[-1 - (len(iter_vars) - len(spatial))]
+    reductions = sum(iv.iter_type != tvm.tirx.IterVar.DataPar for iv in iter_vars)
+    if reductions:
+        thread_loop = sch.get_loops(block)[-1 - reductions]
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, thread_loop, preserve_unit_loops=True)
 
@@ -88,7 +89,7 @@ def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int], cache_op
     *_, row, col, red = sch.get_loops(block)
     shape = _tile_shape(int(sch.get(row).extent), int(sch.get(col).extent), threads, tile)
     if shape is None:
-        _spread_over_threads(sch, block, threads)
+        _spread_over_threads(sch, block, threads, [row, col])
         return
     operands = [region.source.name for region in sch.get(block).reads]
     gathered = GATHERED.get(sch.get(block).name_hint, ())
