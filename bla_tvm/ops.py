@@ -73,10 +73,20 @@ def _launch(function, *args):
         function(*args)
 
 
+#: the kernels index with 32-bit integers
+MAX_ELEMENTS = 2**31 - 1
+
+
 def _chunk_tensors(q, spec: KernelSpec, rows: int, columns: int) -> torch.Tensor:
     """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype."""
     B, T, H, _ = q.shape
     num_chunks = (T + spec.chunk_size - 1) // spec.chunk_size
+    elements = B * num_chunks * H * rows * columns
+    if max(elements, q.numel()) > MAX_ELEMENTS:
+        raise ValueError(
+            f"q of shape {tuple(q.shape)} needs a [B, NC, H, {rows}, {columns}] buffer of {elements} elements; the "
+            f"kernels index with 32 bits (at most {MAX_ELEMENTS}): split the batch or the sequence"
+        )
     return torch.empty(B, num_chunks, H, rows, columns, dtype=getattr(torch, spec.acc_dtype), device=q.device)
 
 

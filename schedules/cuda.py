@@ -100,12 +100,24 @@ def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int], cache_op
     _, thread = sch.split(sch.fuse(row_o, col_o), factors=[None, threads])
     sch.bind(thread, "threadIdx.x")
     for operand in operands if cache_operands else ():  # each step's operand slices, loaded into registers
-        sch.compute_at(sch.cache_read(block, operand, "local", [block]), red, preserve_unit_loops=True)
+        cache = sch.cache_read(block, operand, "local", [block])
+        sch.compute_at(cache, red, preserve_unit_loops=True)
+        _unroll_below(sch, cache, red)
     write_back = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
+    _unroll_below(sch, write_back, thread)
     sch.unroll(row_i)
     sch.unroll(col_i)
     sch.decompose_reduction(block, red)
+
+
+def _unroll_below(sch, block, loop) -> None:
+    """Unroll the loops of ``block`` inside ``loop``: register arrays must be indexed by constants, or they
+    go to local memory (a stack frame in ptxas's report)."""
+    loops = sch.get_loops(block)
+    position = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(loop)))
+    for inner in loops[position + 1:]:
+        sch.unroll(inner)
 
 
 def _bind_chunk_blocks(sch, c, b, h) -> None:
