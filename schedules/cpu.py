@@ -16,13 +16,12 @@ from .common import chunk_loops, is_contraction, is_elementwise, output_name
 #: stages recomputed where they are read instead of stored
 INLINED = ("bla_fwd_logits",)
 
-#: (stage, buffer it reads across its vectorised axis, index map to the layout that makes that read contiguous,
-#:  whether the copy moves into the (c, b, h) loop: inputs that change per chunk; constants are copied once per
-#:  call, and copies of intermediates already land beside their producer)
+#: (stage, buffer it reads across its vectorised axis, index map to the layout that makes that read contiguous);
+#: constants are copied once per call, copies of intermediates land beside their producer in the chunk loop
 TRANSPOSED_READS = (
-    ("bla_fwd_z_intra", "lag_basis", lambda n, d: (d, n), False),
-    ("bla_fwd_scores", "C", lambda i, n: (n, i), False),
-    ("bla_fwd_qx", "bla_fwd_keys", lambda b, c, h, r, k: (b, c, h, k, r), False),
+    ("bla_fwd_z_intra", "lag_basis", lambda n, d: (d, n)),
+    ("bla_fwd_scores", "C", lambda i, n: (n, i)),
+    ("bla_fwd_qx", "bla_fwd_keys", lambda b, c, h, r, k: (b, c, h, k, r)),
 )
 
 
@@ -68,8 +67,8 @@ def schedule_per_chunk(sch, anchor: str, spec, config: CpuConfig, inlined=(), tr
     """Schedule a kernel whose ``anchor`` output is [B, T, H, X] or [B, NC, H, R, X] and whose other stages
     are per chunk.
 
-    The anchor's t is split into (chunk c, position j) if it has one; chunks run in parallel, and every other stage (other
-    outputs included) is computed inside the (c, b, h) loop, so a chunk's intermediates stay in cache.
+    The anchor's t is split into (chunk c, position j) if it has one; chunks run in parallel, and every other
+    stage is computed inside the (c, b, h) loop, so a chunk's intermediates stay in cache.
     Contractions run as rank-1 updates over their reduction (the column axis vectorised); elementwise stages
     are vectorised along their last axis.
     """
@@ -81,12 +80,10 @@ def schedule_per_chunk(sch, anchor: str, spec, config: CpuConfig, inlined=(), tr
         sch.compute_at(block, h, preserve_unit_loops=True)
     for name in inlined:
         sch.compute_inline(sch.get_sblock(name))
-    for name, buffer, index_map, into_chunk_loop in transposed_reads:
+    for name, buffer, index_map in transposed_reads:
         reader = sch.get_sblock(name)
         copy = sch.cache_read(reader, buffer, "global", consumer_blocks=[reader])
         sch.transform_layout(copy, ("write", 0), index_map)
-        if into_chunk_loop:
-            sch.compute_at(copy, h, preserve_unit_loops=True)
     for block in sch.get_child_blocks(h):
         if is_contraction(sch, block):
             *_, row, col, red = sch.get_loops(block)
