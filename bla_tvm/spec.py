@@ -51,7 +51,8 @@ ACCUMULATOR = {"float32": "float32", "float16": "float32", "bfloat16": "float32"
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Static shape of one compiled forward: W, N, M, chunk length L, head dims K and V, input dtype."""
+    """Static shape of one compiled kernel: W, N, M, chunk length L, head dims K and V, input dtype, and the
+    GQA group size G (query heads per key/value head: q has H * G heads, k, v and the state H)."""
 
     window: int
     resolution: int
@@ -60,10 +61,13 @@ class KernelSpec:
     head_k: int
     head_v: int
     dtype: str
+    group_size: int = 1
 
     def __post_init__(self):
         BLAParams.make(self.window, self.resolution, self.num_slots)
         check_chunk_size(self.chunk_size)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
         if self.dtype not in ACCUMULATOR:
             raise ValueError(f"dtype must be one of {sorted(ACCUMULATOR)}, got {self.dtype!r}")
 
@@ -86,5 +90,5 @@ class KernelSpec:
     def tag(self) -> str:
         return (
             f"W{self.window}_N{self.resolution}_M{self.num_slots}_L{self.chunk_size}"
-            f"_K{self.head_k}_V{self.head_v}_{self.dtype}"
+            f"_K{self.head_k}_V{self.head_v}_G{self.group_size}_{self.dtype}"
         )

@@ -1,0 +1,63 @@
+"""The recurrent state a BLA layer carries between calls (bla-math.md, "Edge cases": X, Y and t0).
+
+``BLAState(key_state [B, H, N, K], value_state [B, H, N, V], seen [B])``: X and Y after the last token seen
+(float32, float64 for float64 inputs), and how many tokens each sequence has seen (int64), which the slot mask
+needs while fewer than W tokens have been seen (slot i is masked while i W / M > t). A fresh sequence is
+``BLAState.zeros``. H counts key/value heads (with GQA, q has more). With ``cu_seqlens`` B is the number of
+sequences.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class BLAState(NamedTuple):
+    key_state: torch.Tensor
+    value_state: torch.Tensor
+    seen: torch.Tensor
+
+    @staticmethod
+    def zeros(batch: int, heads: int, resolution: int, head_k: int, head_v: int, dtype=torch.float32, device=None):
+        """The state before any token: X = Y = 0, seen = 0."""
+        return BLAState(
+            torch.zeros(batch, heads, resolution, head_k, dtype=dtype, device=device),
+            torch.zeros(batch, heads, resolution, head_v, dtype=dtype, device=device),
+            torch.zeros(batch, dtype=torch.int64, device=device),
+        )
+
+
+def check_state(state, batch: int, heads: int, resolution: int, head_k: int, head_v: int, dtypes, device) -> BLAState:
+    """``state`` as a BLAState, or a TypeError/ValueError naming ``initial_state`` and what was expected.
+
+    ``dtypes``: the floating dtypes accepted for key_state and value_state.
+    """
+    if not isinstance(state, tuple) or len(state) != 3:
+        raise TypeError(
+            "initial_state must be a BLAState (key_state, value_state, seen), got "
+            f"{type(state).__name__}{'' if not isinstance(state, tuple) else f' of length {len(state)}'}"
+        )
+    state = BLAState(*state)
+    expected = {
+        "key_state": (batch, heads, resolution, head_k),
+        "value_state": (batch, heads, resolution, head_v),
+        "seen": (batch,),
+    }
+    for name, shape in expected.items():
+        x = getattr(state, name)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"initial_state.{name} must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"initial_state.{name} must have shape {list(shape)}, got {list(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"initial_state.{name} must be on {device}, got {x.device}")
+    for name in ("key_state", "value_state"):
+        if getattr(state, name).dtype not in dtypes:
+            raise TypeError(f"initial_state.{name} must have dtype in {list(dtypes)}, got {getattr(state, name).dtype}")
+    if state.seen.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"initial_state.seen must be int32 or int64, got {state.seen.dtype}")
+    if state.seen.numel() and bool((state.seen < 0).any()):
+        raise ValueError("initial_state.seen must be >= 0 (tokens already seen per sequence)")
+    return state
