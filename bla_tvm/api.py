@@ -7,6 +7,30 @@ import torch
 from . import ops
 from .params import BLAParams, check_qkv, check_scale
 from .runtime import chunk_size_for
+from .spec import ACCUMULATOR
+from .state import BLAState, check_state
+
+
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens [S + 1], int32 or int64 on q's device: 0 = cu[0] <= cu[1] <= ... <= cu[S] = T, with B = 1."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of sequence offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 offsets [S + 1], got shape {list(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k and v must have batch size 1 (packed sequences), got {q.shape[0]}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != q.shape[1]:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T = {q.shape[1]}, got {offsets[0]} ... {offsets[-1]}"
+        )
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing (sorted offsets), got {offsets}")
+    return cu_seqlens
 
 
 def blurry_window_attention(
@@ -17,45 +41,64 @@ def blurry_window_attention(
     resolution: int,
     num_slots: int | None = None,
     scale: float | None = None,
-    initial_state=None,
+    initial_state: BLAState | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ):
     """Blurry Window Attention (arXiv 2606.09862) through compiled TVM kernels.
 
     Args:
-        q: queries `[B, T, H, K]`.
-        k: keys `[B, T, H, K]`.
+        q: queries `[B, T, HQ, K]`.
+        k: keys `[B, T, H, K]`; HQ a multiple of H (GQA: query head hq uses key/value head hq // (HQ / H)).
         v: values `[B, T, H, V]`.
         window: W, the window length in tokens (W >= 1).
         resolution: N, real Fourier components kept (1 <= N <= W; N odd or N == W).
         num_slots: M, slots the softmax runs over (M >= 1; default N).
         scale: softmax temperature; default `1 / sqrt(K)`.
-        initial_state, output_final_state, cu_seqlens: FLA's meaning; not implemented yet (they raise).
+        initial_state: a `BLAState` (key_state `[S, H, N, K]`, value_state `[S, H, N, V]` in float32 (float64
+            for float64 inputs), seen `[S]` int tokens already seen) to continue from; S = B, or the number of
+            sequences with `cu_seqlens`. Default: a fresh start. Gradients flow into key_state and value_state.
+        output_final_state: also return the state after the last token of each sequence.
+        cu_seqlens: `[S + 1]` int32/int64 offsets of S sequences packed in one row (B = 1), FlashAttention's
+            convention; each sequence starts from its own initial state. Empty sequences are allowed.
 
     q, k and v share one dtype (float32, float16, bfloat16; float64 on the CPU) and one device (CPU or CUDA);
     accumulation and softmax run in float32 (float64 for float64 inputs); o has q's dtype.
 
     Returns:
-        (o `[B, T, H, V]`, None).
+        (o `[B, T, HQ, V]`, the final `BLAState` or None). Splitting a sequence anywhere and passing the state
+        on gives the same output as one call.
 
     Example:
         >>> q = k = torch.randn(1, 128, 2, 64); v = torch.randn(1, 128, 2, 64)
-        >>> o, _ = blurry_window_attention(q, k, v, window=64, resolution=15)
+        >>> o, state = blurry_window_attention(q, k, v, window=64, resolution=15, output_final_state=True)
+        >>> o2, state = blurry_window_attention(q, k, v, 64, 15, initial_state=state, output_final_state=True)
     """
-    if initial_state is not None:
-        raise NotImplementedError("initial_state is not implemented yet; pass None")
-    if output_final_state:
-        raise NotImplementedError("output_final_state=True is not implemented yet; pass False")
-    if cu_seqlens is not None:
-        raise NotImplementedError("cu_seqlens is not implemented yet; pass None")
     check_qkv(q, k, v)
     params = BLAParams.make(window, resolution, num_slots)
     scale = check_scale(scale, q.shape[-1])
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
     dtype = ops.dtype_name(q.dtype)
-    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    chunk_size = chunk_size_for(q.device, *params.__dict__.values(), q.shape[-1], v.shape[-1], dtype, backward)
-    o, _ = torch.ops.bla_tvm.forward(
-        q, k, v, params.window, params.resolution, params.num_slots, scale, chunk_size
+    state_dtype = getattr(torch, ACCUMULATOR[dtype])
+    B, T, H, K, V = k.shape[0], k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    if cu_seqlens is not None:
+        cu_seqlens = check_cu_seqlens(cu_seqlens, q)
+        sequences, lengths = cu_seqlens.shape[0] - 1, (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    else:
+        sequences, lengths = B, torch.full((B,), T, dtype=torch.int64, device=q.device)
+    if initial_state is None:
+        initial = torch.zeros(sequences, H, params.resolution, K + V, dtype=state_dtype, device=q.device)
+        seen = torch.zeros(sequences, dtype=torch.int64, device=q.device)
+    else:
+        state = check_state(initial_state, sequences, H, params.resolution, K, V, (state_dtype,), q.device)
+        initial = torch.cat([state.key_state, state.value_state], dim=-1)
+        seen = state.seen.to(torch.int64)
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))
+    chunk_size = chunk_size_for(q.device, *params.__dict__.values(), K, V, dtype, backward)
+    o, _, final = torch.ops.bla_tvm.forward(
+        q, k, v, initial, seen, cu_seqlens, params.window, params.resolution, params.num_slots, scale, chunk_size
     )
-    return o, None
+    if not output_final_state:
+        return o, None
+    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), seen + lengths)

@@ -86,6 +86,8 @@ class ChunkConstants:
     state_decay [N, N] = A^L = R^L - Bm^T Inv Psi (X_next = A^L X + U).
     lag_basis [N, L]: lag_basis[:, D] = R^D b, so that H = C lag_basis.
     input_map [L, L + N] = [Inv | -Inv Psi], so that K' = input_map [K; X] (step 1 as one product).
+    final_map [L + 1, N, N + L]: final_map[r] = [A^r | A^{r-1-j} b (j < r), 0 (j >= r)], the state after the
+        first r tokens of a chunk: X_r = final_map[r] [X; K] (a sequence's last, possibly partial, chunk).
     rot_diag, rot_off [L, N]: R^{j+1}[n, n] and R^{j+1}[n, partner(n)], so that
         (R^{j+1} x)[n] = rot_diag[j, n] x[n] + rot_off[j, n] x[partner(n)]
         (x R^{j+1})[n] = rot_diag[j, n] x[n] - rot_off[j, n] x[partner(n)]   (R^{j+1} is a rotation)
@@ -103,6 +105,7 @@ class ChunkConstants:
     rot_off: torch.Tensor
     lag_basis: torch.Tensor
     input_map: torch.Tensor
+    final_map: torch.Tensor
 
 
 def chunk_constants(params: BLAParams, chunk_size: int) -> ChunkConstants:
@@ -133,6 +136,11 @@ def _chunk_constants(params: BLAParams, L: int) -> ChunkConstants:
     rot_diag = R_pow[1:, n, n]
     rot_off = torch.where(partner == n, torch.zeros((), dtype=F64), R_pow[1:, n, partner])
     input_map = torch.cat([Inv, -Inv @ Psi], dim=1)
+    final_map = torch.zeros(L + 1, N, N + L, dtype=F64)
+    final_map[0, :, :N] = torch.eye(N, dtype=F64)
+    for r in range(1, L + 1):  # X_r = A X_{r-1} + b k_{r-1}^T
+        final_map[r] = base.A @ final_map[r - 1]
+        final_map[r, :, N + r - 1] = b
     return ChunkConstants(
-        base, L, Psi, Inv, H, Bm, state_in, state_decay, rot_diag, rot_off, lag_basis, input_map
+        base, L, Psi, Inv, H, Bm, state_in, state_decay, rot_diag, rot_off, lag_basis, input_map, final_map
     )

@@ -13,6 +13,7 @@ import torch
 import tvm_ffi
 
 from .constants import chunk_constants
+from .layout import ChunkLayout, batch_layout, pack, packed_chunks, packed_layout, unpack
 from .params import BLAParams
 from .runtime import LIBRARY, device_kind
 from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
@@ -31,8 +32,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
 
 
-def kernel_spec(q, v, window, resolution, num_slots, chunk_size) -> KernelSpec:
-    return KernelSpec(window, resolution, num_slots, chunk_size, q.shape[-1], v.shape[-1], dtype_name(q.dtype))
+def kernel_spec(q, k, v, window, resolution, num_slots, chunk_size) -> KernelSpec:
+    """The compiled kernels' spec for q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V] (group size HQ / H)."""
+    group = q.shape[2] // k.shape[2] if k.shape[2] else 1
+    return KernelSpec(
+        window, resolution, num_slots, chunk_size, q.shape[-1], v.shape[-1], dtype_name(q.dtype), group
+    )
 
 
 @functools.lru_cache(maxsize=128)
@@ -47,6 +52,7 @@ def device_constants(params: BLAParams, chunk_size: int, dtype: torch.dtype, dev
         "state_in": put(cc.state_in),
         "state_decay": put(cc.state_decay),
         "state_decay_t": put(cc.state_decay.T),
+        "final_map": put(cc.final_map),
         "output": [put(x) for x in (cc.input_map, cc.lag_basis, cc.base.C, cc.rot_diag, cc.rot_off)],
         "scale": torch.tensor([scale], dtype=dtype, device=device),
     }
@@ -94,45 +100,73 @@ def _kernels(names, spec, device):
     return [LIBRARY.function(name, spec, device) for name in names]
 
 
-def launch_forward(q, k, v, o, spec: KernelSpec, scale: float) -> torch.Tensor:
-    """Run the three forward kernels, writing o [B, T, H, V]; q, k, v, o contiguous, of ``spec``'s dtype.
+def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, scale: float):
+    """Run the forward kernels, writing o [B, T, HQ, V]; q, k, v, o contiguous, of ``spec``'s dtype, in the
+    layout's chunk grid.
 
-    Returns the states at every chunk start, X | Y [B, NC, H, N, K + V] in the accumulation dtype (what the
-    backward needs); U, the chunk-local state contributions, is a temporary of the same shape.
+    initial [S, H, N, F]: each sequence's state before its first token (accumulation dtype).
+    Returns (states, final): X | Y at every chunk start [B, NC, H, N, F] (what the backward needs), and each
+    sequence's state after its last token [S, H, N, F]. U, the chunk-local state contributions, is a temporary.
     """
-    states = _chunk_tensors(q, spec, spec.resolution, spec.state_width)
+    states = _chunk_tensors(k, spec, spec.resolution, spec.state_width)
     if states.numel() == 0:
-        return states
+        return states, initial.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    chunk_state, state_scan, chunk_output = _kernels(FORWARD_KERNELS, spec, q.device)
+    chunk_state, state_scan, chunk_output, final_state = _kernels(FORWARD_KERNELS, spec, q.device)
     contributions = torch.empty_like(states)
     _launch(chunk_state, k, v, consts["state_in"], contributions)
-    _launch(state_scan, contributions, consts["state_decay"], states)
-    _launch(chunk_output, q, k, v, states, consts["scale"], *consts["output"], o)
-    return states
+    _launch(state_scan, contributions, consts["state_decay"], initial, layout.starts, states)
+    _launch(chunk_output, q, k, v, states, layout.positions, consts["scale"], *consts["output"], o)
+    final = torch.empty_like(initial)
+    ends = (layout.end_row, layout.end_chunk, layout.end_length)
+    _launch(final_state, states, k, v, *ends, consts["final_map"], final)
+    return states, torch.where(layout.empty[:, None, None, None], initial, final)
 
 
-def launch_backward(q, k, v, states, do, dq, dk, dv, spec: KernelSpec, scale: float) -> None:
-    """Run the backward kernels (compute/backward.py), writing dq, dk, dv; inputs as saved by the forward.
+def launch_backward(q, k, v, states, do, dfinal, layout: ChunkLayout, spec: KernelSpec, scale: float):
+    """Run the backward kernels (compute/backward.py, compute/final_state.py); inputs as saved by the forward,
+    dfinal [S, H, N, F] the gradient of the final states. Returns (dq, dk, dv, dinitial).
 
-    Temporaries: grads [B, NC, H, L + N, F + K] and the carried state gradients [B, NC, H, N, F].
+    Temporaries: grads [B, NC, HQ, L + N, F + K], the state gradients at chunk starts [B, NC, H, N, F] and the
+    final states' gradient spread over the last chunks [S, H, L + N, F].
     """
+    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
+    empty = layout.empty[:, None, None, None]
     if states.numel() == 0:
-        return
+        return dq, dk, dv, dfinal.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    chunk_backward, reverse_scan, *input_gradients = _kernels(BACKWARD_KERNELS, spec, q.device)
+    final_backward, chunk_backward, reverse_scan, *input_gradients = _kernels(BACKWARD_KERNELS, spec, q.device)
+    dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's state passes straight through
+    final_grads = dfinal.new_empty(*dfinal.shape[:2], spec.chunk_size + spec.resolution, spec.state_width)
+    _launch(final_backward, dfinal_kept, layout.end_length, consts["final_map"], final_grads)
     grads = _chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + spec.head_k)
-    carried = torch.empty_like(states)
-    _launch(chunk_backward, q, k, v, states, consts["scale"], *consts["output"], do, grads)
-    _launch(reverse_scan, grads, consts["state_decay_t"], carried)
+    _launch(chunk_backward, q, k, v, states, layout.positions, consts["scale"], *consts["output"], do, grads)
+    # the final state reads the last chunk's tokens and start state: add to the first query head of each group
+    spread = grads.new_zeros(final_grads.shape[0], q.shape[2], *grads.shape[3:])
+    spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
+    grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
+    state_grads = torch.empty_like(states)
+    _launch(reverse_scan, grads, consts["state_decay_t"], layout.starts, state_grads)
     for kernel, grad in zip(input_gradients, (dq, dk, dv)):
-        _launch(kernel, grads, carried, consts["state_in"], grad)
+        _launch(kernel, grads, state_grads, layout.starts, consts["state_in"], grad)
+    dinitial = state_grads[layout.start_row.long(), layout.start_chunk.long()]
+    return dq, dk, dv, torch.where(empty, dfinal, dinitial)
 
 
-def _fake_states(q, v, chunk_size, resolution):
-    B, T, H, K = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, (T + chunk_size - 1) // chunk_size, H, resolution, K + v.shape[-1], dtype=acc)
+def chunk_layout(k, seen, cu_seqlens, spec: KernelSpec) -> ChunkLayout:
+    if cu_seqlens is None:
+        return batch_layout(k.shape[0], k.shape[1], spec.chunk_size, spec.window, seen)
+    return packed_layout(cu_seqlens, spec.chunk_size, spec.window, seen)
+
+
+def _fake_states(k, v, chunk_size, resolution, cu_seqlens):
+    B, T, H, K = k.shape
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    if cu_seqlens is None:
+        rows, chunks = B, (T + chunk_size - 1) // chunk_size
+    else:
+        rows, chunks = 1, packed_chunks(T, cu_seqlens.shape[0] - 1, chunk_size)
+    return k.new_empty(rows, chunks, H, resolution, K + v.shape[-1], dtype=acc)
 
 
 @torch.library.custom_op("bla_tvm::forward", mutates_args=())
@@ -140,24 +174,31 @@ def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    initial: torch.Tensor,
+    seen: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
     window: int,
     resolution: int,
     num_slots: int,
     scale: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, V] in q's dtype, states [B, NC, H, N, K + V]) = BLA(q [B, T, H, K], k [B, T, H, K],
-    v [B, T, H, V]); arguments validated by the caller (``bla_tvm.blurry_window_attention``)."""
-    spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
-    q, k, v = (_kernel_ready(x) for x in (q, k, v))
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o [B, T, HQ, V] in q's dtype, states [rows, NC, H, N, K + V], final [S, H, N, K + V]) = BLA(q [B, T, HQ, K],
+    k [B, T, H, K], v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S] tokens;
+    S = B, or the sequences of ``cu_seqlens`` (B = 1). Arguments validated by the caller
+    (``bla_tvm.blurry_window_attention``)."""
+    spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
+    layout = chunk_layout(k, seen, cu_seqlens, spec)
+    q, k, v = (_kernel_ready(pack(x, layout, chunk_size)) for x in (q, k, v))
     o = q.new_empty(*q.shape[:3], spec.head_v)
-    states = launch_forward(q, k, v, o, spec, scale)
-    return o, states
+    states, final = launch_forward(q, k, v, _kernel_ready(initial), o, layout, spec, scale)
+    return unpack(o, layout), states, final
 
 
 @forward.register_fake
-def _(q, k, v, window, resolution, num_slots, scale, chunk_size):
-    return q.new_empty(*q.shape[:3], v.shape[-1]), _fake_states(q, v, chunk_size, resolution)
+def _(q, k, v, initial, seen, cu_seqlens, window, resolution, num_slots, scale, chunk_size):
+    states = _fake_states(k, v, chunk_size, resolution, cu_seqlens)
+    return q.new_empty(*q.shape[:3], v.shape[-1]), states, torch.empty_like(initial)
 
 
 @torch.library.custom_op("bla_tvm::backward", mutates_args=())
@@ -167,40 +208,50 @@ def backward(
     v: torch.Tensor,
     states: torch.Tensor,
     do: torch.Tensor,
+    dfinal: torch.Tensor,
+    seen: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
     window: int,
     resolution: int,
     num_slots: int,
     scale: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of BLA given dO [B, T, H, V] and the forward's saved states; in q's dtype."""
-    spec = kernel_spec(q, v, window, resolution, num_slots, chunk_size)
-    q, k, v, do = (_kernel_ready(x.to(q.dtype)) for x in (q, k, v, do))
-    # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
-    # the odd strides of size-1 dims), which is what the fake implementation promises
-    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
-    launch_backward(q, k, v, states.contiguous(), do, dq, dk, dv, spec, scale)
-    return dq, dk, dv
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv in q's dtype, dinitial [S, H, N, K + V]) of BLA given dO [B, T, HQ, V], the final states'
+    gradient dfinal [S, H, N, K + V] and the forward's saved states."""
+    spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
+    layout = chunk_layout(k, seen, cu_seqlens, spec)
+    q, k, v, do = (_kernel_ready(pack(x.to(q.dtype), layout, chunk_size)) for x in (q, k, v, do))
+    dq, dk, dv, dinitial = launch_backward(
+        q, k, v, states.contiguous(), do, _kernel_ready(dfinal), layout, spec, scale
+    )
+    return unpack(dq, layout), unpack(dk, layout), unpack(dv, layout), dinitial
 
 
 @backward.register_fake
-def _(q, k, v, states, do, window, resolution, num_slots, scale, chunk_size):
+def _(q, k, v, states, do, dfinal, seen, cu_seqlens, window, resolution, num_slots, scale, chunk_size):
     # contiguous whatever the inputs' strides: the real implementation writes into fresh contiguous tensors
-    return tuple(q.new_empty(x.shape) for x in (q, k, v))
+    return (*(q.new_empty(x.shape) for x in (q, k, v)), torch.empty_like(dfinal))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, resolution, num_slots, scale, chunk_size = inputs
-    _, states = output
+    q, k, v, initial, seen, cu_seqlens, *layer = inputs
+    _, states, _ = output
     ctx.mark_non_differentiable(states)
-    ctx.save_for_backward(q, k, v, states)
-    ctx.layer = (window, resolution, num_slots, scale, chunk_size)
+    ctx.save_for_backward(q, k, v, states, seen, cu_seqlens)
+    ctx.initial_meta = (initial.shape, initial.dtype, initial.device)
+    ctx.layer = layer
 
 
-def _backward(ctx, do, _unused_dstates):
-    q, k, v, states = ctx.saved_tensors
-    dq, dk, dv = torch.ops.bla_tvm.backward(q, k, v, states, do, *ctx.layer)
-    return dq, dk, dv, None, None, None, None, None
+def _backward(ctx, do, _unused_dstates, dfinal):
+    q, k, v, states, seen, cu_seqlens = ctx.saved_tensors
+    if dfinal is None:
+        shape, dtype, device = ctx.initial_meta
+        dfinal = torch.zeros(shape, dtype=dtype, device=device)
+    if do is None:
+        do = q.new_zeros(*q.shape[:3], v.shape[-1])
+    dq, dk, dv, dinitial = torch.ops.bla_tvm.backward(q, k, v, states, do, dfinal, seen, cu_seqlens, *ctx.layer)
+    return dq, dk, dv, dinitial, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("bla_tvm::forward", _backward, setup_context=_setup_context)

@@ -61,7 +61,8 @@ def check_scale(scale, head_dim: int) -> float:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; floating, one dtype, one device."""
+    """q: [B, T, HQ, K]; k: [B, T, H, K]; v: [B, T, H, V]; HQ a multiple of H (GQA: query head hq reads key/value
+    head hq // (HQ / H)); floating, one dtype, one device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -69,10 +70,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if q.shape[:3] != k.shape[:3] or q.shape[:3] != v.shape[:3]:
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
         raise ValueError(
-            "q, k and v must agree in [B, T, H]; got q "
+            "q, k and v must agree in [B, T]; got q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of heads; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] == 0 and q.shape[2] != 0 or k.shape[2] and q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"q's heads ({q.shape[2]}) must be a multiple of k's and v's heads ({k.shape[2]}) (GQA groups)"
         )
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"k must have the head dim K of q ({q.shape[3]}), got {k.shape[3]}")

@@ -16,10 +16,12 @@ from .params import BLAParams, check_chunk_size, check_qkv, check_scale
 
 
 def _prepare(q, k, v, window, resolution, num_slots, scale):
+    """Validated parameters and q, k, v as [B, H, T, D] float64, k and v repeated over GQA groups."""
     check_qkv(q, k, v)
     params = BLAParams.make(window, resolution, num_slots)
     scale = check_scale(scale, q.shape[-1])
-    # [B, H, T, D] in float64
+    group = q.shape[2] // max(k.shape[2], 1)
+    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
     q, k, v = (x.to(F64).transpose(1, 2) for x in (q, k, v))
     return params, scale, q, k, v
 
@@ -29,32 +31,45 @@ def _slot_mask(slot_lags: torch.Tensor, T: int) -> torch.Tensor:
     return slot_lags[None, :] > torch.arange(T, dtype=F64)[:, None]
 
 
+def _initial_state(initial_state, B, H, N, K, V):
+    """X, Y [B, H, N, K | V] in float64 (a state per key/value head repeated over query heads) and the tokens
+    seen [B] (zeros without an initial state)."""
+    if initial_state is None:
+        return torch.zeros(B, H, N, K, dtype=F64), torch.zeros(B, H, N, V, dtype=F64), torch.zeros(B, dtype=torch.long)
+    X, Y, seen = initial_state
+    group = H // X.shape[1]
+    return (*(x.to(F64).repeat_interleave(group, dim=1) for x in (X, Y)), seen.to(torch.long))
+
+
 def _softmax_readout(scores, slot_values, mask):
     """scores [B, H, T, M] masked by mask [T, M]; slot_values [B, H, T, M, V] -> o [B, H, T, V]."""
     p = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
     return torch.einsum("bhtm,bhtmv->bhtv", p, slot_values)
 
 
-def bla_recurrent(q, k, v, window, resolution, num_slots=None, scale=None):
+def bla_recurrent(q, k, v, window, resolution, num_slots=None, scale=None, initial_state=None, output_final_state=False):
     """The recurrent definition: for t = 0..T-1, X_t = A X_{t-1} + b k_t^T, Y_t = A Y_{t-1} + b v_t^T,
-    s_t = scale * C X_t q_t (masked where tau_i > t), o_t = softmax(s_t)^T C Y_t."""
+    s_t = scale * C X_t q_t (masked where tau_i > t0 + t), o_t = softmax(s_t)^T C Y_t.
+
+    initial_state: (X [B, H, N, K], Y [B, H, N, V], t0 [B] tokens already seen), zeros by default.
+    Returns o, or (o, (X, Y, t0 + T)) with ``output_final_state`` (float64, autograd flows through; with GQA
+    per query head, every head of a group holding its key/value head's state).
+    """
     params, scale, q, k, v = _prepare(q, k, v, window, resolution, num_slots, scale)
     c = bla_constants(params)
     B, H, T, K = q.shape
-    X = q.new_zeros(B, H, params.resolution, K)
-    Y = v.new_zeros(B, H, params.resolution, v.shape[-1])
-    mask = _slot_mask(c.slot_lags, T)
+    X, Y, seen = _initial_state(initial_state, B, H, params.resolution, K, v.shape[-1])
     out = []
     for t in range(T):
         X = c.A @ X + c.b[:, None] * k[:, :, t, None, :]
         Y = c.A @ Y + c.b[:, None] * v[:, :, t, None, :]
         Kslot, Vslot = c.C @ X, c.C @ Y  # [B, H, M, K], [B, H, M, V]
         s = scale * torch.einsum("bhmk,bhk->bhm", Kslot, q[:, :, t])
-        p = torch.softmax(s.masked_fill(mask[t], float("-inf")), dim=-1)
+        mask = c.slot_lags[None, None, :] > (seen + t).to(F64)[:, None, None]  # [B, 1, M]
+        p = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
         out.append(torch.einsum("bhm,bhmv->bhv", p, Vslot))
-    if not out:  # T == 0
-        return v.new_zeros(B, 0, H, v.shape[-1])
-    return torch.stack(out, dim=2).transpose(1, 2)
+    o = torch.stack(out, dim=2).transpose(1, 2) if out else v.new_zeros(B, 0, H, v.shape[-1])
+    return (o, (X, Y, seen + T)) if output_final_state else o
 
 
 def slot_kernels(params: BLAParams, length: int) -> torch.Tensor:

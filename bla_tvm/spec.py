@@ -11,9 +11,20 @@ from dataclasses import asdict, dataclass
 from .params import BLAParams, check_chunk_size
 
 #: the forward's kernels, in launch order (bla-math.md, "A kernel decomposition that keeps the chunks parallel")
-FORWARD_KERNELS = ("chunk_state", "state_scan", "chunk_output")
-#: the backward's kernels, in launch order (compute/backward.py)
-BACKWARD_KERNELS = ("chunk_backward", "state_scan_reverse", "input_gradient_q", "input_gradient_k", "input_gradient_v")
+FORWARD_KERNELS = ("chunk_state", "state_scan", "chunk_output", "final_state")
+#: the backward's kernels, in launch order (compute/backward.py, compute/final_state.py)
+BACKWARD_KERNELS = (
+    "final_state_backward",
+    "chunk_backward",
+    "state_scan_reverse",
+    "input_gradient_q",
+    "input_gradient_k",
+    "input_gradient_v",
+)
+
+#: the one-token decode step (compute/decode.py), one kernel per stored state dtype: the accumulation dtype, or
+#: float16 / bfloat16 (half the memory traffic); its specs carry chunk_size 1 (a step has no chunks)
+DECODE_KERNELS = ("decode_step", "decode_step_state_float16", "decode_step_state_bfloat16")
 
 
 def entry_symbol(kernel: str) -> str:

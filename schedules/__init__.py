@@ -6,19 +6,23 @@ but never torch; the compute never imports schedules.
 
 from __future__ import annotations
 
-from . import cpu, cuda
+from . import cpu, cuda, cuda_final_state
 
 _RULES = {
     "cpu": {
         "chunk_state": cpu.schedule_chunk_state,
         "chunk_output": cpu.schedule_chunk_output,
         "chunk_backward": cpu.schedule_chunk_backward,
+        "final_state": cpu.schedule_final_state,
+        "final_state_backward": cpu.schedule_final_state,
         **{f"input_gradient_{part}": cpu.schedule_input_gradient for part in "qkv"},
     },
     "cuda": {
         "chunk_state": cuda.schedule_chunk_state,
         "chunk_output": cuda.schedule_chunk_output,
         "chunk_backward": cuda.schedule_chunk_backward,
+        "final_state": cuda_final_state.schedule_final_state,
+        "final_state_backward": cuda_final_state.schedule_final_state,
         **{f"input_gradient_{part}": cuda.schedule_input_gradient for part in "qkv"},
     },
 }

@@ -111,3 +111,20 @@ def schedule_input_gradient(func, spec, config: CpuConfig = CpuConfig()):
     """dq, dk or dv [B, T, H, X]: see ``schedule_per_chunk``."""
     sch = tvm.s_tir.Schedule(func)
     return schedule_per_chunk(sch, output_name(sch), spec, config)
+
+
+def schedule_final_state(func, spec, config: CpuConfig = CpuConfig()):
+    """A sequence's final state [S, H, N, F] or its gradient [S, H, L + N, F]: one reduction over stacked rows.
+    Parallel over sequences; rank-1 updates over the reduction with the column axis vectorised; the gathered
+    operand is read where it is used."""
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock(output_name(sch))
+    for producer in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        sch.compute_inline(producer)
+    s, _, _, f, red = sch.get_loops(block)
+    sch.reorder(red, f)
+    sch.parallel(s)
+    _vectorize_inner(sch, block, config.vector_lanes)
+    sch.decompose_reduction(block, red)
+    return sch
+

@@ -5,9 +5,10 @@ Three kernels, mirroring the forward's:
 1. ``chunk_backward``: per chunk, recompute the forward stages from the saved state at the chunk start and run
    them backward given dO: dq, the chunk-local part of d(k | v), and D_c, the gradient of the chunk's outputs
    with respect to the state at its start (TE, here);
-2. the reverse state scan G_c = D_c + (A^L)^T G_{c+1} (the forward's TVMScript scan, run backward);
+2. the reverse state scan G_c = D_c + (A^L)^T G_{c+1} (``scan.py``, TVMScript);
 3. ``input_gradient``: dq, and d(k | v) = local part + state_in^T G_{c+1}, the gradient reaching each chunk's
    inputs through the state the chunk hands on (TE, here; one kernel per tensor).
+With GQA the per-chunk gradients are per query head; the scan and d(k | v) sum them over each group.
 
 Forward of a chunk (``forward.chunk_forward_stages``), with P the normalised softmax and mixn = mix / rowsum:
     kv_eff = E [kv; X|Y]   qx = q [k'; X]^T   z = lag(qx) Rb^T + rot(qx)   P = softmax(scale C z)
@@ -32,15 +33,17 @@ from .forward import _partner, _symbolic_sizes, chunk_forward_stages, chunk_inpu
 def chunk_backward(spec: KernelSpec):
     """Per-chunk gradients given dO and the saved states.
 
-    Inputs: ``forward.ChunkInputs`` (q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off), then
-    do [B, T, H, V] (the input dtype).
+    Inputs: ``forward.ChunkInputs`` (q, k, v, states, positions, scale, input_map, lag_basis, C, rot_diag,
+    rot_off), then do [B, T, HQ, V] (the input dtype).
     Output (accumulation dtype), one tensor because TVM schedules one output per per-chunk kernel:
-    grads [B, NC, H, L + N, F + K]: rows j < L hold (d(k | v) local | dq) of token j; rows L + n hold
-    (D[n, :] | 0), D the gradient with respect to the state at the chunk start.
+    grads [B, NC, HQ, L + N, F + K]: rows j < L hold (d(k | v) local | dq) of token j; rows L + n hold
+    (D[n, :] | 0), D the gradient with respect to the state at the chunk start; per query head.
     """
     inputs = chunk_inputs(spec)
     fwd = chunk_forward_stages(spec, inputs)
-    q, _, _, _, scale, input_map, lag_basis, C, rot_diag, rot_off = inputs
+    q, scale, input_map, lag_basis, C, rot_diag, rot_off = (
+        inputs.q, inputs.scale, inputs.input_map, inputs.lag_basis, inputs.C, inputs.rot_diag, inputs.rot_off
+    )
     B, T, H, _ = q.shape
     NC = inputs.states.shape[1]
     N, M, L, K, V, F = spec.resolution, spec.num_slots, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width
@@ -172,34 +175,55 @@ def chunk_backward(spec: KernelSpec):
 
 
 def input_gradient(spec: KernelSpec, part: str):
-    """The gradient of q, k or v (``part``) in the input dtype, [B, T, H, K or V], from the chunk gradients.
+    """The gradient of q, k or v (``part``) in the input dtype, [B, T, HQ, K] or [B, T, H, K | V].
 
-    dq[t] = grads[c, j, F:];  d(k | v)[t] = grads[c, j, :F] + sum_n state_in[n, j] G_next[c, n, :]
-    where G_next [B, NC, H, N, F] is the state gradient at the start of chunk c + 1 (zero for the last chunk):
-    what reaches a chunk's inputs through the state it hands on.
-    Inputs: grads [B, NC, H, L + N, F + K], G_next, state_in [N, L]; output: d<part>.
+    dq[t] = grads[c, j, F:];  d(k | v)[t] = sum_g grads[c, j, :F] + sum_n state_in[n, j] G_next[c, n, :]
+    (the sum over the G query heads of key/value head h), where G_next = G_{c+1}, the state gradient at the
+    start of chunk c + 1 when that chunk continues chunk c's sequence, else zero: what reaches a chunk's
+    inputs through the state it hands on.
+    Inputs: grads [B, NC, HQ, L + N, F + K], G [B, NC, H, N, F] (the reverse scan's), starts [B, NC] int32,
+    state_in [N, L]; output: d<part>.
     """
     B, T, H, NC = _symbolic_sizes(spec.chunk_size)
+    Gq = spec.group_size
+    HQ = te.var("HQ") if Gq > 1 else H
     N, L, K, V, F = spec.resolution, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width
     acc, dt = spec.acc_dtype, spec.dtype
-    grads = te.placeholder((B, NC, H, L + N, F + K), acc, name="grads")
-    g_next = te.placeholder((B, NC, H, N, F), acc, name="g_next")
+    grads = te.placeholder((B, NC, HQ, L + N, F + K), acc, name="grads")
+    state_grad = te.placeholder((B, NC, H, N, F), acc, name="state_grad")
+    starts = te.placeholder((B, NC), "int32", name="starts")
     state_in = te.placeholder((N, L), acc, name="state_in")
     if part == "q":
         dq = te.compute(
-            (B, T, H, K), lambda b, t, h, kk: grads[b, t // L, h, t % L, F + kk].astype(dt), name="bla_bwd_dq"
+            (B, T, HQ, K), lambda b, t, h, kk: grads[b, t // L, h, t % L, F + kk].astype(dt), name="bla_bwd_dq"
         )
-        return [grads, g_next, state_in, dq]
+        return [grads, state_grad, starts, state_in, dq]
     offset, width = {"k": (0, K), "v": (K, V)}[part]
+    if Gq > 1:
+        g = te.reduce_axis((0, Gq), name="g")
+        group_sum = te.compute(
+            (B, NC, H, L, width),
+            lambda b, c, h, j, f: te.sum(grads[b, c, h * Gq + g, j, offset + f], axis=g),
+            name="bla_bwd_group_sum",
+        )
+        local = group_sum.__getitem__
+    else:
+        local = lambda index: grads[index[:4] + (offset + index[4],)]  # noqa: E731
+
+    def handed_on(b, c, h, n, f):  # G_{c+1} if chunk c + 1 continues chunk c's sequence, else 0
+        after = te.min(c + 1, NC - 1)
+        continues = te.all(c + 1 < NC, starts[b, after] < 0)
+        return te.if_then_else(continues, state_grad[b, after, h, n, offset + f], tirx.const(0, acc))
+
     n1 = te.reduce_axis((0, N), name="n1")
     carried = te.compute(
         (B, NC, H, L, width),
-        lambda b, c, h, j, f: te.sum(state_in[n1, j] * g_next[b, c, h, n1, offset + f], axis=n1),
+        lambda b, c, h, j, f: te.sum(state_in[n1, j] * handed_on(b, c, h, n1, f), axis=n1),
         name="bla_bwd_carried",
     )
     grad = te.compute(
         (B, T, H, width),
-        lambda b, t, h, f: (grads[b, t // L, h, t % L, offset + f] + carried[b, t // L, h, t % L, f]).astype(dt),
+        lambda b, t, h, f: (local((b, t // L, h, t % L, f)) + carried[b, t // L, h, t % L, f]).astype(dt),
         name=f"bla_bwd_d{part}",
     )
-    return [grads, g_next, state_in, grad]
+    return [grads, state_grad, starts, state_in, grad]

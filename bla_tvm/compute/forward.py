@@ -6,9 +6,14 @@ Three kernels keep the chunks parallel (bla-math.md, "A kernel decomposition"):
 2. the state scan X_{c+1} = A^L X_c + U_c, sequential over chunks (TVMScript, ``scan.py``);
 3. ``chunk_output``: steps 1-5 of the chunked form for every chunk, given the state at its start (TE, here).
 
-Letters: B batch, T tokens, H heads, K/V head dims, F = K + V, N resolution, M slots, L chunk length,
-NC = ceil(T / L) chunks; t = c L + j. B, T and H are symbolic: one compiled kernel serves every size.
+Letters: B batch, T tokens, H key/value heads, HQ = H G query heads (GQA group size G, static; query head hq
+reads key/value head hq // G), K/V head dims, F = K + V, N resolution, M slots, L chunk length,
+NC = ceil(T / L) chunks; t = c L + j. B, T, H and HQ are symbolic: one compiled kernel serves every size.
 Key and value states travel together as one [.., N, F] tensor (columns 0..K-1 keys, K..F-1 values).
+Where a chunk stands in its sequence comes from the caller: positions[b, c], the tokens its sequence saw
+before the chunk (for the slot mask), and, for the scan, which chunks start a sequence (``scan.py``). So one
+row b may hold several sequences, each starting at a chunk boundary (``cu_seqlens``), and a sequence may
+continue from a carried state.
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ def _symbolic_sizes(L: int):
     return B, T, H, (T - 1) // L + 1
 
 
-def _kv_chunks(k, v, spec: KernelSpec, B, T, H, NC):
-    """kv[b, c, h, j, f] = (k | v)[b, c L + j, h, f] in the accumulation dtype, zero past the end (t >= T)."""
+def _kv_chunks(k, v, spec: KernelSpec, B, T, heads, NC, group: int = 1):
+    """kv[b, c, h, j, f] = (k | v)[b, c L + j, h // group, f] in the accumulation dtype, zero past the end
+    (t >= T), for h < heads: per key/value head with group 1, per query head with group G."""
     K, L, acc = spec.head_k, spec.chunk_size, spec.acc_dtype
 
     def load(b, c, h, j, f):
         t = te.min(c * L + j, T - 1)
-        value = te.if_then_else(f < K, k[b, t, h, te.min(f, K - 1)], v[b, t, h, te.max(f - K, 0)])
+        hk = h // group if group > 1 else h
+        value = te.if_then_else(f < K, k[b, t, hk, te.min(f, K - 1)], v[b, t, hk, te.max(f - K, 0)])
         return te.if_then_else(c * L + j < T, value.astype(acc), tirx.const(0, acc))
 
-    return te.compute((B, NC, H, L, spec.state_width), load, name="bla_fwd_kv_chunk")
+    return te.compute((B, NC, heads, L, spec.state_width), load, name="bla_fwd_kv_chunk")
 
 
 def _q_chunks(q, spec: KernelSpec, B, T, H, NC):
@@ -83,16 +90,17 @@ def chunk_state_contribution(spec: KernelSpec):
 def chunk_output(spec: KernelSpec):
     """o[b, t, h, :] for every token, given the states at every chunk start.
 
-    Inputs: q [B, T, H, K], k [B, T, H, K], v [B, T, H, V], states [B, NC, H, N, F] (X | Y before chunk c),
-    scale [1], input_map [L, L + N], lag_basis [N, L], C [M, N], rot_diag [L, N], rot_off [L, N].
-    Output: o [B, T, H, V] in the input dtype.
+    Inputs: q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V], states [B, NC, H, N, F] (X | Y before chunk c),
+    positions [B, NC] int32 (tokens seen before chunk c, clipped at W), scale [1], input_map [L, L + N],
+    lag_basis [N, L], C [M, N], rot_diag [L, N], rot_off [L, N].
+    Output: o [B, T, HQ, V] in the input dtype.
 
     Per chunk, steps 1-5 of the chunked form regrouped into products over concatenated axes
     (j, D < L; r < L + N; i < M; n < N; Rb = lag_basis, so H = C Rb), each operand a stage of its own:
       kv_eff  = input_map [kv; X | Y]                     k', v' = Inv (kv - Psi X)          [L, F]
       qx      = q [k'; X]^T                               (Q K'^T | X q_j)                   [L, L + N]
       z[j, n] = sum_{D<=j} Rb[n, D] qx[j, j-D] + (R^{j+1} X q_j)[n]                          [L, N]
-      logit   = scale C z, -inf where slot lag i W / M > t;  E = exp(logit - rowmax)          [L, M]
+      logit   = scale C z, -inf where slot lag i W / M > positions[c] + j;  E = exp(logit - rowmax)  [L, M]
       w       = E C,  g = w Rb                                                               [L, N], [L, L]
       o_j     = mix_j [v'; Y] / rowsum(E)_j, mix_j = [g[j, j-s] (s<=j) | w_j R^{j+1}]       [L, V]
     The slot count M enters only the two [L, N] x [N, M] products and the softmax.
@@ -116,6 +124,7 @@ class ChunkInputs(NamedTuple):
     k: te.Tensor
     v: te.Tensor
     states: te.Tensor
+    positions: te.Tensor
     scale: te.Tensor
     input_map: te.Tensor
     lag_basis: te.Tensor
@@ -125,41 +134,45 @@ class ChunkInputs(NamedTuple):
 
 
 def chunk_inputs(spec: KernelSpec) -> ChunkInputs:
-    """Placeholders of ``ChunkInputs`` over symbolic B, T, H."""
+    """Placeholders of ``ChunkInputs`` over symbolic B, T, H (and HQ = H G with GQA)."""
     B, T, H, NC = _symbolic_sizes(spec.chunk_size)
+    HQ = te.var("HQ") if spec.group_size > 1 else H
     N, M, L, K, V, F = spec.resolution, spec.num_slots, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width
     acc, dt = spec.acc_dtype, spec.dtype
-    q = te.placeholder((B, T, H, K), dt, name="q")
+    q = te.placeholder((B, T, HQ, K), dt, name="q")
     k = te.placeholder((B, T, H, K), dt, name="k")
     v = te.placeholder((B, T, H, V), dt, name="v")
     states = te.placeholder((B, NC, H, N, F), acc, name="states")
+    positions = te.placeholder((B, NC), "int32", name="positions")
     scale = te.placeholder((1,), acc, name="scale")
     input_map = te.placeholder((L, L + N), acc, name="input_map")
     lag_basis = te.placeholder((N, L), acc, name="lag_basis")
     C = te.placeholder((M, N), acc, name="C")
     rot_diag = te.placeholder((L, N), acc, name="rot_diag")
     rot_off = te.placeholder((L, N), acc, name="rot_off")
-    return ChunkInputs(q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off)
+    return ChunkInputs(q, k, v, states, positions, scale, input_map, lag_basis, C, rot_diag, rot_off)
 
 
 def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespace:
     """The per-chunk stages of the forward (see ``chunk_output``), shared with the backward, which recomputes
     them from the saved states instead of storing them."""
-    q, k, v, states, scale, input_map, lag_basis, C, rot_diag, rot_off = inputs
-    B, T, H, _ = q.shape
+    q, k, v, states, positions, scale, input_map, lag_basis, C, rot_diag, rot_off = inputs
+    B, T, H, _ = q.shape  # H here counts query heads (HQ)
     NC = states.shape[1]
-    W, N, M = spec.window, spec.resolution, spec.num_slots
+    W, N, M, G = spec.window, spec.resolution, spec.num_slots, spec.group_size
     L, K, V, F, acc = spec.chunk_size, spec.head_k, spec.head_v, spec.state_width, spec.acc_dtype
     zero = tirx.const(0, acc)
     q_chunk = _q_chunks(q, spec, B, T, H, NC)
-    kv = _kv_chunks(k, v, spec, B, T, H, NC)
+    kv = _kv_chunks(k, v, spec, B, T, H, NC, G)
 
     def stack_state(name, chunk_rows, columns, offset):
         """[chunk_rows (r < L); state rows X | Y from column ``offset`` (r >= L)]: [L + N, columns]."""
         return te.compute(
             (B, NC, H, L + N, columns),
             lambda b, c, h, r, f: te.if_then_else(
-                r < L, chunk_rows[b, c, h, te.min(r, L - 1), offset + f], states[b, c, h, te.max(r - L, 0), offset + f]
+                r < L,
+                chunk_rows[b, c, h, te.min(r, L - 1), offset + f],
+                states[b, c, h // G if G > 1 else h, te.max(r - L, 0), offset + f],
             ),
             name=name,
         )
@@ -200,12 +213,14 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
         name="bla_fwd_scores",
     )
 
-    def masked(c, j, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
-        return tirx.Cast("int64", i) * W > tirx.Cast("int64", c * L + j) * M
+    def masked(b, c, j, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
+        return tirx.Cast("int64", i) * W > tirx.Cast("int64", positions[b, c] + j) * M
 
     logits = te.compute(
         (B, NC, H, L, M),
-        lambda b, c, h, j, i: te.if_then_else(masked(c, j, i), te.min_value(acc), scale[0] * scores[b, c, h, j, i]),
+        lambda b, c, h, j, i: te.if_then_else(
+            masked(b, c, j, i), te.min_value(acc), scale[0] * scores[b, c, h, j, i]
+        ),
         name="bla_fwd_logits",
     )
     i1 = te.reduce_axis((0, M), name="i1")
@@ -215,7 +230,7 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
     probs = te.compute(  # unnormalised softmax numerators
         (B, NC, H, L, M),
         lambda b, c, h, j, i: te.if_then_else(
-            masked(c, j, i), zero, te.exp(logits[b, c, h, j, i] - row_max[b, c, h, j])
+            masked(b, c, j, i), zero, te.exp(logits[b, c, h, j, i] - row_max[b, c, h, j])
         ),
         name="bla_fwd_probs",
     )

@@ -1,0 +1,137 @@
+"""Where each sequence lies in the kernels' grid of chunks, and the index tables that tell the kernels.
+
+The kernels see rows b of NC chunks of L tokens ([B, NC * L, H, D] inputs). A sequence starts at a chunk
+boundary and may continue from a carried state, so each chunk needs the number of tokens its sequence saw
+before it (the slot mask), and the scans need which chunks start a sequence.
+
+- Batch layout (no ``cu_seqlens``): row b is sequence b; chunk c starts at token c L.
+- Packed layout (``cu_seqlens``, B = 1): sequence s of length n_s takes ceil(n_s / L) chunks of one row, in
+  order, its last chunk padded with zeros; the row has NC = T // L + S chunks (an upper bound that depends on
+  shapes only, so compiled graphs see static shapes); spare chunks at the end start a throwaway sequence.
+  q, k, v are scattered into that row and o gathered back (``pack``, ``unpack``).
+
+Sequences of length 0 own no chunk: their final state is their initial state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class ChunkLayout(NamedTuple):
+    """Index tables over the chunk grid [rows, NC] and the S sequences (int32 unless said).
+
+    positions [rows, NC]: tokens the chunk's sequence saw before the chunk, clipped at W;
+    starts [rows, NC]: s where chunk c starts sequence s, else -1;
+    start_row, start_chunk [S]: the first chunk of sequence s (any chunk for an empty sequence);
+    end_row, end_chunk, end_length [S]: its last chunk and how many of its tokens are in it (0: empty);
+    token_index [T] int64: where packed token t sits in the padded row (packed layout only, else None).
+    """
+
+    positions: torch.Tensor
+    starts: torch.Tensor
+    start_row: torch.Tensor
+    start_chunk: torch.Tensor
+    end_row: torch.Tensor
+    end_chunk: torch.Tensor
+    end_length: torch.Tensor
+    token_index: torch.Tensor | None
+
+    @property
+    def num_chunks(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """[S] bool: sequences with no token."""
+        return self.end_length == 0
+
+
+def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int:
+    """NC of the packed layout: T // L + S >= sum_s ceil(n_s / L) for any split of T tokens into S sequences."""
+    return total_tokens // chunk_size + num_sequences
+
+
+def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
+    """Row b holds sequence b, which saw seen[b] tokens before this call; ``tokens`` of its own."""
+    L, device = chunk_size, seen.device
+    num_chunks = (tokens + L - 1) // L
+    offsets = torch.arange(num_chunks, device=device, dtype=torch.int64) * L
+    positions = (seen[:, None].to(torch.int64) + offsets).clamp(max=window).to(torch.int32)
+    starts = torch.full((batch, num_chunks), -1, dtype=torch.int32, device=device)
+    rows = torch.arange(batch, dtype=torch.int32, device=device)
+    if num_chunks:
+        starts[:, 0] = rows
+    last = max(num_chunks - 1, 0)
+    length = tokens - last * L
+    return ChunkLayout(
+        positions,
+        starts,
+        rows,
+        torch.zeros_like(rows),
+        rows,
+        torch.full_like(rows, last),
+        torch.full_like(rows, length),
+        None,
+    )
+
+
+def packed_layout(cu_seqlens: torch.Tensor, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
+    """Sequences s = 0..S-1 are tokens cu_seqlens[s]:cu_seqlens[s+1] of one row (see the module docstring)."""
+    L, device = chunk_size, seen.device
+    bounds = cu_seqlens.tolist()
+    S, T = len(bounds) - 1, bounds[-1]
+    num_chunks = packed_chunks(T, S, L)
+    seen_host = seen.tolist()
+    positions = [window] * num_chunks
+    starts = [0] * num_chunks  # spare chunks each start the throwaway sequence 0
+    first, last, lengths = [0] * S, [0] * S, [0] * S
+    token_index = []
+    chunk = 0
+    for s in range(S):
+        n = bounds[s + 1] - bounds[s]
+        count = (n + L - 1) // L
+        for i in range(count):
+            positions[chunk + i] = min(seen_host[s] + i * L, window)
+            starts[chunk + i] = -1
+        if count:
+            starts[chunk] = s
+            first[s], last[s], lengths[s] = chunk, chunk + count - 1, n - (count - 1) * L
+        token_index.extend(range(chunk * L, chunk * L + n))
+        chunk += count
+    for c in range(chunk, num_chunks):
+        starts[c] = 0
+
+    def table(values, dtype=torch.int32):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    zeros = table([0] * S)
+    return ChunkLayout(
+        table([positions]),
+        table([starts]),
+        zeros,
+        table(first),
+        zeros,
+        table(last),
+        table(lengths),
+        table(token_index, torch.int64),
+    )
+
+
+def pack(x: torch.Tensor, layout: ChunkLayout, chunk_size: int) -> torch.Tensor:
+    """[1, T, H, D] packed tokens -> [1, NC L, H, D] with each sequence starting at a chunk boundary, zeros
+    elsewhere; x itself in the batch layout."""
+    if layout.token_index is None:
+        return x
+    padded = x.new_zeros(1, layout.num_chunks * chunk_size, *x.shape[2:])
+    padded[0, layout.token_index] = x[0]
+    return padded
+
+
+def unpack(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """The inverse of ``pack`` on the tokens: [1, NC L, H, D] -> [1, T, H, D]."""
+    if layout.token_index is None:
+        return x
+    return x[:, layout.token_index]
