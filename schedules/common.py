@@ -42,3 +42,52 @@ def chunk_loops(sch, anchor: str, spec):
         b, c, h, *rest = loops
         sch.reorder(c, b, h, *rest)
     return c, b, h
+
+
+def _children(stmt):
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return list(stmt.seq)
+    if isinstance(stmt, tvm.tirx.IfThenElse):
+        return [stmt.then_case] + ([stmt.else_case] if stmt.else_case is not None else [])
+    return [stmt.body] if hasattr(stmt, "body") else []
+
+
+def unguarded_write_backs(func) -> list[tuple[str, str, str, int]]:
+    """(block, buffer, index, extent) of every register write-back (a store of a "local" value into a shared or
+    global buffer) whose index is not provably inside the buffer's static extents, given the loop ranges, block
+    bindings and predicates around it. TVM 0.27's ``reverse_compute_at`` of a register cache into a kernel's
+    output relaxes the write-back to whole tiles and drops the bound check: partial tiles then write past the
+    output (a race between blocks); write-backs into shared intermediates keep theirs. Empty when sound."""
+    from tvm.ir import Range
+    from tvm.sym.analyzer import Analyzer
+
+    found = []
+
+    def loads_register(value) -> bool:
+        buffer = getattr(value, "buffer", None)
+        return buffer is not None and buffer.scope() == "local"
+
+    def walk(stmt, analyzer, block):
+        if isinstance(stmt, tvm.tirx.For):
+            analyzer.bind(stmt.loop_var, Range.from_min_extent(stmt.min, stmt.extent))
+            walk(stmt.body, analyzer, block)
+        elif isinstance(stmt, tvm.s_tir.SBlockRealize):
+            inner = analyzer.clone()
+            for iter_var, value in zip(stmt.block.iter_vars, stmt.iter_values):
+                inner.bind(iter_var.var, value)
+            with inner.constraint_scope(stmt.predicate):
+                for part in (stmt.block.init, stmt.block.body):
+                    if part is not None:
+                        walk(part, inner, stmt.block.name_hint)
+        elif isinstance(stmt, tvm.tirx.BufferStore):
+            if stmt.buffer.scope() != "local" and loads_register(stmt.value):
+                for index, extent in zip(stmt.indices, stmt.buffer.shape):
+                    inside = tvm.tirx.all(0 <= index, index < extent)
+                    if isinstance(extent, tvm.tirx.IntImm) and not analyzer.can_prove(inside):
+                        found.append((block, stmt.buffer.name, str(analyzer.simplify(index)), int(extent)))
+        else:
+            for child in _children(stmt):
+                walk(child, analyzer, block)
+
+    walk(func.body, Analyzer(), "root")
+    return found

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import tvm
 
-from .common import chunk_loops, intermediate_buffers, is_contraction, output_name
+from .common import chunk_loops, intermediate_buffers, is_contraction, output_name, unguarded_write_backs
 
 #: stages recomputed where they are read instead of stored
 CUDA_INLINED = ("bla_fwd_kv_chunk", "bla_fwd_logits")
@@ -63,34 +63,27 @@ GATHERED = {
 }
 
 
-def _divisors(n: int, at_most: int) -> list[int]:
-    return [d for d in range(1, min(n, at_most) + 1) if n % d == 0]
+def _tile_shape(rows: int, cols: int, threads: int, tile: tuple[int, int]) -> tuple[int, int]:
+    """The register tile (at most ``tile``) with the least serial work per thread: tile rounds over the block
+    times outputs per tile; ties go to the larger tile (fewer operand loads per multiply-add). Partial tiles at
+    the edges are fine: every write-back stays under its bound check (``common.unguarded_write_backs``)."""
 
+    def cost(shape):
+        r, c = shape
+        rounds = -(-(-(-rows // r)) * (-(-cols // c)) // threads)
+        return (rounds * r * c, -r * c, -r)
 
-def _tile_shape(rows: int, cols: int, threads: int, tile: tuple[int, int]) -> tuple[int, int] | None:
-    """The largest register tile (at most ``tile``) that divides rows and columns exactly and whose tile count is
-    a multiple of ``threads``, or None. Partial tiles, or a last thread round with idle threads, are not an option:
-    TVM 0.27 drops the bound check of the register write-back (reverse_compute_at of the local cache), and the
-    idle threads then write past the stage's buffer (seen on the H200 as a race between blocks at N = 33)."""
-    shapes = [
-        (r, c)
-        for r in _divisors(rows, tile[0])
-        for c in _divisors(cols, tile[1])
-        if (rows // r) * (cols // c) % threads == 0
-    ]
-    return max(shapes, key=lambda rc: (rc[0] * rc[1], rc[0]), default=None)
+    shapes = [(r, c) for r in range(1, min(rows, tile[0]) + 1) for c in range(1, min(cols, tile[1]) + 1)]
+    return min(shapes, key=cost)
 
 
 def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int], cache_operands: bool = True) -> None:
     """For a contraction (loops unit c, b, h, then rows j, columns x, reduction r) inside the chunk's block:
     each thread owns a box of outputs, held in registers across the reduction, so each operand load feeds
-    several multiply-adds; the box is written to shared memory once. Where no box fits the stage's extents
-    exactly (see ``_tile_shape``), one output per thread instead."""
+    several multiply-adds; the box is written to shared memory once (partial boxes at the edges are
+    predicated: see ``_tile_shape``)."""
     *_, row, col, red = sch.get_loops(block)
     shape = _tile_shape(int(sch.get(row).extent), int(sch.get(col).extent), threads, tile)
-    if shape is None:
-        _spread_over_threads(sch, block, threads, [row, col])
-        return
     operands = [region.source.name for region in sch.get(block).reads]
     gathered = GATHERED.get(sch.get(block).name_hint, ())
     operands = [name for name in operands if name.removesuffix("_shared.dyn") not in gathered]
@@ -129,17 +122,11 @@ def _bind_chunk_blocks(sch, c, b, h) -> None:
 
 def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
     """U[b, c, h, n, f]: a block per (c, b, h); the chunk's k | v staged in shared memory, each thread a
-    register tile of U."""
+    register tile of U. U goes through shared memory on its way out: a register tile written straight into
+    the kernel's output loses its bound check (``common.unguarded_write_backs``)."""
     sch = tvm.s_tir.Schedule(func)
-    block = sch.get_sblock("bla_fwd_chunk_state")
-    b, c, h, n, f, j = sch.get_loops(block)
-    _bind_chunk_blocks(sch, c, b, h)
-    staged = sch.get_sblock("bla_fwd_kv_chunk")
-    sch.compute_at(staged, b, preserve_unit_loops=True)
-    sch.set_scope(staged, 0, "shared.dyn")
-    _spread_over_threads(sch, staged, config.threads)
-    _tile_over_threads(sch, block, config.threads, config.tile, config.cache_operands)
-    return sch
+    staged = sch.cache_write(sch.get_sblock("bla_fwd_chunk_state"), 0, "shared.dyn")
+    return schedule_per_chunk(sch, sch.get(staged).name_hint, spec, config)
 
 
 def schedule_per_chunk(sch, anchor: str, spec, config: CudaConfig, inlined=()):
@@ -165,7 +152,17 @@ def schedule_per_chunk(sch, anchor: str, spec, config: CudaConfig, inlined=()):
         else:
             _spread_over_threads(sch, block, config.threads)
     _bind_threads(sch, inner, config.threads)
+    _check_write_backs(sch)
     return sch
+
+
+def _check_write_backs(sch) -> None:
+    """Refuse a schedule with a register write-back that could land outside its buffer (see
+    ``common.unguarded_write_backs``): it would compile into a kernel that races with its neighbours."""
+    (func,) = sch.mod.functions.values()
+    unguarded = unguarded_write_backs(func)
+    if unguarded:
+        raise RuntimeError(f"register write-backs without a bound check (block, buffer, index, extent): {unguarded}")
 
 
 def schedule_chunk_output(func, spec, config: CudaConfig = CudaConfig()):
