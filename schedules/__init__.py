@@ -6,7 +6,7 @@ but never torch; the compute never imports schedules.
 
 from __future__ import annotations
 
-from . import cpu, cuda, cuda_final_state
+from . import cpu, cpu_decode, cuda, cuda_decode, cuda_final_state
 
 _RULES = {
     "cpu": {
@@ -16,6 +16,7 @@ _RULES = {
         "final_state": cpu.schedule_final_state,
         "final_state_backward": cpu.schedule_final_state,
         **{f"input_gradient_{part}": cpu.schedule_input_gradient for part in "qkv"},
+        **{kernel: cpu_decode.schedule_decode_step for kernel in cpu_decode.KERNELS},
     },
     "cuda": {
         "chunk_state": cuda.schedule_chunk_state,
@@ -24,6 +25,7 @@ _RULES = {
         "final_state": cuda_final_state.schedule_final_state,
         "final_state_backward": cuda_final_state.schedule_final_state,
         **{f"input_gradient_{part}": cuda.schedule_input_gradient for part in "qkv"},
+        **{kernel: cuda_decode.schedule_decode_step for kernel in cpu_decode.KERNELS},
     },
 }
 

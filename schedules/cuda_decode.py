@@ -1,0 +1,109 @@
+"""CUDA schedule of the one-token decode step (``bla_tvm.compute.decode``): one thread block per (batch, kv head).
+
+The step is memory bound: it reads the state X | Y once and writes it once (N (K + V) values per (b, h)); the
+readout is a few hundred FLOPs per value. So the block's threads own the state's columns: thread f loads
+column f of X (then of Y) with one coalesced load per row, keeps it in registers, rotates it, forms its removal
+value and writes the new column once, to shared memory. From there the readout (z = X' q, scores, softmax,
+w = p C, o = w Y') runs over the block's threads, and X', Y' are copied to global memory, coalesced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+
+from .cpu_decode import decode_step_loops
+
+#: the per-column chain of each state: R S (registers), the removal b^T R S / W (a register), A S + b new^T
+#: (shared memory, read by the readout and the copy to the output)
+CHAINS = {
+    "key": ("bla_dec_key_loaded", "bla_dec_key_rotated", "bla_dec_key_removed", "bla_dec_key_state"),
+    "value": ("bla_dec_value_loaded", "bla_dec_value_rotated", "bla_dec_value_removed", "bla_dec_value_state"),
+}
+#: the readout, in order; each stage's outputs spread over the threads, its reduction serial in a register
+READOUT = (
+    "bla_dec_z", "bla_dec_scores", "bla_dec_row_max", "bla_dec_probs", "bla_dec_w", "bla_dec_mix",
+    "bla_dec_row_sum", "bla_dec_out",
+)  # fmt: skip
+#: stages recomputed where they are read instead of stored
+INLINED = ("bla_dec_logits",)
+#: the copies of X', Y' from shared memory to the outputs
+OUTPUTS = ("bla_dec_key_out", "bla_dec_value_out")
+#: where the new state and the readout's vectors live
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class DecodeCudaConfig:
+    """Knobs of the CUDA decode schedule.
+
+    threads: threads per block (columns wider than this loop).
+    pad: shared-memory rows of X', Y' padded by one element when True, so that threads reading down a column
+        (z = X' q) hit distinct banks.
+    """
+
+    threads: int = 64
+    pad: bool = False
+
+
+def _spread(sch, block, threads: int) -> None:
+    """The block's own spatial loops fused and spread over the threads; a reduction runs serially in a register
+    and is written back once by the thread that owns the output."""
+    loops = sch.get_loops(block)[2:]  # under the block's (b, h)
+    iter_vars = sch.get(block).iter_vars[-len(loops):]
+    spatial = [loop for loop, iv in zip(loops, iter_vars) if iv.iter_type == tvm.tirx.IterVar.DataPar]
+    _, thread = sch.split(sch.fuse(*spatial), factors=[None, threads])
+    sch.bind(thread, "threadIdx.x")
+    if len(spatial) < len(loops):
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
+
+
+def _unroll_all_below(sch, block, loop) -> None:
+    """Unroll the block's loops inside ``loop``: per-thread arrays indexed by constants stay in registers."""
+    loops = sch.get_loops(block)
+    position = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(loop)))
+    for inner in loops[position + 1:]:
+        sch.unroll(inner)
+
+
+def _schedule_chain(sch, names, threads: int, pad: bool) -> None:
+    """One state's column chain: the new state's column loop over the threads, rows unrolled inside; the
+    rotated column and its removal value computed at that thread loop, in registers; the new state in shared
+    memory (rows padded by one element with ``pad``)."""
+    loaded, rotated, removed, state = (sch.get_sblock(name) for name in names)
+    sch.compute_inline(loaded)
+    *_, n, f = sch.get_loops(state)
+    sch.reorder(f, n)
+    f_outer, f_thread = sch.split(f, factors=[None, threads])
+    sch.bind(f_thread, "threadIdx.x")
+    sch.compute_at(removed, f_thread, preserve_unit_loops=True)
+    sch.compute_at(rotated, f_thread, preserve_unit_loops=True)
+    for block in (rotated, removed, state):
+        sch.set_scope(block, 0, "local") if block != state else sch.set_scope(block, 0, SHARED)
+        _unroll_all_below(sch, block, f_thread)
+    if pad:
+        sch.storage_align(state, 0, axis=2, factor=32, offset=1)
+
+
+def schedule_decode_step(func, spec, config=None):
+    """o[b, h, g, v] and X', Y' [b, h, n, :]: every stage inside one (b, h) loop pair (``cpu_decode.
+    decode_step_loops``), bound to blocks (h -> blockIdx.x, b -> blockIdx.y); see the module docstring."""
+    config = config if isinstance(config, DecodeCudaConfig) else DecodeCudaConfig()
+    sch = tvm.s_tir.Schedule(func)
+    b, h = decode_step_loops(sch)
+    sch.bind(h, "blockIdx.x")
+    sch.bind(b, "blockIdx.y")
+    for names in CHAINS.values():
+        _schedule_chain(sch, names, config.threads, config.pad)
+    for name in INLINED:
+        sch.compute_inline(sch.get_sblock(name))
+    for name in READOUT:
+        block = sch.get_sblock(name)
+        if name != "bla_dec_out":
+            sch.set_scope(block, 0, SHARED)
+        _spread(sch, block, config.threads)
+    for name in OUTPUTS:
+        _spread(sch, sch.get_sblock(name), config.threads)
+    return sch
