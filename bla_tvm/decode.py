@@ -21,7 +21,7 @@ from .ops import DTYPE_NAMES, _kernel_ready, _launch, dtype_name
 from .params import BLAParams, check_scale
 from .runtime import LIBRARY
 from .spec import ACCUMULATOR, KernelSpec
-from .state import BLAState, check_state
+from .state import BLAState, check_seen, check_state
 
 #: decode kernels have no chunks; their KernelSpec carries this chunk length
 DECODE_CHUNK = 1
@@ -124,11 +124,13 @@ def _check_inputs(q, k, v):
 
 def _check_decode_state(state, q, k, v, resolution: int) -> BLAState:
     """``state`` as a BLAState of float32 (float64 for float64 inputs), float16 or bfloat16 tensors, with
-    errors naming ``state``."""
+    errors naming ``state``. seen >= 0 is checked on the CPU only (on CUDA it would synchronise every token)."""
     acc = getattr(torch, ACCUMULATOR[dtype_name(q.dtype)])
     dtypes = (acc, *REDUCED_STATE_KERNELS)
     try:
         state = check_state(state, q.shape[0], k.shape[1], resolution, k.shape[-1], v.shape[-1], dtypes, q.device)
+        if not state.seen.is_cuda:  # on a GPU the check would wait for the device at every token
+            check_seen(state.seen)
     except (TypeError, ValueError) as error:
         raise type(error)(str(error).replace("initial_state", "state")) from None
     if state.key_state.dtype != state.value_state.dtype:

@@ -30,8 +30,12 @@ READOUT = (
 INLINED = ("bla_dec_logits",)
 #: the copies of X', Y' from shared memory to the outputs
 OUTPUTS = ("bla_dec_key_out", "bla_dec_value_out")
-#: where the new state and the readout's vectors live
+#: where the new state lives (dynamic: no 48 KB limit) and where the readout's small vectors live (TVM 0.27's
+#: shared-memory merging fails on a reduction's register write-back into "shared.dyn")
+STATE_SCOPE = "shared.dyn"
 SHARED = "shared"
+#: row reductions of the softmax: the slot axis bound to the threads (a shuffle all-reduce) when it fits
+ROW_REDUCTIONS = ("bla_dec_row_max", "bla_dec_row_sum")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class DecodeCudaConfig:
     """
 
     threads: int = 64
-    pad: bool = False
+    pad: bool = True
 
 
 def _spread(sch, block, threads: int) -> None:
@@ -70,18 +74,17 @@ def _unroll_all_below(sch, block, loop) -> None:
 
 def _schedule_chain(sch, names, threads: int, pad: bool) -> None:
     """One state's column chain: the new state's column loop over the threads, rows unrolled inside; the
-    rotated column and its removal value computed at that thread loop, in registers; the new state in shared
-    memory (rows padded by one element with ``pad``)."""
+    loaded column (one coalesced load per row), its rotation and its removal value computed at that thread loop,
+    in registers; the new state in shared memory (rows padded by one element with ``pad``)."""
     loaded, rotated, removed, state = (sch.get_sblock(name) for name in names)
-    sch.compute_inline(loaded)
     *_, n, f = sch.get_loops(state)
     sch.reorder(f, n)
     f_outer, f_thread = sch.split(f, factors=[None, threads])
     sch.bind(f_thread, "threadIdx.x")
-    sch.compute_at(removed, f_thread, preserve_unit_loops=True)
-    sch.compute_at(rotated, f_thread, preserve_unit_loops=True)
-    for block in (rotated, removed, state):
-        sch.set_scope(block, 0, "local") if block != state else sch.set_scope(block, 0, SHARED)
+    for block in (removed, rotated, loaded):  # consumers first
+        sch.compute_at(block, f_thread, preserve_unit_loops=True)
+    for block in (loaded, rotated, removed, state):
+        sch.set_scope(block, 0, "local") if block != state else sch.set_scope(block, 0, STATE_SCOPE)
         _unroll_all_below(sch, block, f_thread)
     if pad:
         sch.storage_align(state, 0, axis=2, factor=32, offset=1)
@@ -103,7 +106,10 @@ def schedule_decode_step(func, spec, config=None):
         block = sch.get_sblock(name)
         if name != "bla_dec_out":
             sch.set_scope(block, 0, SHARED)
-        _spread(sch, block, config.threads)
+        if name in ROW_REDUCTIONS and spec.num_slots <= config.threads:
+            sch.bind(sch.get_loops(block)[-1], "threadIdx.x")
+        else:
+            _spread(sch, block, config.threads)
     for name in OUTPUTS:
         _spread(sch, sch.get_sblock(name), config.threads)
     return sch

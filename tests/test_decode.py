@@ -1,0 +1,207 @@
+"""The compiled one-token decode step (``bla_tvm.decode_step``) and the prefill-then-decode helper (``generate``),
+on the CPU, against the float64 recurrent definition (``bla_recurrent``), stepping token by token from zeros.
+
+Each (W, N, M, K, V, dtype, G, state dtype) compiles one kernel, so shapes come from a small fixed pool and
+hypothesis varies what the kernel is not specialised on (B, H, T, scale, data).
+"""
+
+import pytest
+import torch
+from helpers import KERNEL_POOL, BLACase, assert_close, make_qkv, pooled_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bla_tvm import BLAParams, bla_recurrent, blurry_window_attention, decode_step, generate
+from bla_tvm.constants import bla_constants
+from bla_tvm.state import BLAState
+
+F64 = torch.float64
+#: N == W == M with even W (the Nyquist row), odd W with K != V, W = 1, M > N, M < N, M == W > N
+SHAPES = [KERNEL_POOL[i] for i in (0, 1, 2, 4, 5, 6)]
+
+
+def decode_all(q, k, v, case: BLACase, state=None, state_dtype=None):
+    """Decode q, k, v [B, T, H*, D] one token at a time; returns (o [B, T, HQ, V], final state)."""
+    outputs = []
+    for t in range(q.shape[1]):
+        o, state = decode_step(
+            q[:, t], k[:, t], v[:, t], state, case.W, case.N, case.M, case.scale,
+            state_dtype=state_dtype if state is None else None,
+        )  # fmt: skip
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), state
+
+
+def reference_state(k, v, case: BLACase) -> tuple[torch.Tensor, torch.Tensor]:
+    """X_T, Y_T [B, H, N, D] by the recurrence X_t = A X_{t-1} + b k_t^T, in float64."""
+    c = bla_constants(BLAParams(case.W, case.N, case.M))
+    k, v = (x.to(F64).transpose(1, 2) for x in (k, v))  # [B, H, T, D]
+    X = k.new_zeros(*k.shape[:2], case.N, k.shape[-1])
+    Y = v.new_zeros(*v.shape[:2], case.N, v.shape[-1])
+    for t in range(k.shape[2]):
+        X = c.A @ X + c.b[:, None] * k[:, :, t, None, :]
+        Y = c.A @ Y + c.b[:, None] * v[:, :, t, None, :]
+    return X, Y
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
+@settings(max_examples=3)
+@given(data=st.data())
+def test_decode_from_zeros_matches_recurrent(shape, dtype, tol, data):
+    """Outputs and the final state, T from 1 to past 2W (the mask while T < W, a full window after)."""
+    case = data.draw(pooled_cases(shape, max_T=2 * shape.W + 5, max_B=2, max_H=2))
+    q, k, v = make_qkv(case, dtype)
+    o, state = decode_all(q, k, v, case)
+    assert o.dtype == dtype
+    assert_close(o, bla_recurrent(q, k, v, case.W, case.N, case.M, case.scale), tol, "o")
+    X, Y = reference_state(k, v, case)
+    assert_close(state.key_state, X, tol, "key_state")
+    assert_close(state.value_state, Y, tol, "value_state")
+    assert state.key_state.dtype == dtype and state.seen.tolist() == [case.T] * case.B
+
+
+@pytest.mark.parametrize("group", [2, 3])
+@settings(max_examples=3)
+@given(data=st.data())
+def test_gqa_equals_repeated_kv(group, data):
+    """q with H * G heads against k, v with H: the same as the call with k, v repeated G times per head."""
+    shape = KERNEL_POOL[4]  # M > N, K = 40, V = 72
+    case = data.draw(pooled_cases(shape, max_T=20, max_B=2, max_H=2))
+    gen = torch.Generator().manual_seed(case.seed)
+    q = torch.randn(case.B, case.T, case.H * group, case.K, generator=gen)
+    _, k, v = make_qkv(case, torch.float32)
+    o, state = decode_all(q, k, v, case)
+    k_rep, v_rep = (x.repeat_interleave(group, dim=2) for x in (k, v))
+    o_rep, state_rep = decode_all(q, k_rep, v_rep, case)
+    assert_close(o, o_rep, 1e-6, "o")
+    assert_close(state.key_state, state_rep.key_state[:, ::group], 1e-6, "key_state")
+    assert_close(o, bla_recurrent(q, k_rep, v_rep, case.W, case.N, case.M, case.scale), 1e-5, "o vs reference")
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_reduced_precision_state_within_1e_2(state_dtype):
+    """The state kept in 16 bits: relative error of all outputs (Frobenius) within 1e-2 over 4 windows.
+
+    The rounding error of one step lives as long as the window remembers it, so it grows like sqrt(W) ulp:
+    W = 64 here; the GPU script checks W = 512 over 4,096 tokens.
+    """
+    case = BLACase(W=64, N=15, M=15, T=256, L=1, B=2, H=2, K=16, V=16, scale=None, seed=7)
+    q, k, v = make_qkv(case, torch.float32)
+    o, state = decode_all(q, k, v, case, state_dtype=state_dtype)
+    assert state.key_state.dtype == state.value_state.dtype == state_dtype
+    ref = bla_recurrent(q, k, v, case.W, case.N, case.M)
+    err = ((o.to(F64) - ref).norm() / ref.norm()).item()
+    assert err <= 1e-2, f"{state_dtype} state: relative error {err:.2e}"
+
+
+def test_decode_continues_a_given_state_and_leaves_it_unchanged():
+    """A step reads the state and returns a new one: the old tensors keep their values, and decoding on from
+    the middle gives what decoding from the start gives."""
+    case = BLACase(W=12, N=5, M=12, T=30, L=1, B=2, H=3, K=16, V=24, scale=0.3, seed=3)
+    q, k, v = make_qkv(case, torch.float32)
+    o_all, state_all = decode_all(q, k, v, case)
+    o_head, middle = decode_all(q[:, :11], k[:, :11], v[:, :11], case)
+    kept = [x.clone() for x in middle]
+    o_tail, state = decode_all(q[:, 11:], k[:, 11:], v[:, 11:], case, state=middle)
+    for before, after in zip(kept, middle):
+        assert torch.equal(before, after)
+    assert_close(torch.cat([o_head, o_tail], dim=1), o_all, 1e-6, "o")
+    assert_close(state.key_state, state_all.key_state, 1e-6, "key_state")
+
+
+def test_fla_layout_with_a_token_axis():
+    """q [B, 1, HQ, K] (FLA's layout with T = 1) gives o [B, 1, HQ, V]."""
+    case = BLACase(W=9, N=5, M=3, T=1, L=1, B=2, H=2, K=6, V=6, scale=None, seed=1)
+    q, k, v = make_qkv(case, torch.float32)
+    o4, state4 = decode_step(q, k, v, None, 9, 5, 3)
+    o3, state3 = decode_step(q[:, 0], k[:, 0], v[:, 0], None, 9, 5, 3)
+    assert o4.shape == (2, 1, 2, 6) and torch.equal(o4[:, 0], o3)
+    assert torch.equal(state4.key_state, state3.key_state)
+
+
+def test_generate_prefill_then_decode_equals_the_recurrence():
+    """generate: the prompt through the chunked kernels, then token by token; together, one sequence."""
+    case = BLACase(W=16, N=7, M=9, T=50, L=64, B=2, H=2, K=8, V=8, scale=None, seed=11)
+    q, k, v = make_qkv(case, torch.float32)
+    prompt = 37
+
+    def next_token(o, i):
+        assert o.shape == (case.B, case.H, case.V)
+        t = prompt + i
+        return q[:, t], k[:, t], v[:, t]
+
+    o_prompt, o_new, state = generate(
+        q[:, :prompt], k[:, :prompt], v[:, :prompt], case.W, case.N, case.M,
+        next_token=next_token, max_new_tokens=case.T - prompt,
+    )  # fmt: skip
+    ref = bla_recurrent(q, k, v, case.W, case.N, case.M)
+    assert_close(torch.cat([o_prompt, o_new], dim=1), ref, 1e-5, "o")
+    assert state.seen.tolist() == [case.T] * case.B
+    X, _ = reference_state(k, v, case)
+    assert_close(state.key_state, X, 1e-5, "key_state")
+    o_full, _ = blurry_window_attention(q, k, v, case.W, case.N, case.M)
+    assert_close(torch.cat([o_prompt, o_new], dim=1), o_full, 1e-5, "o vs one chunked call")
+
+
+# --- validation: every bad argument raises an error that names it (no kernel is compiled) ----------------
+
+
+def _token(B=2, HQ=2, H=2, K=4, V=3, dtype=torch.float32):
+    return torch.randn(B, HQ, K, dtype=dtype), torch.randn(B, H, K, dtype=dtype), torch.randn(B, H, V, dtype=dtype)
+
+
+def _bad_state(**change):
+    state = BLAState.zeros(2, 2, 5, 4, 3)._asdict()
+    state.update(change)
+    return BLAState(**state)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, words",
+    [
+        ((torch.randn(2, 4),) + _token()[1:], {}, ValueError, "q must have shape"),
+        ((torch.randn(2, 3, 2, 4),) + _token()[1:], {}, ValueError, "one token"),
+        (("x",) + _token()[1:], {}, TypeError, "q must be a torch.Tensor"),
+        (_token()[:1] + (torch.randn(2, 2, 4, dtype=F64), _token()[2]), {}, TypeError, "one dtype"),
+        (_token(HQ=3), {}, ValueError, "multiple of k's heads"),
+        (_token()[:2] + (torch.randn(2, 3, 3),), {}, ValueError, "v must have the heads H"),
+        (_token()[:2] + (torch.randn(3, 2, 3),), {}, ValueError, "batch size"),
+        ((torch.randn(2, 2, 5),) + _token()[1:], {}, ValueError, "head dim K"),
+        (_token(), {"resolution": 4}, ValueError, "resolution"),
+        (_token(), {"num_slots": 0}, ValueError, "num_slots"),
+        (_token(), {"window": 0}, ValueError, "window"),
+        (_token(), {"scale": float("inf")}, ValueError, "scale"),
+        (_token(), {"state": "zeros"}, TypeError, "state must be a BLAState"),
+        (_token(), {"state": _bad_state(key_state=torch.zeros(2, 2, 5, 5))}, ValueError, "state.key_state"),
+        (_token(), {"state": _bad_state(value_state=torch.zeros(2, 2, 5, 3, dtype=F64))}, TypeError,
+         "state.value_state"),
+        (_token(), {"state": _bad_state(value_state=torch.zeros(2, 2, 5, 3, dtype=torch.float16))}, TypeError,
+         "share one dtype"),
+        (_token(), {"state": _bad_state(seen=torch.tensor([0, -1]))}, ValueError, "state.seen"),
+        (_token(), {"state": _bad_state(seen=torch.zeros(2))}, TypeError, "state.seen"),
+        (_token(), {"state": BLAState.zeros(2, 2, 5, 4, 3), "state_dtype": torch.float16}, ValueError,
+         "state_dtype"),
+        (_token(), {"state_dtype": torch.int32}, TypeError, "state_dtype"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(args, kwargs, error, words):
+    kwargs = {"state": None, "window": 9, "resolution": 5, **kwargs}
+    with pytest.raises(error, match=words):
+        decode_step(*args, **kwargs)
+
+
+def test_generate_validates_its_own_arguments():
+    q, k, v = (torch.randn(1, 4, 2, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(q, k, v, 9, 5, max_new_tokens=-1)
+    with pytest.raises(TypeError, match="next_token"):
+        generate(q, k, v, 9, 5, max_new_tokens=2)
+
+
+def test_op_passes_opcheck():
+    """torch.ops.bla_tvm.decode_step: schema, fake tensor and dispatch checks."""
+    q, k, v = _token(HQ=4)
+    state = BLAState.zeros(2, 2, 5, 4, 3)
+    args = (q, k, v, state.key_state, state.value_state, state.seen, 9, 5, 3, 0.5)
+    torch.library.opcheck(torch.ops.bla_tvm.decode_step, args)
