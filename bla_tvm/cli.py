@@ -2,6 +2,7 @@
 
     bla-tvm build  --device cuda --arch sm_90 --specs specs.json --out DIR   # kernels + DIR/manifest.json
     bla-tvm bundle --out DIR                                                 # DIR/lib/*.so + DIR/wheels/*.whl
+    bla-tvm tune   --device cuda --preset h200-bench [--build-only | --measure-only] --work DIR   # tuning logs
 
 specs.json is a list of KernelSpec fields ({"window": 512, "resolution": 63, ...}), each optionally with
 "kernels": the kernels to build (default: the forward's and the backward's). On the GPU machine, point
@@ -94,9 +95,12 @@ def main(argv=None) -> int:
     bundle = commands.add_parser("bundle", help="runtime libraries + tvm_ffi wheel for a machine without TVM")
     bundle.add_argument("--out", type=Path, required=True)
     bundle.add_argument("--python-version", default="3.12")
+    _add_tune_parser(commands)
     args = parser.parse_args(argv)
 
     start = time.time()
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "build":
         specs = []
         for fields in json.loads(args.specs.read_text()):
@@ -108,6 +112,72 @@ def main(argv=None) -> int:
     else:
         assemble_bundle(args.out, args.python_version)
         print(f"runtime bundle in {args.out} ({time.time() - start:.0f} s)")
+    return 0
+
+
+def _add_tune_parser(commands) -> None:
+    tune = commands.add_parser(
+        "tune", help="find the fastest schedules and chunk lengths for this device; write a tuning log",
+        description="Build candidate schedules (needs TVM), measure them on the device (needs torch + tvm_ffi) and "
+        "write the tuning log the ops read (bla_tvm/tuning_logs.py). --build-only and --measure-only split the two "
+        "between a build machine and a GPU machine, through --work.",
+    )  # fmt: skip
+    tune.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    tune.add_argument("--arch", help="CUDA architecture (default: the GPU's; required with --build-only)")
+    what = tune.add_mutually_exclusive_group()
+    what.add_argument("--preset", help="named problem set: h200-bench")
+    what.add_argument("--problems", type=Path, help="JSON list of TuningProblem fields")
+    tune.add_argument("--work", type=Path, help="folder of the built candidates (default: a temporary one)")
+    tune.add_argument("--out", type=Path, help="folder for the tuning log (default: BLA_TVM_TUNING_DIR)")
+    tune.add_argument("--report", type=Path, help="JSON of every measurement (default: WORK/measurements.json)")
+    tune.add_argument("--limit", type=int, help="at most this many candidate schedules per kernel and L")
+    tune.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build processes")
+    tune.add_argument("--deadline", type=float, help="seconds after which measuring stops starting new problems")
+    tune.add_argument("--no-evidence", action="store_true", help="skip timing the op end to end, tuned vs default")
+    tune.add_argument("--label", default="tuned", help="suffix of the log's file name")
+    split = tune.add_mutually_exclusive_group()
+    split.add_argument("--build-only", action="store_true", help="only build the candidates into --work")
+    split.add_argument("--measure-only", action="store_true", help="only measure what --work holds")
+
+
+def _tune(args) -> int:
+    from . import tuning
+
+    if args.measure_only:
+        if args.work is None:
+            raise SystemExit("--measure-only needs --work (a folder written by --build-only)")
+        report = tuning.measure_work(args.work, args.out, report=args.report, deadline_s=args.deadline,
+                                     with_evidence=not args.no_evidence, label=args.label)  # fmt: skip
+        return _summary(report)
+    if args.preset:
+        if args.preset not in tuning.PRESETS:
+            raise SystemExit(f"--preset must be one of {sorted(tuning.PRESETS)}")
+        problems = tuning.PRESETS[args.preset]()
+    elif args.problems:
+        problems = tuning.load_problems(args.problems)
+    else:
+        raise SystemExit("give --preset or --problems")
+    if args.build_only:
+        if args.work is None or (args.device == "cuda" and args.arch is None):
+            raise SystemExit("--build-only needs --work (and --arch for cuda)")
+        tasks = tuning.build_work(problems, args.device, args.arch, args.work, args.limit, args.jobs)
+        print(f"{tasks['counts']} in {args.work} ({tasks['build_seconds']:.0f} s)")
+        return 0
+    report = tuning.tune(problems, args.device, args.arch, args.work, args.out, args.limit, args.jobs,
+                         report=args.report, deadline_s=args.deadline, with_evidence=not args.no_evidence,
+                         label=args.label)  # fmt: skip
+    return _summary(report)
+
+
+def _summary(report: dict) -> int:
+    print(f"tuning log: {report.get('log')} ({report.get('seconds', 0):.0f} s measuring)")
+    if report.get("unfinished"):
+        print("not finished before the deadline:", ", ".join(report["unfinished"]))
+    for tag, rows in report.get("evidence", {}).items():
+        for row in rows:
+            ratios = [f"{mode} {row[f'{mode} default ms'] / row[f'{mode} tuned ms']:.2f}x"
+                      for mode in ("inference", "training") if f"{mode} tuned ms" in row]  # fmt: skip
+            print(f"  {tag} {row['shape']}: " + ", ".join(ratios))
     return 0
 
 

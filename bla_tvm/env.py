@@ -11,6 +11,10 @@ VARIABLES = {
     "BLA_TVM_PREBUILT_DIR": "a folder of kernels built elsewhere, with manifest.json (searched before the cache)",
     "BLA_TVM_RUNTIME_DIR": "folder holding libtvm_runtime.so (default: the installed apache-tvm's lib folder)",
     "BLA_TVM_NO_BUILD": "if set to 1, never compile: a kernel missing from the cache and prebuilt folder is an error",
+    "BLA_TVM_TUNING_DIR": "a folder of the user's tuning logs (*.json, searched before the ones shipped in tuning_logs/); "
+    "`bla-tvm tune` writes there by default (default: $XDG_CONFIG_HOME/bla_tvm/tuning_logs or "
+    "~/.config/bla_tvm/tuning_logs)",
+    "BLA_TVM_NO_TUNING": "if set to 1, ignore every tuning log: the default schedules and chunk lengths",
 }
 
 
@@ -34,3 +38,15 @@ def runtime_dir() -> Path | None:
 
 def build_allowed() -> bool:
     return os.environ.get("BLA_TVM_NO_BUILD", "0") != "1"
+
+
+def tuning_dir() -> Path:
+    explicit = os.environ.get("BLA_TVM_TUNING_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "bla_tvm" / "tuning_logs"
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("BLA_TVM_NO_TUNING", "0") != "1"

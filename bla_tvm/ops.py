@@ -14,6 +14,7 @@ import tvm_ffi
 
 from .constants import chunk_constants
 from .layout import ChunkLayout, batch_layout, pack, packed_chunks, packed_layout, unpack
+from . import tuning_logs
 from .params import BLAParams
 from .runtime import LIBRARY, device_kind
 from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
@@ -96,8 +97,10 @@ def _chunk_tensors(q, spec: KernelSpec, rows: int, columns: int) -> torch.Tensor
     return torch.empty(B, num_chunks, H, rows, columns, dtype=getattr(torch, spec.acc_dtype), device=q.device)
 
 
-def _kernels(names, spec, device):
-    return [LIBRARY.function(name, spec, device) for name in names]
+def _kernels(names, spec, device, shape=None):
+    """The compiled kernels ``names``, each with the schedule its tuning log gives for ``shape`` on this device
+    (the default schedule where none does; see ``tuning_logs``)."""
+    return [tuning_logs.kernel_function(name, spec, device, shape) for name in names]
 
 
 def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, scale: float):
@@ -112,7 +115,7 @@ def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, s
     if states.numel() == 0:
         return states, initial.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    chunk_state, state_scan, chunk_output, final_state = _kernels(FORWARD_KERNELS, spec, q.device)
+    chunk_state, state_scan, chunk_output, final_state = _kernels(FORWARD_KERNELS, spec, q.device, q.shape)
     contributions = torch.empty_like(states)
     _launch(chunk_state, k, v, consts["state_in"], contributions)
     _launch(state_scan, contributions, consts["state_decay"], initial, layout.starts, states)
@@ -135,7 +138,8 @@ def launch_backward(q, k, v, states, do, dfinal, layout: ChunkLayout, spec: Kern
     if states.numel() == 0:
         return dq, dk, dv, dfinal.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    final_backward, chunk_backward, reverse_scan, *input_gradients = _kernels(BACKWARD_KERNELS, spec, q.device)
+    kernels = _kernels(BACKWARD_KERNELS, spec, q.device, q.shape)
+    final_backward, chunk_backward, reverse_scan, *input_gradients = kernels
     dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's state passes straight through
     final_grads = dfinal.new_empty(*dfinal.shape[:2], spec.chunk_size + spec.resolution, spec.state_width)
     _launch(final_backward, dfinal_kept, layout.end_length, consts["final_map"], final_grads)
@@ -156,7 +160,7 @@ def launch_backward(q, k, v, states, do, dfinal, layout: ChunkLayout, spec: Kern
 def chunk_layout(k, seen, cu_seqlens, spec: KernelSpec) -> ChunkLayout:
     if cu_seqlens is None:
         return batch_layout(k.shape[0], k.shape[1], spec.chunk_size, spec.window, seen)
-    return packed_layout(cu_seqlens, spec.chunk_size, spec.window, seen)
+    return packed_layout(cu_seqlens, k.shape[1], spec.chunk_size, spec.window, seen)
 
 
 def _fake_states(k, v, chunk_size, resolution, cu_seqlens):

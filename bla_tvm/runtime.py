@@ -169,10 +169,18 @@ def _find_prebuilt(kernel, spec, target, config) -> Path | None:
 
 
 def chunk_size_for(
-    device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool
+    device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool, shape=None
 ) -> int:
-    """The chunk length L for a layer on ``device``: 64 on the CPU; on CUDA see ``cuda_chunk_size``. The
-    forward and backward of one call must agree on L (the backward reads the states at chunk starts)."""
+    """The chunk length L for a layer on ``device``: the tuning log's for this GPU and the bucket nearest
+    ``shape`` (B, T, H, ...) if one has it (``tuning_logs.chunk_size``); else 64 on the CPU and on CUDA see
+    ``cuda_chunk_size``. The forward and backward of one call must agree on L (the backward reads the states at
+    chunk starts): training (``backward``) has its own records, measured over forward and backward together."""
+    from . import tuning_logs
+
+    params = dict(window=window, resolution=resolution, num_slots=num_slots, head_k=head_k, head_v=head_v, dtype=dtype)
+    tuned = tuning_logs.chunk_size(device, params, shape, backward)
+    if tuned is not None:
+        return tuned
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
     return cuda_chunk_size(target_id(device), window, resolution, num_slots, head_k, head_v, dtype, backward)
