@@ -1,0 +1,55 @@
+"""The CUDA decode kernels build for sm_90 on a machine with nvcc and no GPU, as CI does, into sound machine code
+(see test_cuda_build.py for the chunked kernels; each build runs in a subprocess for the stand-in libcuda)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bla_tvm.cuda_toolchain import find_cuda_home
+from bla_tvm.spec import DECODE_KERNELS
+
+pytestmark = pytest.mark.skipif(find_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
+
+SPILL_ALLOWANCE = 128  # bytes per thread: a few spilled registers cost speed; kilobytes mean a wrong mapping
+
+BUILD_AND_REPORT = """
+import json, sys
+from bla_tvm import build
+from bla_tvm.spec import KernelSpec
+spec = KernelSpec(**json.loads(sys.argv[1]))
+out = {}
+for kernel in json.loads(sys.argv[3]):
+    module = build.compile_kernel(kernel, spec, "cuda", "sm_90")
+    module.export_library(sys.argv[2] + f"/{kernel}.so")
+    out[kernel] = build.ptxas_report(module, "sm_90")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(
+    "spec, kernels",
+    [
+        (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE_KERNELS),
+        (dict(window=512, resolution=63, num_slots=512, head_k=64, head_v=64, dtype="float32", group_size=4),
+         ("decode_step",)),
+        (dict(window=16, resolution=16, num_slots=16, head_k=40, head_v=130, dtype="float16", group_size=3),
+         ("decode_step",)),
+    ],
+    ids=["bench-bf16", "fine-slots-gqa-fp32", "swa-odd-dims-fp16"],
+)  # fmt: skip
+def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, tmp_path):
+    spec = dict(spec, chunk_size=1)
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_AND_REPORT, json.dumps(spec), str(tmp_path), json.dumps(kernels)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for kernel in kernels:
+        binary = (tmp_path / f"{kernel}.so").read_bytes()
+        assert b"sm_90" in binary, f"{kernel}: no sm_90 machine code embedded (CUDA source kept instead?)"
+        assert report[kernel]["stack_frame"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
+        assert report[kernel]["spill_stores"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
+        assert 0 < report[kernel]["registers"] <= 255
