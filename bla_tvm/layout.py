@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from .state import check_seen
+
 
 class ChunkLayout(NamedTuple):
     """Index tables over the chunk grid [rows, NC] and the S sequences (int32 unless said).
@@ -56,6 +58,7 @@ def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int
 
 def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
     """Row b holds sequence b, which saw seen[b] tokens before this call; ``tokens`` of its own."""
+    check_seen(seen)
     L, device = chunk_size, seen.device
     num_chunks = (tokens + L - 1) // L
     offsets = torch.arange(num_chunks, device=device, dtype=torch.int64) * L
@@ -78,11 +81,19 @@ def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: to
     )
 
 
-def packed_layout(cu_seqlens: torch.Tensor, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
-    """Sequences s = 0..S-1 are tokens cu_seqlens[s]:cu_seqlens[s+1] of one row (see the module docstring)."""
+def packed_layout(
+    cu_seqlens: torch.Tensor, tokens: int, chunk_size: int, window: int, seen: torch.Tensor
+) -> ChunkLayout:
+    """Sequences s = 0..S-1 are tokens cu_seqlens[s]:cu_seqlens[s+1] of one row of ``tokens`` (see the module
+    docstring); the offsets must run from 0 to ``tokens``, non-decreasing."""
+    check_seen(seen)
     L, device = chunk_size, seen.device
     bounds = cu_seqlens.tolist()
-    S, T = len(bounds) - 1, bounds[-1]
+    if bounds[0] != 0 or bounds[-1] != tokens:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {tokens}, got {bounds[0]} ... {bounds[-1]}")
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing (sorted offsets), got {bounds}")
+    S, T = len(bounds) - 1, tokens
     num_chunks = packed_chunks(T, S, L)
     seen_host = seen.tolist()
     positions = [window] * num_chunks

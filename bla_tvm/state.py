@@ -58,6 +58,10 @@ def check_state(state, batch: int, heads: int, resolution: int, head_k: int, hea
             raise TypeError(f"initial_state.{name} must have dtype in {list(dtypes)}, got {getattr(state, name).dtype}")
     if state.seen.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"initial_state.seen must be int32 or int64, got {state.seen.dtype}")
-    if state.seen.numel() and bool((state.seen < 0).any()):
-        raise ValueError("initial_state.seen must be >= 0 (tokens already seen per sequence)")
     return state
+
+
+def check_seen(seen: torch.Tensor) -> None:
+    """Every sequence has seen >= 0 tokens; checked where the op reads the values (not while tracing a graph)."""
+    if seen.numel() and bool((seen < 0).any()):
+        raise ValueError(f"initial_state.seen must be >= 0 (tokens already seen per sequence), got {seen.tolist()}")

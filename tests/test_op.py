@@ -40,7 +40,13 @@ def qkv(B=2, T=70, H=3, K=SHAPE.K, V=SHAPE.V, dtype=torch.float32, seed=0):
 
 
 def op_args(q, k, v, scale=0.3):
-    return (q, k, v, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
+    """The 11 arguments of bla_tvm::forward for a fresh start (zero initial states, nothing seen) and no
+    cu_seqlens."""
+    acc = F64 if q.dtype == F64 else torch.float32
+    B, H = k.shape[0], k.shape[2]
+    initial = torch.zeros(B, H, SHAPE.N, SHAPE.K + SHAPE.V, dtype=acc, device=q.device)
+    seen = torch.zeros(B, dtype=torch.int64, device=q.device)
+    return (q, k, v, initial, seen, None, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
 
 
 def forget_source_digest() -> None:
@@ -80,7 +86,7 @@ def test_opcheck(dtype, requires_grad):
 
 def test_forward_returns_output_and_chunk_states():
     q, k, v = qkv(B=2, T=70, H=3)
-    o, states = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, states, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.shape == (2, 70, 3, SHAPE.V) and o.dtype == torch.float32
     assert states.shape == (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V) and states.dtype == torch.float32
     assert torch.isfinite(states).all()
@@ -90,11 +96,13 @@ def test_forward_returns_output_and_chunk_states():
 
 
 def backward_args(q, k, v, scale=0.3, seed=1):
-    """The 10 arguments of bla_tvm::backward: states from a forward call, a random upstream gradient."""
-    _, states = torch.ops.bla_tvm.forward(*op_args(q, k, v, scale))
+    """The 13 arguments of bla_tvm::backward: states from a forward call, random upstream gradients."""
+    args = op_args(q, k, v, scale)
+    _, states, final = torch.ops.bla_tvm.forward(*args)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q.dtype)
-    return (q, k, v, states, do, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
+    dfinal = torch.randn(final.shape, generator=gen, dtype=final.dtype)
+    return (q, k, v, states, do, dfinal, *args[4:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -117,20 +125,22 @@ def test_opcheck_backward_non_contiguous():
 
 def test_fake_impl_on_meta_tensors():
     q, k, v = (x.to("meta") for x in qkv(B=3, T=1000, H=5))
-    o, states = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    args = op_args(q, k, v)
+    o, states, final = torch.ops.bla_tvm.forward(*args)
     assert o.device.type == "meta" and o.shape == (3, 1000, 5, SHAPE.V) and o.dtype == torch.float32
     assert states.device.type == "meta" and states.dtype == torch.float32
     assert states.shape == (3, num_chunks(1000), 5, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert final.shape == (3, 5, SHAPE.N, SHAPE.K + SHAPE.V)
     do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
-    grads = torch.ops.bla_tvm.backward(q, k, v, states, do, *op_args(q, k, v)[3:])
+    grads = torch.ops.bla_tvm.backward(q, k, v, states, do, final, *args[4:])
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
-        ("meta", x.shape, torch.float32) for x in (q, k, v)
+        ("meta", x.shape, torch.float32) for x in (q, k, v, final)
     ]
 
 
 def test_fake_states_are_float64_for_float64_inputs():
     q, k, v = (x.to(device="meta", dtype=F64) for x in qkv(B=1, T=64, H=2))
-    o, states = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, states, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.dtype == F64 and states.dtype == F64 and states.shape == (1, 1, 2, SHAPE.N, SHAPE.K + SHAPE.V)
 
 
@@ -185,7 +195,7 @@ def test_contiguous_inputs_are_not_copied(dtype, launches):
     q, k, v = qkv(dtype=dtype)
     o, _ = blurry_window_attention(q, k, v, **ARGS)
     assert len(launches) == len(FORWARD_KERNELS)
-    chunk_state, _, chunk_output = launches
+    chunk_state, _, chunk_output, _ = launches
     assert [a[0] for a in chunk_state[:2]] == [k.data_ptr(), v.data_ptr()]
     assert [a[0] for a in chunk_output[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
     assert chunk_output[-1][0] == o.data_ptr()  # the kernel writes the returned tensor itself
@@ -287,20 +297,6 @@ def test_unsupported_device_rejected():
     q, k, v = (x.to("meta") for x in qkv())
     with pytest.raises(ValueError, match=r"^q must be on a CPU or CUDA device, got meta"):
         blurry_window_attention(q, k, v, **ARGS)
-
-
-@pytest.mark.parametrize(
-    "kwargs,name",
-    [
-        (dict(initial_state=torch.zeros(2, 3, SHAPE.N, SHAPE.K + SHAPE.V)), "initial_state"),
-        (dict(output_final_state=True), "output_final_state"),
-        (dict(cu_seqlens=torch.tensor([0, 30, 70])), "cu_seqlens"),
-    ],
-    ids=["initial_state", "output_final_state", "cu_seqlens"],
-)
-def test_unimplemented_arguments_raise(kwargs, name):
-    with pytest.raises(NotImplementedError, match=rf"^{name}"):
-        blurry_window_attention(*qkv(), **ARGS, **kwargs)
 
 
 # --- runtime: no tvm, cache keys, concurrent first builds ---------------------------------------------------
