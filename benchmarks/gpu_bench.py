@@ -32,6 +32,12 @@ CHECK_DTYPES = ("float32", "bfloat16")
 #: the layer of the training check: (W, N, M, K, V), float32
 TRAIN_LAYER = (16, 7, 9, 40, 72)
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+#: layers of the state, packed-sequence and GQA checks (issue 7): (W, N, M, K, V, GQA group size, dtype)
+STATE_LAYERS = (
+    (64, 15, 15, 64, 64, 1, "float32"),
+    (100, 31, 40, 40, 72, 2, "bfloat16"),
+    (16, 16, 16, 16, 16, 4, "float32"),
+)
 
 
 def check_cases(count: int = 24, seed: int = 2026) -> list[dict]:
@@ -70,13 +76,16 @@ def kernel_specs() -> list[dict]:
     layers += [(BENCH["window"], n, m, BENCH["K"], BENCH["V"], d) for n, m in BENCH_BLA.values()
                for d in ("bfloat16", "float32")]  # fmt: skip
     layers.append((*TRAIN_LAYER, "float32"))
+    layers = [(*layer[:5], 1, layer[5]) for layer in layers] + list(STATE_LAYERS)
     from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
 
     specs = {}
-    for W, N, M, K, V, dtype in layers:
+    for W, N, M, K, V, group, dtype in layers:
         for backward in (False, True):
             L = chunk_size(W, N, M, K, V, dtype, backward)
-            spec = dict(window=W, resolution=N, num_slots=M, chunk_size=L, head_k=K, head_v=V, dtype=dtype)
+            spec = dict(
+                window=W, resolution=N, num_slots=M, chunk_size=L, head_k=K, head_v=V, dtype=dtype, group_size=group
+            )
             key = json.dumps(spec, sort_keys=True)
             kernels = set(specs.get(key, {}).get("kernels", ()))
             kernels |= set(FORWARD_KERNELS + (BACKWARD_KERNELS if backward else ()))
@@ -108,6 +117,7 @@ def relative_error(out, ref, floor=0.0) -> float:
 def run_checks(torch, bla, only=None) -> list[dict]:
     """Forward (inference chunk length) and forward + backward (training chunk length) on poisoned outputs;
     ``only``: the indices of the cases to run (all by default)."""
+    from bla_tvm.layout import batch_layout
     from bla_tvm.ops import kernel_spec, launch_backward, launch_forward
 
     results = []
@@ -127,14 +137,16 @@ def run_checks(torch, bla, only=None) -> list[dict]:
             ref.backward(do.cpu().double())
             row = dict(case)
             for backward in (False, True):
-                spec = kernel_spec(q, v, W, N, M, chunk_size(W, N, M, K, V, dtype_name, backward))
+                spec = kernel_spec(q, k, v, W, N, M, chunk_size(W, N, M, K, V, dtype_name, backward))
+                layout = batch_layout(B, T, spec.chunk_size, W, torch.zeros(B, dtype=torch.int64, device="cuda"))
+                initial = torch.zeros(B, H, N, K + V, device="cuda")  # a fresh start
                 o = torch.full((B, T, H, V), float("nan"), device="cuda", dtype=dtype)  # poisoned
-                states = launch_forward(q, k, v, o, spec, scale)
+                states, _ = launch_forward(q, k, v, initial, o, layout, spec, scale)
                 tag = "train" if backward else "infer"
                 outputs = {f"o_{tag}": (o, ref.detach())}
                 if backward:
                     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-                    launch_backward(q, k, v, states, do, dq, dk, dv, spec, scale)
+                    launch_backward(q, k, v, states, do, torch.zeros_like(initial), dq, dk, dv, layout, spec, scale)
                     outputs.update(dq=(dq, qr.grad), dk=(dk, kr.grad), dv=(dv, vr.grad))
                 torch.cuda.synchronize()
                 for name, (out, expected) in outputs.items():
@@ -146,6 +158,75 @@ def run_checks(torch, bla, only=None) -> list[dict]:
             results.append(row)
             print(f"check {index:2d} {dtype_name:8s} W={W} N={N} M={M} B={B} T={T} H={H} K={K} V={V} "
                   + " ".join(f"{n}={row[n]:.1e}" for n in names) + (" ok" if row["ok"] else " FAIL"), flush=True)
+    return results
+
+
+def run_state_checks(torch, bla) -> list[dict]:
+    """Issue 7 on the GPU, through the public API: a sequence split in pieces carrying the state equals one
+    call; one call from a random carried state (GQA where the layer has groups) equals the float64 recurrent
+    definition, outputs, final states and every gradient (initial state included); packed sequences (empty
+    and length-1 ones included) equal separate calls."""
+    from bla_tvm import BLAState
+
+    results = []
+    for index, (W, N, M, K, V, group, dtype_name) in enumerate(STATE_LAYERS):
+        dtype, tol = getattr(torch, dtype_name), TOLERANCE[dtype_name]
+        g = torch.Generator().manual_seed(index)
+        B, T, H = 2, 300, 2
+        q, k, v = (torch.randn(B, T, h, d, generator=g).to(dtype).cuda() for h, d in ((H * group, K), (H, K), (H, V)))
+        layer = dict(window=W, resolution=N, num_slots=M)
+        row = dict(window=W, resolution=N, num_slots=M, K=K, V=V, group=group, dtype=dtype_name, T=T)
+        # split anywhere: inside a chunk, before the window fills, at a chunk boundary
+        o, final = bla.blurry_window_attention(q, k, v, **layer, output_final_state=True)
+        pieces, state = [], None
+        for a, b in ((0, 5), (5, 64), (64, 170), (170, T)):
+            piece, state = bla.blurry_window_attention(
+                q[:, a:b], k[:, a:b], v[:, a:b], **layer, initial_state=state, output_final_state=True
+            )
+            pieces.append(piece)
+        row["split_o"] = relative_error(torch.cat(pieces, 1), o.double().cpu())
+        row["split_state"] = relative_error(state.key_state, final.key_state.double().cpu())
+        # a carried start against the definition, gradients included
+        seen = torch.tensor([3, 2 * W])
+        X0, Y0 = (torch.randn(B, H, N, d, generator=g) for d in (K, V))
+        weights = [torch.randn(B, T, H * group, V, generator=g), torch.randn(B, H, N, K, generator=g)]
+        inputs = [x.detach().clone().cuda().requires_grad_() for x in (q, k, v, X0, Y0)]
+        o, final = bla.blurry_window_attention(
+            *inputs[:3], **layer, initial_state=BLAState(inputs[3], inputs[4], seen.cuda()), output_final_state=True
+        )
+        loss = (o.float() * weights[0].cuda()).sum() + (final.key_state * weights[1].cuda()).sum()
+        grads = torch.autograd.grad(loss, inputs)
+        refs = [x.detach().double().cpu().requires_grad_() for x in inputs]
+        o_ref, (X, _, _) = bla.bla_recurrent(
+            *refs[:3], **layer, initial_state=(refs[3], refs[4], seen), output_final_state=True
+        )
+        ref_loss = (o_ref * weights[0].double()).sum() + (X[:, ::group] * weights[1].double()).sum()
+        ref_grads = torch.autograd.grad(ref_loss, refs)
+        row["carried_o"] = relative_error(o, o_ref.detach())
+        row["carried_state"] = relative_error(final.key_state, X[:, ::group].detach())
+        for name, grad, expected in zip(("dq", "dk", "dv", "dX0", "dY0"), grads, ref_grads):
+            row[name] = relative_error(grad, expected)
+        # packed sequences against separate calls
+        lengths = [0, 1, 77, 130, 5, 64, 0]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        Tp = sum(lengths)
+        qp, kp, vp = (x[:1, :Tp].contiguous() for x in (q, k, v))
+        o, final = bla.blurry_window_attention(qp, kp, vp, **layer, output_final_state=True, cu_seqlens=cu)
+        worst = 0.0
+        for s in range(len(lengths)):
+            a, b = cu[s].item(), cu[s + 1].item()
+            o_s, final_s = bla.blurry_window_attention(qp[:, a:b], kp[:, a:b], vp[:, a:b], **layer, output_final_state=True)
+            if b > a:
+                worst = max(worst, relative_error(o[:, a:b], o_s.double().cpu()))
+            worst = max(worst, relative_error(final.value_state[s:s + 1], final_s.value_state.double().cpu()))
+        row["packed"] = worst
+        names = ("split_o", "split_state", "carried_o", "carried_state", "dq", "dk", "dv", "dX0", "dY0", "packed")
+        exact = 1e-5 if dtype_name == "float32" else tol  # pieces against one call: the same kernels
+        row["ok"] = all(row[n] <= (exact if n.startswith("split") or n == "packed" else tol) for n in names)
+        row["name"] = f"state {index}"
+        results.append(row)
+        print(f"state check {index} W={W} N={N} M={M} K={K} V={V} G={group} {dtype_name} "
+              + " ".join(f"{n}={row[n]:.1e}" for n in names) + (" ok" if row["ok"] else " FAIL"), flush=True)
     return results
 
 
@@ -202,6 +283,7 @@ def run_benchmarks(torch, args) -> dict:
     from triton.testing import do_bench
 
     import bla_tvm
+    from bla_tvm.layout import batch_layout
     from bla_tvm.ops import device_constants, kernel_spec
     from bla_tvm.runtime import LIBRARY
     from bla_tvm.spec import FORWARD_KERNELS
@@ -233,17 +315,19 @@ def run_benchmarks(torch, args) -> dict:
             )  # fmt: skip
             if T == 4096:  # where the forward's time goes: each kernel alone (inference chunk length)
                 L = chunk_size(W, resolution, slots, K, V, "bfloat16", False)
-                spec = kernel_spec(q, v, W, resolution, slots, L)
+                spec = kernel_spec(q, k, v, W, resolution, slots, L)
                 fns = [LIBRARY.function(kn, spec, q.device) for kn in FORWARD_KERNELS]
                 consts = device_constants(spec.params, L, torch.float32, q.device, K**-0.5)
                 U = torch.randn(B, T // L, H, resolution, K + V, device="cuda")
                 X, o = torch.randn_like(U), torch.empty_like(v)
+                layout = batch_layout(B, T, L, W, torch.zeros(B, dtype=torch.int64, device="cuda"))
+                initial = torch.zeros(B, H, resolution, K + V, device="cuda")
                 row[name + " kernels"] = {
                     "chunk_length": L,
                     "chunk_state": bench(lambda: fns[0](k, v, consts["state_in"], U), do_bench),
-                    "state_scan": bench(lambda: fns[1](U, consts["state_decay"], X), do_bench),
+                    "state_scan": bench(lambda: fns[1](U, consts["state_decay"], initial, layout.starts, X), do_bench),
                     "chunk_output": bench(
-                        lambda: fns[2](q, k, v, X, consts["scale"], *consts["output"], o), do_bench
+                        lambda: fns[2](q, k, v, X, layout.positions, consts["scale"], *consts["output"], o), do_bench
                     ),
                 }
         qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
@@ -332,6 +416,7 @@ def main() -> int:
 
     start = time.time()
     results = {"checks": [] if args.skip_checks else run_checks(torch, bla_tvm, args.cases)}
+    results["checks"] += run_state_checks(torch, bla_tvm)
     results["training"] = run_training(torch, bla_tvm)
     results["checks"].append(dict(results["training"], name="training"))
     if args.skip_bench:

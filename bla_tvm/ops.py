@@ -126,17 +126,16 @@ def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, s
     return states, torch.where(layout.empty[:, None, None, None], initial, final)
 
 
-def launch_backward(q, k, v, states, do, dfinal, layout: ChunkLayout, spec: KernelSpec, scale: float):
-    """Run the backward kernels (compute/backward.py, compute/final_state.py); inputs as saved by the forward,
-    dfinal [S, H, N, F] the gradient of the final states. Returns (dq, dk, dv, dinitial).
+def launch_backward(q, k, v, states, do, dfinal, dq, dk, dv, layout: ChunkLayout, spec: KernelSpec, scale: float):
+    """Run the backward kernels (compute/backward.py, compute/final_state.py), writing dq, dk, dv; inputs as
+    saved by the forward, dfinal [S, H, N, F] the gradient of the final states. Returns dinitial [S, H, N, F].
 
     Temporaries: grads [B, NC, HQ, L + N, F + K], the state gradients at chunk starts [B, NC, H, N, F] and the
     final states' gradient spread over the last chunks [S, H, L + N, F].
     """
-    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
     empty = layout.empty[:, None, None, None]
     if states.numel() == 0:
-        return dq, dk, dv, dfinal.clone()
+        return dfinal.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
     kernels = _kernels(BACKWARD_KERNELS, spec, q.device, q.shape)
     final_backward, chunk_backward, reverse_scan, *input_gradients = kernels
@@ -154,7 +153,7 @@ def launch_backward(q, k, v, states, do, dfinal, layout: ChunkLayout, spec: Kern
     for kernel, grad in zip(input_gradients, (dq, dk, dv)):
         _launch(kernel, grads, state_grads, layout.starts, consts["state_in"], grad)
     dinitial = state_grads[layout.start_row.long(), layout.start_chunk.long()]
-    return dq, dk, dv, torch.where(empty, dfinal, dinitial)
+    return torch.where(empty, dfinal, dinitial)
 
 
 def chunk_layout(k, seen, cu_seqlens, spec: KernelSpec) -> ChunkLayout:
@@ -226,8 +225,11 @@ def backward(
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
     layout = chunk_layout(k, seen, cu_seqlens, spec)
     q, k, v, do = (_kernel_ready(pack(x.to(q.dtype), layout, chunk_size)) for x in (q, k, v, do))
-    dq, dk, dv, dinitial = launch_backward(
-        q, k, v, states.contiguous(), do, _kernel_ready(dfinal), layout, spec, scale
+    # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
+    # the odd strides of size-1 dims), which is what the fake implementation promises
+    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
+    dinitial = launch_backward(
+        q, k, v, states.contiguous(), do, _kernel_ready(dfinal), dq, dk, dv, layout, spec, scale
     )
     return unpack(dq, layout), unpack(dk, layout), unpack(dv, layout), dinitial
 
