@@ -48,6 +48,13 @@ def decode_constants(params: BLAParams, dtype: torch.dtype, device: torch.device
     return tuple(x.to(device=device, dtype=dtype).contiguous() for x in tables)
 
 
+@functools.lru_cache(maxsize=256)
+def _decode_function(kernel: str, spec: KernelSpec, device: torch.device):
+    """The loaded kernel, looked up once per (kernel, spec, device): a decode step is short, and the library's
+    lookup hashes the whole cache key."""
+    return LIBRARY.function(kernel, spec, device)
+
+
 @torch.library.custom_op("bla_tvm::decode_step", mutates_args=())
 def decode_step_op(
     q: torch.Tensor,
@@ -67,7 +74,7 @@ def decode_step_op(
     H, V = k.shape[1], v.shape[-1]
     spec = KernelSpec(window, resolution, num_slots, DECODE_CHUNK, K, V, dtype_name(q.dtype), HQ // H)
     acc = getattr(torch, spec.acc_dtype)
-    kernel = LIBRARY.function(decode_kernel(key_state.dtype, acc), spec, q.device)
+    kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device)
     q, k, v, key_state, value_state, seen = (_kernel_ready(x) for x in (q, k, v, key_state, value_state, seen))
     o = q.new_empty(B, H, HQ // H, V)
     key_out, value_out = torch.empty_like(key_state), torch.empty_like(value_state)

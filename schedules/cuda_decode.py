@@ -79,7 +79,7 @@ def _schedule_chain(sch, names, threads: int, pad: bool) -> None:
     loaded, rotated, removed, state = (sch.get_sblock(name) for name in names)
     *_, n, f = sch.get_loops(state)
     sch.reorder(f, n)
-    f_outer, f_thread = sch.split(f, factors=[None, threads])
+    _, f_thread = sch.split(f, factors=[None, threads])
     sch.bind(f_thread, "threadIdx.x")
     for block in (removed, rotated, loaded):  # consumers first
         sch.compute_at(block, f_thread, preserve_unit_loops=True)

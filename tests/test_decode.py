@@ -11,7 +11,13 @@ from helpers import KERNEL_POOL, BLACase, assert_close, make_qkv, pooled_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bla_tvm import BLAParams, bla_recurrent, blurry_window_attention, decode_step, generate
+from bla_tvm import (
+    BLAParams,
+    bla_recurrent,
+    blurry_window_attention,
+    decode_step,
+    generate,
+)
 from bla_tvm.constants import bla_constants
 from bla_tvm.state import BLAState
 

@@ -1,0 +1,356 @@
+"""BLA one-token decoding on a CUDA GPU: the compiled decode step checked against the float64 recurrence over
+4,096 tokens (float32, float16 and bfloat16 states), then its step latency and tokens/s against FLA's
+``fused_recurrent_gsa`` single-token path (64 slots) and SDPA over a KV cache of 512 and 4,096 tokens, with the
+state bytes per sequence beside each. One script, one call on the GPU machine (torch + the runtime bundle).
+
+Here (build machine, no GPU):
+    python benchmarks/decode_bench.py --list-specs > build/decode_specs.json
+    python -m bla_tvm.cli build --device cuda --arch sm_90 --specs build/decode_specs.json --out .bundle-decode/kernels
+    python -m bla_tvm.cli bundle --out .bundle-decode
+On the GPU machine (FLA 0.6.0 wheels in .whl/ for the FLA baseline):
+    python benchmarks/decode_bench.py --bundle .bundle-decode --out $OUT
+
+Writes decode_bench.json (every measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+from gpu_bench import bench, relative_error, use_bundle
+
+#: the decode shape of issue 7: B = 64 sequences, H = 16 heads, K = V = 64, W = 512, N = M = 63, bf16 inputs
+SHAPE = dict(B=64, H=16, K=64, V=64, window=512, resolution=63, num_slots=63)
+STATE_DTYPES = ("float32", "float16", "bfloat16")
+CHECK_TOKENS = 4096
+TOLERANCE = 1e-2  # relative (Frobenius) error of all outputs against float64; 1e-4 with float32 inputs and state
+FLA_SLOTS = 64
+#: where everything runs; --device cpu runs the same script on the CPU kernels (a dry run of the script itself)
+DEVICE = "cuda"
+#: where measure() appends its rows as it goes (set by main)
+PARTIAL = None
+SDPA_CACHE = (512, 4096)
+
+
+def decode_specs() -> list[dict]:
+    """Every decode kernel the script loads: the benchmark layer (bf16 inputs, each state dtype), float32 inputs,
+    and GQA (G = 2). The prefill check loads the chunked forward kernels too when they are in the bundle (built
+    from gpu_bench.py's specs); without them it reports an error and the decode checks stand alone."""
+    from bla_tvm.spec import DECODE_KERNELS
+
+    W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
+    layer = dict(window=W, resolution=N, num_slots=M, chunk_size=1, head_k=K, head_v=V)
+    return [
+        dict(layer, dtype="bfloat16", kernels=list(DECODE_KERNELS)),
+        dict(layer, dtype="float32", kernels=["decode_step"]),
+        dict(layer, dtype="bfloat16", group_size=2, kernels=["decode_step"]),
+    ]
+
+
+def layer_args():
+    return SHAPE["window"], SHAPE["resolution"], SHAPE["num_slots"]
+
+
+def decode_tokens(torch, bla, q, k, v, state_dtype):
+    """Decode q, k, v [B, T, H*, D] token by token from a fresh state; o [B, T, HQ, V]."""
+    state, outputs = None, []
+    for t in range(q.shape[1]):
+        o, state = bla.decode_step(
+            q[:, t], k[:, t], v[:, t], state, *layer_args(), state_dtype=state_dtype if state is None else None
+        )
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), state
+
+
+def recurrent_reference(torch, bla, q, k, v):
+    """``bla_recurrent``'s definition, on q's device (``bla_recurrent`` itself runs on the CPU, too slowly for
+    4,096 tokens): float64, dense A, X_t = A X_{t-1} + b k_t^T, s = scale C X_t q_t masked, o = softmax C Y_t.
+    Returns o [B, T, HQ, V] on the CPU."""
+    from bla_tvm.constants import bla_constants
+
+    c = bla_constants(bla.BLAParams.make(*layer_args()))
+    A, b, C, lags = (x.to(q.device) for x in (c.A, c.b, c.C, c.slot_lags))
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    X = k.new_zeros(*k.shape[:2], A.shape[0], k.shape[-1])
+    Y = v.new_zeros(*v.shape[:2], A.shape[0], v.shape[-1])
+    out = []
+    for t in range(q.shape[2]):
+        X = A @ X + b[:, None] * k[:, :, t, None, :]
+        Y = A @ Y + b[:, None] * v[:, :, t, None, :]
+        s = q.shape[-1] ** -0.5 * torch.einsum("bhmk,bhk->bhm", C @ X, q[:, :, t])
+        p = torch.softmax(s.masked_fill(lags > t, float("-inf")), dim=-1)
+        out.append(torch.einsum("bhm,bhmv->bhv", p, C @ Y))
+    return torch.stack(out, dim=2).transpose(1, 2).cpu()
+
+
+def run_checks(torch, bla) -> list[dict]:
+    """4,096 tokens from zeros against the float64 recurrence for every state dtype; GQA; prefill + decode."""
+    results = []
+    B, H, K, V, T = 2, 2, SHAPE["K"], SHAPE["V"], CHECK_TOKENS
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    base = [torch.randn(B, T, H, d, device=DEVICE, generator=g) for d in (K, K, V)]
+    # the device reference against bla_recurrent itself, on a prefix
+    head = [x[:, :300] for x in base]
+    row = dict(name="device float64 reference vs bla_recurrent, 300 tokens",
+               rel_err=relative_error(recurrent_reference(torch, bla, *head),
+                                      bla.bla_recurrent(*(x.cpu() for x in head), *layer_args())))  # fmt: skip
+    row["ok"] = row["rel_err"] <= 1e-12
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    references = {}
+    for input_dtype, state_dtype in [("float32", "float32")] + [("bfloat16", s) for s in STATE_DTYPES]:
+        q, k, v = (x.to(getattr(torch, input_dtype)) for x in base)
+        if input_dtype not in references:
+            start = time.time()
+            references[input_dtype] = recurrent_reference(torch, bla, q, k, v)
+            print(f"float64 reference, {input_dtype} inputs: {time.time() - start:.1f} s", flush=True)
+        start = time.time()
+        o, state = decode_tokens(torch, bla, q, k, v, getattr(torch, state_dtype))
+        synchronize(torch)
+        seconds = time.time() - start
+        err = relative_error(o, references[input_dtype])
+        norm = torch.linalg.vector_norm
+        per_token = (norm(o.double().cpu() - references[input_dtype], dim=(0, 2, 3))
+                     / norm(references[input_dtype], dim=(0, 2, 3))).max().item()  # fmt: skip
+        tol = 1e-4 if input_dtype == "float32" else TOLERANCE
+        row = dict(name=f"decode {T} tokens", inputs=input_dtype, state=state_dtype, rel_err=err,
+                   worst_token_rel_err=per_token, tolerance=tol, finite=bool(torch.isfinite(o).all()),
+                   seen=int(state.seen[0]), seconds=seconds)  # fmt: skip
+        row["ok"] = row["finite"] and err <= tol and row["seen"] == T
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    # GQA: q with 2 H heads against k, v with H: the same as k, v repeated (256 tokens)
+    q = torch.randn(B, 256, 2 * H, K, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    k, v = (x[:, :256].to(torch.bfloat16) for x in base[1:])
+    o, _ = decode_tokens(torch, bla, q, k, v, torch.float32)
+    k2, v2 = (x.repeat_interleave(2, dim=2) for x in (k, v))
+    o_rep, _ = decode_tokens(torch, bla, q, k2, v2, torch.float32)
+    ref = recurrent_reference(torch, bla, q, k2, v2)
+    row = dict(name="GQA G=2, 256 tokens", vs_repeated=relative_error(o, o_rep.double().cpu()),
+               rel_err=relative_error(o, ref))  # fmt: skip
+    row["ok"] = row["vs_repeated"] <= 1e-2 and row["rel_err"] <= TOLERANCE
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    # prefill 1,000 tokens with the chunked kernels, then decode 96 (needs the other half of issue 7)
+    try:
+        q, k, v = (x[:, :1096].to(torch.bfloat16) for x in base)
+        step = lambda o, i: (q[:, 1000 + i], k[:, 1000 + i], v[:, 1000 + i])
+        o_prompt, o_new, _ = bla.generate(q[:, :1000], k[:, :1000], v[:, :1000], *layer_args(),
+                                          next_token=step, max_new_tokens=96)  # fmt: skip
+        ref = recurrent_reference(torch, bla, q, k, v)
+        row = dict(name="generate: prefill 1000 + decode 96", rel_err=relative_error(torch.cat([o_prompt, o_new], 1), ref))
+        row["ok"] = row["rel_err"] <= TOLERANCE
+    except Exception as error:  # noqa: BLE001 - reported, the decode checks above stand on their own
+        row = dict(name="generate: prefill 1000 + decode 96", error=f"{type(error).__name__}: {error}"[:500], ok=None)
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    return results
+
+
+def synchronize(torch) -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_time(torch, fn, steps: int = 200) -> float:
+    """Seconds per call of ``fn`` called back to back (CPU launch overhead included), after a warm-up."""
+    for _ in range(10):
+        fn()
+    synchronize(torch)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(torch)
+    return (time.perf_counter() - start) / steps
+
+
+def cpu_bench(fn, warmup: int = 3, rep: int = 20, return_mode: str = "median") -> float:
+    """Milliseconds per call on the CPU (the --device cpu dry run; do_bench needs a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_time(torch, fn, do_bench) -> float | None:
+    """Milliseconds per replay of ``fn`` captured in a CUDA graph (no CPU overhead), or None if capture fails."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay, do_bench)
+    except Exception as error:  # noqa: BLE001
+        print("CUDA graph capture failed:", type(error).__name__, error, flush=True)
+        return None
+
+
+def measure(torch, name: str, fn, do_bench, state_bytes: int, rows: list, graph: bool = True) -> dict:
+    """do_bench median (GPU time, L2 flushed before each call), back-to-back wall time, CUDA-graph replay."""
+    B = SHAPE["B"]
+    row = {"method": name, "state_bytes_per_sequence": state_bytes}
+    try:
+        row["step_us"] = bench(fn, do_bench) * 1e3
+        row["wall_us"] = wall_time(torch, fn) * 1e6
+        if graph and DEVICE == "cuda":
+            replay = graph_time(torch, fn, do_bench)
+            row["graph_us"] = None if replay is None else replay * 1e3
+        best = min(x for x in (row["step_us"], row.get("graph_us")) if x is not None)
+        row["tokens_per_s"] = B / (best * 1e-6)
+        row["tokens_per_s_wall"] = B / (row["wall_us"] * 1e-6)
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"{type(error).__name__}: {error}"[:500]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if PARTIAL is not None:  # every row on disk as soon as it is measured, in case the run is cut short
+        PARTIAL.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return row
+
+
+def run_benchmarks(torch, bla, args) -> dict:
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+    else:
+        do_bench = cpu_bench
+    import tvm_ffi
+
+    from bla_tvm.decode import DECODE_CHUNK, decode_constants, decode_kernel
+    from bla_tvm.runtime import LIBRARY
+    from bla_tvm.spec import KernelSpec
+    from bla_tvm.state import BLAState
+
+    B, H, K, V = (SHAPE[x] for x in "BHKV")
+    W, N, M = layer_args()
+    bf16 = torch.bfloat16
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k = (torch.randn(B, H, K, device=DEVICE, dtype=bf16, generator=g) for _ in range(2))
+    v = torch.randn(B, H, V, device=DEVICE, dtype=bf16, generator=g)
+    rows = []
+    with torch.no_grad():
+        for state_name in STATE_DTYPES:
+            sd = getattr(torch, state_name)
+            state = BLAState(
+                torch.randn(B, H, N, K, device=DEVICE, generator=g).to(sd),
+                torch.randn(B, H, N, V, device=DEVICE, generator=g).to(sd),
+                torch.full((B,), 5000, dtype=torch.int64, device=DEVICE),  # past the window: every slot open
+            )
+            state_bytes = H * N * (K + V) * state.key_state.element_size() + 8
+            measure(torch, f"BLA decode_step ({state_name} state)",
+                    lambda s=state: bla.decode_step(q, k, v, s, W, N, M), do_bench, state_bytes, rows)  # fmt: skip
+            # the kernel alone, outputs preallocated
+            spec = KernelSpec(W, N, M, DECODE_CHUNK, K, V, "bfloat16", 1)
+            kernel = LIBRARY.function(decode_kernel(sd, torch.float32), spec, q.device)
+            consts = decode_constants(spec.params, torch.float32, q.device, K**-0.5)
+            o = torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16)
+            outs = (torch.empty_like(state.key_state), torch.empty_like(state.value_state))
+
+            def launch(s=state, kernel=kernel, outs=outs, o=o, consts=consts):
+                if DEVICE == "cuda":
+                    with tvm_ffi.use_torch_stream():
+                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
+                else:
+                    kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
+
+            row = measure(torch, f"BLA kernel only ({state_name} state)", launch, do_bench, state_bytes, rows)
+            if "step_us" in row:
+                traffic = 2 * B * (state_bytes - 8)
+                row["state_traffic_MB"] = traffic / 1e6
+                row["achieved_TB_per_s"] = traffic / (row["step_us"] * 1e-6) / 1e12
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for length in SDPA_CACHE:
+            kc, vc = (torch.randn(B, H, length, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, V))
+            qs = q[:, :, None]
+
+            def step(kc=kc, vc=vc, length=length, qs=qs):  # write the new token's k, v into the cache, attend over it
+                kc[:, :, length - 1].copy_(k)
+                vc[:, :, length - 1].copy_(v)
+                return sdpa(qs, kc, vc)
+
+            cache_bytes = H * length * (K + V) * 2
+            measure(torch, f"SDPA KV cache {length}", step, do_bench, cache_bytes, rows)
+            measure(torch, f"SDPA KV cache {length} (attention only)", lambda kc=kc, vc=vc, qs=qs: sdpa(qs, kc, vc),
+                    do_bench, cache_bytes, rows)  # fmt: skip
+        if args.fla:
+            try:
+                from fla.ops.gsa import fused_recurrent_gsa
+
+                s = torch.randn(B, 1, H, FLA_SLOTS, device=DEVICE, dtype=bf16, generator=g)
+                gate = torch.nn.functional.logsigmoid(torch.randn(B, 1, H, FLA_SLOTS, device=DEVICE, generator=g))
+                gate = gate.to(bf16)
+                hk0 = torch.randn(B, H, K, FLA_SLOTS, device=DEVICE, generator=g)
+                hv0 = torch.randn(B, H, FLA_SLOTS, V, device=DEVICE, generator=g)
+                qf, kf, vf = (x[:, None] for x in (q, k, v))
+                start = time.time()
+                fused_recurrent_gsa(qf, kf, vf, s, gate, initial_state=(hk0, hv0), output_final_state=True)
+                synchronize(torch)
+                print(f"FLA first call (Triton compile): {time.time() - start:.1f} s", flush=True)
+                measure(
+                    torch, f"FLA fused_recurrent_gsa M={FLA_SLOTS}",
+                    lambda: fused_recurrent_gsa(qf, kf, vf, s, gate, initial_state=(hk0, hv0),
+                                                output_final_state=True),
+                    do_bench, H * FLA_SLOTS * (K + V) * 4, rows,
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001
+                rows.append({"method": "FLA fused_recurrent_gsa", "error": f"{type(error).__name__}: {error}"[:500]})
+                print("FLA failed:", error, flush=True)
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    return {"shape": dict(SHAPE, dtype="bfloat16"), "gpu": gpu, "rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list-specs", action="store_true", help="print the kernel specs to build, as JSON")
+    parser.add_argument("--bundle", type=Path, help="runtime bundle (for a machine without apache-tvm)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
+    parser.add_argument("--no-fla", dest="fla", action="store_false", help="skip FLA's fused_recurrent_gsa")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the script")
+    parser.add_argument("--check-tokens", type=int, default=4096, help="tokens decoded by each check")
+    args = parser.parse_args()
+    global DEVICE, CHECK_TOKENS, PARTIAL
+    DEVICE, CHECK_TOKENS, PARTIAL = args.device, args.check_tokens, args.out / "decode_bench_rows.jsonl"
+    if args.list_specs:
+        print(json.dumps(decode_specs(), indent=1))
+        return 0
+    if args.bundle:
+        use_bundle(args.bundle)
+    import torch
+
+    import bla_tvm
+
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"checks": [] if args.skip_checks else run_checks(torch, bla_tvm)}
+    (args.out / "decode_bench.json").write_text(json.dumps(results, indent=1))  # partial, in case of a timeout
+    results["bench"] = run_benchmarks(torch, bla_tvm, args)
+    results["seconds"] = time.time() - start
+    (args.out / "decode_bench.json").write_text(json.dumps(results, indent=1))
+    failed = [c for c in results["checks"] if c["ok"] is False]
+    print(f"checks: {len(results['checks']) - len(failed)} passed or skipped, {len(failed)} failed")
+    for row in results["bench"]["rows"]:
+        numbers = "  ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+        print(f"{row['method']:45s} {numbers}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
