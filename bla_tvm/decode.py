@@ -38,13 +38,13 @@ def decode_kernel(state_dtype: torch.dtype, acc_dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=128)
 def decode_constants(params: BLAParams, dtype: torch.dtype, device: torch.device, scale: float) -> tuple:
-    """(scale [1], rot_diag [N], rot_off [N], basis [N], removal [N], C [M, N]) as the decode kernel takes them:
-    R[n, n], R[n, partner(n)] (0 where n has no partner), b, b / W and the slot readout C."""
+    """(scale [1], rot_diag [N], rot_off [N], basis [N], removal [N], C [M, N], C_t [N, M]) as the decode kernel
+    takes them: R[n, n], R[n, partner(n)] (0 where n has no partner), b, b / W and the slot readout C (twice)."""
     c = bla_constants(params)
     n = torch.arange(params.resolution)
     partner = partner_index(params.resolution)
     rot_off = torch.where(partner == n, torch.zeros((), dtype=c.R.dtype), c.R[n, partner])
-    tables = (torch.tensor([scale], dtype=c.R.dtype), c.R[n, n], rot_off, c.b, c.b / params.window, c.C)
+    tables = (torch.tensor([scale], dtype=c.R.dtype), c.R[n, n], rot_off, c.b, c.b / params.window, c.C, c.C.T)
     return tuple(x.to(device=device, dtype=dtype).contiguous() for x in tables)
 
 

@@ -60,6 +60,7 @@ def _spread(sch, block, threads: int) -> None:
     _, thread = sch.split(sch.fuse(*spatial), factors=[None, threads])
     sch.bind(thread, "threadIdx.x")
     if len(spatial) < len(loops):
+        sch.unroll(sch.get_loops(block)[-1])  # independent operand loads in flight, one accumulator
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
 

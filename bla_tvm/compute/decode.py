@@ -34,7 +34,8 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     Inputs: q [B, H, G, K], k [B, H, K], v [B, H, V] (``spec.dtype``); key_state [B, H, N, K], value_state
     [B, H, N, V] (``state_dtype``, default the accumulation dtype); seen [B] int64 (tokens before this one);
     scale [1]; rot_diag [N], rot_off [N] (R[n, n] and R[n, partner(n)]); basis [N] (b = phi(0)); removal [N]
-    (b / W); C [M, N] (accumulation dtype).
+    (b / W); C [M, N] and its transpose C_t [N, M] (accumulation dtype; each product reads the layout whose
+    rows its threads walk along).
     Outputs: o [B, H, G, V] (``spec.dtype``); key_state_out [B, H, N, K], value_state_out [B, H, N, V]
     (``state_dtype``): X' and Y'. The readout reads X', Y' as stored (rounded to ``state_dtype``), as the next
     step will.
@@ -55,6 +56,7 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     basis = te.placeholder((N,), acc, name="basis")
     removal = te.placeholder((N,), acc, name="removal")
     C = te.placeholder((M, N), acc, name="C")
+    C_t = te.placeholder((N, M), acc, name="C_t")  # C transposed: the scores' reads run along a row
     zero = tirx.const(0, acc)
 
     # -- the state update, column by column: S -> R S -> minus the token leaving, plus the new one (S = X, Y)
@@ -95,7 +97,7 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     )
     n2 = te.reduce_axis((0, N), name="n2")
     scores = te.compute(
-        (B, H, G, M), lambda b, h, g, i: te.sum(C[i, n2] * z[b, h, g, n2], axis=n2), name="bla_dec_scores"
+        (B, H, G, M), lambda b, h, g, i: te.sum(C_t[n2, i] * z[b, h, g, n2], axis=n2), name="bla_dec_scores"
     )
 
     def masked(b, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
@@ -128,5 +130,5 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     o = te.compute(
         (B, H, G, V), lambda b, h, g, vv: (mix[b, h, g, vv] / row_sum[b, h, g]).astype(dt), name="bla_dec_out"
     )
-    inputs = [q, k, v, key_state, value_state, seen, scale, rot_diag, rot_off, basis, removal, C]
+    inputs = [q, k, v, key_state, value_state, seen, scale, rot_diag, rot_off, basis, removal, C, C_t]
     return [*inputs, o, key_out, value_out]
