@@ -226,23 +226,61 @@ def _describe(params: dict) -> str:
 
 def chunk_size(device: torch.device, params: dict, shape, backward: bool) -> int | None:
     """The logged chunk length for a layer of ``params`` (KernelSpec fields but chunk_size) at ``shape`` on
-    ``device``, for training (``backward``) or inference; None when no log has one."""
-    forced = _FORCED_CHUNK.get()
-    if forced is not None:
-        return forced
+    ``device``, for training (``backward``) or inference; None when no log has one.
+
+    Runs where the public function runs, so also under torch.compile: the log lookup is one call dynamo treats as
+    a constant (``_layer_chunk_sizes``), and the shape is read only where the records disagree between buckets
+    (which then specialises a dynamic-shape graph on B, T, H)."""
+    if not _any_chunk_sizes(str(device), bool(backward)):
+        return None  # the common case, decided without reading the layer's (possibly symbolic) sizes
+    params = tuple((key, value if isinstance(value, str) else int(value)) for key, value in params.items())
+    found = _layer_chunk_sizes(str(device), params, bool(backward))
+    if not found:
+        return None
+    if len({L for L, *_ in found}) == 1:
+        return found[0][0]
     if shape is None:
         return None
-    mode = MODES[bool(backward)]
-    found = [r for r in records(device) if r["kernel"] == CHUNK_SIZE and r["mode"] == mode
-             and _params_match(r["params"], params)]  # fmt: skip
-    record = _nearest(found, shape)
-    if record is None and env.tuning_enabled():
+    B, T, H = (int(x) for x in shape[:3])
+    return min(found, key=lambda f: bucket_distance(dict(zip("BTH", f[1:])), (B, T, H)))[0]
+
+
+@torch.compiler.assume_constant_result
+def _any_chunk_sizes(device: str, backward: bool) -> bool:
+    """Whether any log has a chunk length for this device and mode (or ``forced`` sets one)."""
+    if _FORCED_CHUNK.get() is not None:
+        return True
+    mode = MODES[backward]
+    if any(r["kernel"] == CHUNK_SIZE and r["mode"] == mode for r in records(torch.device(device))):
+        return True
+    if env.tuning_enabled():
         _report_once(
-            ("no-chunk", device.type, mode, json.dumps(params, sort_keys=True)), logging.INFO,
-            f"no tuning record for the {mode} chunk length of {_describe(params)} on {device}: default chunk "
+            ("no-log", device, mode), logging.INFO,
+            f"no tuning log has {mode} chunk lengths for {device}: default chunk lengths and schedules (run "
+            f"`bla-tvm tune` to tune them)",
+        )  # fmt: skip
+    return False
+
+
+@torch.compiler.assume_constant_result
+def _layer_chunk_sizes(device: str, params: tuple, backward: bool) -> tuple[tuple[int, int, int, int], ...]:
+    """(L, B, T, H) of every matching chunk-length record (``forced``'s L alone inside that block)."""
+    forced_L = _FORCED_CHUNK.get()
+    if forced_L is not None:
+        return ((forced_L, 1, 1, 1),)
+    device_, params_, mode = torch.device(device), dict(params), MODES[backward]
+    found = tuple(
+        (r["chunk_size"], r["bucket"]["B"], r["bucket"]["T"], r["bucket"]["H"])
+        for r in records(device_)
+        if r["kernel"] == CHUNK_SIZE and r["mode"] == mode and _params_match(r["params"], params_)
+    )
+    if not found and env.tuning_enabled():
+        _report_once(
+            ("no-chunk", device, mode, params), logging.INFO,
+            f"no tuning record for the {mode} chunk length of {_describe(params_)} on {device}: default chunk "
             f"length and schedules (run `bla-tvm tune` to tune them)",
         )  # fmt: skip
-    return None if record is None else record["chunk_size"]
+    return found
 
 
 def kernel_config(kernel: str, spec, device: torch.device, shape) -> dict | None:

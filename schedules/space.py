@@ -32,6 +32,8 @@ SPACES: dict[str, dict[str, tuple]] = {
 KERNEL_SPACES: dict[tuple[str, str], dict[str, tuple]] = {
     # one contraction with a 127-long reduction; a small share of the forward's time
     ("cuda", "chunk_state"): {"threads": (256, 128, 512), "tile": ((4, 4),), "cache_operands": (True,)},
+    # per-token reads of the chunk gradients and carried states: block size is what matters
+    **{("cuda", f"input_gradient_{x}"): {"threads": (256, 128, 512)} for x in "qkv"},
 }
 
 #: kernels whose schedule is searched: the per-chunk ones, where the time goes. The TVMScript scans carry their

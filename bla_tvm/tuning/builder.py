@@ -114,10 +114,23 @@ def module_file(kernel: str, spec: KernelSpec, target: str, config: dict | None)
 def build_candidate(kernel: str, spec: dict, device_kind: str, target: str, config: dict | None, out: str) -> dict:
     """Compile one candidate (``config`` None: the default schedule) into ``out``; returns a dict with "file" and
     "resources", or with "rejected" (the reason). Runs in a worker process."""
-    from .. import build
 
     spec = KernelSpec(**spec)
     result = {"kernel": kernel, "spec": spec.as_dict(), "config": config}
+    name = module_file(kernel, spec, target, config)
+    outcome = Path(out) / (name + ".json")  # a finished candidate is not built again (a rerun after a stop)
+    if outcome.exists():
+        return json.loads(outcome.read_text())
+    if (Path(out) / name).exists():
+        return dict(result, file=name)
+    result = _build(kernel, spec, device_kind, target, config, out, name, result)
+    outcome.write_text(json.dumps(result))
+    return result
+
+
+def _build(kernel, spec, device_kind, target, config, out, name, result) -> dict:
+    from .. import build
+
     arch = target if device_kind == "cuda" else None
     if device_kind == "cuda":
         threads = getattr(_config_object("cuda", config), "threads", MAX_THREADS)
@@ -139,7 +152,6 @@ def build_candidate(kernel: str, spec: dict, device_kind: str, target: str, conf
         result["resources"] = report
         if reason is not None and config is not None:
             return dict(result, rejected=reason)
-    name = module_file(kernel, spec, target, config)
     module.export_library(str(Path(out) / name))
     return dict(result, file=name)
 
@@ -147,15 +159,16 @@ def build_candidate(kernel: str, spec: dict, device_kind: str, target: str, conf
 def chunk_sizes(problem: TuningProblem, device_kind: str, arch: str | None) -> dict[str, list[int]]:
     """The chunk lengths each mode can use: on CUDA those whose per-chunk blocks (the forward's; and the
     backward's for training) fit in shared memory with the default schedule; on the CPU all of them."""
+    allowed = [L for L in CHUNK_SIZES if problem.chunk_sizes is None or L in problem.chunk_sizes]
     if device_kind == "cpu":
-        return {mode: list(CHUNK_SIZES) for mode in problem.modes}
+        return {mode: allowed for mode in problem.modes}
     fits = {}
-    for L in CHUNK_SIZES:
+    for L in allowed:
         spec = problem.spec(L)
         fits[L] = {k: shared_memory(k, spec, arch, None) <= CUDA_SHARED_MEMORY_LIMIT
                    for k in ("chunk_output", "chunk_backward")}  # fmt: skip
-    sizes = {"inference": [L for L in CHUNK_SIZES if fits[L]["chunk_output"]],
-             "training": [L for L in CHUNK_SIZES if fits[L]["chunk_output"] and fits[L]["chunk_backward"]]}  # fmt: skip
+    sizes = {"inference": [L for L in allowed if fits[L]["chunk_output"]],
+             "training": [L for L in allowed if fits[L]["chunk_output"] and fits[L]["chunk_backward"]]}  # fmt: skip
     return {mode: sizes[mode] for mode in problem.modes if sizes[mode]}
 
 

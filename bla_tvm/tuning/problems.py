@@ -24,6 +24,8 @@ class TuningProblem:
     group_size: int = 1
     buckets: tuple[tuple[int, int, int], ...] = ((4, 4096, 16),)
     modes: tuple[str, ...] = ("inference", "training")
+    #: the chunk lengths to try (default: every one of spec.CHUNK_SIZES that fits)
+    chunk_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         self.spec(16)  # validates the parameters
@@ -31,13 +33,17 @@ class TuningProblem:
         object.__setattr__(self, "modes", tuple(self.modes))
         if not self.buckets or any(len(b) != 3 or min(b) < 1 for b in self.buckets):
             raise ValueError(f"buckets must be (B, T, H) triples of positive ints, got {self.buckets}")
+        if self.chunk_sizes is not None:
+            object.__setattr__(self, "chunk_sizes", tuple(self.chunk_sizes))
+            for L in self.chunk_sizes:
+                self.spec(L)
         if not set(self.modes) <= {"inference", "training"} or not self.modes:
             raise ValueError(f"modes must be among ('inference', 'training'), got {self.modes}")
 
     @property
     def params(self) -> dict:
         """KernelSpec's fields but chunk_size: how tuning logs name the layer."""
-        return {k: v for k, v in asdict(self).items() if k not in ("buckets", "modes")}
+        return {k: v for k, v in asdict(self).items() if k not in ("buckets", "modes", "chunk_sizes")}
 
     def spec(self, chunk_size: int) -> KernelSpec:
         return KernelSpec(chunk_size=chunk_size, **self.params)
@@ -46,7 +52,8 @@ class TuningProblem:
         return self.spec(16).tag().replace("_L16", "")
 
     def as_dict(self) -> dict:
-        return {**self.params, "buckets": [list(b) for b in self.buckets], "modes": list(self.modes)}
+        return {**self.params, "buckets": [list(b) for b in self.buckets], "modes": list(self.modes),
+                "chunk_sizes": None if self.chunk_sizes is None else list(self.chunk_sizes)}
 
 
 def load_problems(path: Path) -> list[TuningProblem]:

@@ -216,27 +216,31 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
         for bucket in buckets:
             try:
                 arguments[bucket] = record_arguments(problem, spec, bucket, device, backward)
-            except ValueError as error:  # past 32-bit indexing: this bucket cannot run at this L
-                result["skipped"].append({"L": L, "bucket": bucket, "why": str(error)})
+            except Exception as error:  # noqa: BLE001 - e.g. past 32-bit indexing: no bucket at this L
+                result["skipped"].append({"L": L, "bucket": bucket, "why": f"{type(error).__name__}: {error}"})
         for kernel, candidates in by_kernel.items():
             rows = []
             for index, candidate in enumerate(candidates):
                 if deadline.passed():
                     raise TimeoutError
                 config = None if candidate["default"] else candidate["config"]
-                row = {"config": candidate["config"], "default": candidate["default"]}
-                functions = runtime.LIBRARY.function(kernel, spec, device, config)
-                if len(candidates) > 1:
-                    row["error"] = verify(problem, spec, kernel, config, device, seed=1000 + index,
-                                          backward=kernel in BACKWARD_KERNELS)  # fmt: skip
-                    row["verified"] = row["error"] <= tol
-                else:
-                    row["verified"] = True  # the one default (a scan): checked by every other candidate's run
-                row["ms"] = {}
-                first = next((b for b in buckets if b in arguments), None)
-                if row["verified"] and first is not None:
-                    args = arguments[first][kernel]
-                    row["ms"][first] = time_call(lambda: _launch_in(args[0], functions, args), device)
+                row = {"config": candidate["config"], "default": candidate["default"], "ms": {}}
+                try:
+                    functions = runtime.LIBRARY.function(kernel, spec, device, config)
+                    if len(candidates) > 1:
+                        row["error"] = verify(problem, spec, kernel, config, device, seed=1000 + index,
+                                              backward=kernel in BACKWARD_KERNELS)  # fmt: skip
+                        row["verified"] = row["error"] <= tol
+                    else:
+                        row["verified"] = True  # the one default (a scan): checked by every other candidate's run
+                    first = next((b for b in buckets if b in arguments), None)
+                    if row["verified"] and first is not None:
+                        args = arguments[first][kernel]
+                        row["ms"][first] = time_call(lambda: _launch_in(args[0], functions, args), device)
+                except Exception as error:  # noqa: BLE001 - a candidate that fails to load or run is out
+                    row.update(verified=False, failed=f"{type(error).__name__}: {str(error)[:300]}")
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                 rows.append(row)
                 bar.update(1)
             ranked = sorted((r for r in rows if r["verified"] and r["ms"]), key=lambda r: min(r["ms"].values()))
@@ -246,12 +250,14 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
                 for row in again:
                     if deadline.passed():
                         raise TimeoutError
+                    if not row["ms"]:
+                        continue  # the default failed: nothing to compare with
                     config = None if row["default"] else row["config"]
                     functions = runtime.LIBRARY.function(kernel, spec, device, config)
                     row["ms"][bucket] = time_call(lambda: _launch_in(args[0], functions, args), device)
+            default = next((r for r in rows if r["default"]), None)
             for bucket in arguments:
-                default = next(r for r in rows if r["default"])
-                if bucket not in default["ms"]:
+                if default is None or bucket not in default["ms"]:
                     continue
                 timed = [r for r in rows if bucket in r["ms"]]
                 winner = min(timed, key=lambda r: r["ms"][bucket])
@@ -337,8 +343,8 @@ def evidence(problem: TuningProblem, modes, tunable, device, shapes, log_dir: Pa
                 with _tuning(setting == "tuned", log_dir):
                     try:
                         row[f"{mode} {setting} ms"] = time_call(fn, device, budget_ms=100.0)
-                    except ValueError as error:  # past 32-bit indexing
-                        row[f"{mode} refused"] = str(error)
+                    except Exception as error:  # noqa: BLE001 - e.g. past 32-bit indexing
+                        row[f"{mode} refused"] = f"{type(error).__name__}: {str(error)[:300]}"
                         break
                     if setting == "tuned":
                         row[f"{mode} picked"] = picked(problem, shape, device, mode == "training", tunable)
@@ -413,10 +419,24 @@ def measure_work(
         raise ValueError(f"the candidates were built for {tasks['target']}, this device is {identity['target']}")
     log_dir = Path(log_dir) if log_dir else env.tuning_dir()
     report = Path(report) if report else work / "measurements.json"
+    saved = {k: os.environ.get(k) for k in ("BLA_TVM_PREBUILT_DIR", "BLA_TVM_NO_BUILD")}
     os.environ["BLA_TVM_PREBUILT_DIR"] = str(work / "kernels")
     os.environ["BLA_TVM_NO_BUILD"] = "1"  # every candidate is in the work folder; never compile behind a miss
     runtime.cuda_chunk_size.cache_clear()
-    deadline = _Deadline(deadline_s)
+    try:
+        return _measure(tasks, work, device, identity, log_dir, report, _Deadline(deadline_s), with_evidence,
+                        extra_shapes, progress, label, start)  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        runtime.cuda_chunk_size.cache_clear()
+
+
+def _measure(tasks, work, device, identity, log_dir, report, deadline, with_evidence, extra_shapes, progress,
+             label, start) -> dict:  # fmt: skip
     total = sum(len(c) for p in tasks["problems"] for by_kernel in p["kernels"].values() for c in by_kernel.values())
     bar = _progress(total, "measure", progress)
     lines = []
@@ -453,6 +473,11 @@ def measure_work(
         except TimeoutError:
             out["unfinished"].append(problem.tag())
             log_measure(f"deadline: {problem.tag()} not finished")
+        except Exception as error:  # noqa: BLE001 - one problem's failure must not lose the others
+            import traceback
+
+            out.setdefault("failed", {})[problem.tag()] = traceback.format_exc()[-3000:]
+            log_measure(f"failed: {problem.tag()}: {type(error).__name__}: {error}")
         out["problems"] = results
         out["seconds"] = round(time.time() - start, 1)
         report.parent.mkdir(parents=True, exist_ok=True)
