@@ -162,6 +162,74 @@ def synchronize(torch) -> None:
         torch.cuda.synchronize()
 
 
+#: schedule variants of the decode kernel (bla_tvm.schedules.cuda_decode.DecodeCudaConfig fields), built with
+#: --build-variants and timed beside the default, each checked on one step first
+VARIANTS = {
+    "R S in registers": {"rotated_in_registers": True},
+    "64 threads (2 columns each)": {"threads": 64},
+}
+
+
+def build_variants(out: Path) -> None:
+    """Compile VARIANTS (bf16 inputs, float32 state) for sm_90 into ``out`` with a manifest (needs TVM)."""
+    from bla_tvm import build  # noqa: F401 - prepares nvcc before tvm loads
+    from bla_tvm.compute import prim_func
+    from bla_tvm.schedules import cuda_decode
+    from bla_tvm.spec import KernelSpec
+
+    import tvm
+
+    W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
+    spec = KernelSpec(W, N, M, 1, K, V, "bfloat16", 1)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, (name, config) in enumerate(VARIANTS.items()):
+        sch = cuda_decode.schedule_decode_step(prim_func("decode_step", spec, "cuda"), spec,
+                                               cuda_decode.DecodeCudaConfig(**config))  # fmt: skip
+        target = build.target_for("cuda", "sm_90")
+        with target:
+            module = tvm.compile(sch.mod, target=target)
+        module.export_library(str(out / f"variant{index}.so"))
+        entries.append(dict(name=name, config=config, file=f"variant{index}.so", ptxas=build.ptxas_report(module, "sm_90")))
+        print(entries[-1], flush=True)
+    (out / "manifest.json").write_text(json.dumps(entries, indent=1))
+
+
+def step_check(torch, kernel, state_dtype, consts) -> dict:
+    """One step of ``kernel`` (bf16 inputs) on a random state, seen spread below and past W (the mask), against
+    the step in float64 with the dense A: relative errors of o, X', Y'."""
+    from bla_tvm.constants import bla_constants
+
+    c = bla_constants(__import__("bla_tvm").BLAParams.make(*layer_args()))
+    W, N, K, V, B, H = SHAPE["window"], SHAPE["resolution"], SHAPE["K"], SHAPE["V"], 8, 4
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    X, Y = (3 * torch.randn(B, H, N, d, device=DEVICE, generator=g) for d in (K, V))
+    X, Y = X.to(state_dtype), Y.to(state_dtype)
+    seen = torch.tensor([0, 1, 7, 100, W - 1, W, 3 * W, 9], dtype=torch.int64, device=DEVICE)
+    q, k, v = (torch.randn(B, H, d, device=DEVICE, generator=g).to(torch.bfloat16) for d in (K, K, V))
+    o = torch.full((B, H, 1, V), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    X2, Y2 = torch.full_like(X, float("nan")), torch.full_like(Y, float("nan"))
+    if DEVICE == "cuda":
+        import tvm_ffi
+
+        with tvm_ffi.use_torch_stream():
+            kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts, o, X2, Y2)
+    else:
+        kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts, o, X2, Y2)
+    synchronize(torch)
+    A, b, C, lags = (x.to(DEVICE) for x in (c.A, c.b, c.C, c.slot_lags))
+    Xr = A @ X.double() + b[:, None] * k.double()[:, :, None, :]
+    Yr = A @ Y.double() + b[:, None] * v.double()[:, :, None, :]
+    s = K**-0.5 * torch.einsum("bhmk,bhk->bhm", C @ Xr, q.double())
+    p = torch.softmax(s.masked_fill(lags[None, None, :] > seen[:, None, None], float("-inf")), dim=-1)
+    o_ref = torch.einsum("bhm,bhmv->bhv", p, C @ Yr)
+    return {
+        "o": relative_error(o[:, :, 0], o_ref.cpu()),
+        "key_state": relative_error(X2, Xr.cpu()),
+        "value_state": relative_error(Y2, Yr.cpu()),
+    }
+
+
 def wall_time(torch, fn, steps: int = 200) -> float:
     """Seconds per call of ``fn`` called back to back (CPU launch overhead included), after a warm-up."""
     for _ in range(10):
@@ -270,11 +338,33 @@ def run_benchmarks(torch, bla, args) -> dict:
                 else:
                     kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
 
+            check = step_check(torch, kernel, sd, consts)
+            print(f"one-step check, {state_name} state:", check, flush=True)
             row = measure(torch, f"BLA kernel only ({state_name} state)", launch, do_bench, state_bytes, rows)
+            row["one_step_rel_err"] = check
             if "step_us" in row:
                 traffic = 2 * B * (state_bytes - 8)
                 row["state_traffic_MB"] = traffic / 1e6
                 row["achieved_TB_per_s"] = traffic / (row["step_us"] * 1e-6) / 1e12
+        variants = args.bundle / "variants" if args.bundle else None
+        if variants is not None and (variants / "manifest.json").exists():
+            state = BLAState(*(torch.randn(B, H, N, d, device=DEVICE, generator=g) for d in (K, V)),
+                             torch.full((B,), 5000, dtype=torch.int64, device=DEVICE))  # fmt: skip
+            consts = decode_constants(KernelSpec(W, N, M, DECODE_CHUNK, K, V, "bfloat16", 1).params, torch.float32,
+                                      q.device, K**-0.5)  # fmt: skip
+            o = torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16)
+            outs = (torch.empty_like(state.key_state), torch.empty_like(state.value_state))
+            for entry in json.loads((variants / "manifest.json").read_text()):
+                kernel = tvm_ffi.load_module(str(variants / entry["file"]))["bla_decode_step"]
+                check = step_check(torch, kernel, torch.float32, consts)
+
+                def launch(kernel=kernel, o=o, outs=outs, consts=consts, s=state):
+                    with tvm_ffi.use_torch_stream():
+                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
+
+                row = measure(torch, f"BLA variant: {entry['name']} (float32 state)", launch, do_bench,
+                              H * N * (K + V) * 4 + 8, rows)  # fmt: skip
+                row.update(one_step_rel_err=check, ptxas=entry["ptxas"])
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for length in SDPA_CACHE:
             kc, vc = (torch.randn(B, H, length, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, V))
@@ -319,6 +409,7 @@ def run_benchmarks(torch, bla, args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list-specs", action="store_true", help="print the kernel specs to build, as JSON")
+    parser.add_argument("--build-variants", type=Path, help="compile the schedule VARIANTS into this folder")
     parser.add_argument("--bundle", type=Path, help="runtime bundle (for a machine without apache-tvm)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     parser.add_argument("--no-fla", dest="fla", action="store_false", help="skip FLA's fused_recurrent_gsa")
@@ -330,6 +421,9 @@ def main() -> int:
     DEVICE, CHECK_TOKENS, PARTIAL = args.device, args.check_tokens, args.out / "decode_bench_rows.jsonl"
     if args.list_specs:
         print(json.dumps(decode_specs(), indent=1))
+        return 0
+    if args.build_variants:
+        build_variants(args.build_variants)
         return 0
     if args.bundle:
         use_bundle(args.bundle)

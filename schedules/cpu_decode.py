@@ -14,12 +14,12 @@ from .cpu import CpuConfig, _vectorize_inner
 #: the decode kernels these rules serve (bla_tvm.spec.DECODE_KERNELS: schedules do not import the package)
 KERNELS = ("decode_step", "decode_step_state_float16", "decode_step_state_bfloat16")
 #: [.., F] = sum_n a[n] S[n, f]: run as rank-1 updates over n, the column axis f vectorised
-RANK_ONE = ("bla_dec_key_removed", "bla_dec_value_removed", "bla_dec_mix")
+RANK_ONE = ("bla_dec_removed", "bla_dec_mix")
 #: stages recomputed where they are read instead of stored
-INLINED = ("bla_dec_key_loaded", "bla_dec_value_loaded", "bla_dec_logits")
+INLINED = ("bla_dec_loaded", "bla_dec_logits")
 #: the stages at the root whose (b, h) loops are merged into one, in execution order; each of the others is
 #: computed inside the first of these that reads it
-ANCHORS = ("bla_dec_key_state", "bla_dec_value_state", "bla_dec_out", "bla_dec_key_out", "bla_dec_value_out")
+ANCHORS = ("bla_dec_state", "bla_dec_out", "bla_dec_key_out", "bla_dec_value_out")
 
 
 def decode_step_loops(sch):
@@ -27,7 +27,7 @@ def decode_step_loops(sch):
 
     TE gives the step three outputs (o, X', Y'), and an output stage cannot be moved into another's loops; so
     each of ``ANCHORS`` keeps its own nest, every other stage is computed inside the nest of its consumer, and the
-    anchors' b and h loops are then merged: per (b, h), X' and Y' (intermediates), the readout and o, then the
+    anchors' b and h loops are then merged: per (b, h), X' | Y' (an intermediate), the readout and o, then the
     copies of X' and Y' to the outputs.
     """
     root = sch.get_sblock("root")

@@ -2,7 +2,7 @@
 
 The step is memory bound: it reads the state X | Y once and writes it once (N (K + V) values per (b, h)); the
 readout is a few hundred FLOPs per value. So the block's threads own the state's columns: thread f loads
-column f of X (then of Y) with one coalesced load per row, keeps it in registers, rotates it, forms its removal
+column f of X | Y with one coalesced load per row, keeps it in registers, rotates it, forms its removal
 value and writes the new column once, to shared memory. From there the readout (z = X' q, scores, softmax,
 w = p C, o = w Y') runs over the block's threads, and X', Y' are copied to global memory, coalesced.
 """
@@ -15,12 +15,8 @@ import tvm
 
 from .cpu_decode import decode_step_loops
 
-#: the per-column chain of each state: R S (registers), the removal b^T R S / W (a register), A S + b new^T
-#: (shared memory, read by the readout and the copy to the output)
-CHAINS = {
-    "key": ("bla_dec_key_loaded", "bla_dec_key_rotated", "bla_dec_key_removed", "bla_dec_key_state"),
-    "value": ("bla_dec_value_loaded", "bla_dec_value_rotated", "bla_dec_value_removed", "bla_dec_value_state"),
-}
+#: the per-column chain of the stacked state X | Y: loaded, R S, the removal b^T R S / W, A S + b new^T
+CHAIN = ("bla_dec_loaded", "bla_dec_rotated", "bla_dec_removed", "bla_dec_state")
 #: the readout, in order; each stage's outputs spread over the threads, its reduction serial in a register
 READOUT = (
     "bla_dec_z", "bla_dec_scores", "bla_dec_row_max", "bla_dec_probs", "bla_dec_w", "bla_dec_mix",
@@ -45,13 +41,16 @@ ROW_REDUCTIONS = ("bla_dec_row_max", "bla_dec_row_sum")
 class DecodeCudaConfig:
     """Knobs of the CUDA decode schedule.
 
-    threads: threads per block (columns wider than this loop).
-    pad: shared-memory rows of X', Y' padded by one element when True, so that threads reading down a column
+    threads: threads per block; the state's K + V columns are spread over them (wider ones loop).
+    pad: shared-memory rows of X' | Y' padded by one element when True, so that threads reading down a column
         (z = X' q) hit distinct banks.
+    rotated_in_registers: keep R S in a register array beside the loaded column (else recomputed from the
+        loaded column where it is read: two multiply-adds, half the live registers).
     """
 
-    threads: int = 64
+    threads: int = 128
     pad: bool = True
+    rotated_in_registers: bool = False
 
 
 def _spread(sch, block, threads: int) -> None:
@@ -76,20 +75,27 @@ def _unroll_all_below(sch, block, loop) -> None:
         sch.unroll(inner)
 
 
-def _schedule_chain(sch, names, threads: int, pad: bool) -> None:
-    """One state's column chain: the new state's column loop over the threads, rows unrolled inside; the
-    loaded column (one coalesced load per row), its rotation and its removal value computed at that thread loop,
-    in registers; the new state in shared memory (rows padded by one element with ``pad``)."""
-    loaded, rotated, removed, state = (sch.get_sblock(name) for name in names)
+def _schedule_chain(sch, threads: int, pad: bool, rotated_in_registers: bool) -> None:
+    """The state's column chain: the new state's column loop over the threads, rows unrolled inside; the loaded
+    column (one coalesced load per row) and the removal value computed at that thread loop, in registers, and R S
+    too or recomputed where read; the new state in shared memory (rows padded by one element with ``pad``)."""
+    loaded, rotated, removed, state = (sch.get_sblock(name) for name in CHAIN)
     *_, n, f = sch.get_loops(state)
     sch.reorder(f, n)
     _, f_thread = sch.split(f, factors=[None, threads])
     sch.bind(f_thread, "threadIdx.x")
-    for block in (removed, rotated, loaded):  # consumers first
+    local = [loaded, removed]
+    if rotated_in_registers:
+        local.insert(1, rotated)
+    else:
+        sch.compute_inline(rotated)
+    for block in reversed(local):  # consumers first
         sch.compute_at(block, f_thread, preserve_unit_loops=True)
-    for block in (loaded, rotated, removed, state):
-        sch.set_scope(block, 0, "local") if block != state else sch.set_scope(block, 0, STATE_SCOPE)
+    for block in local:
+        sch.set_scope(block, 0, "local")
         _unroll_all_below(sch, block, f_thread)
+    sch.set_scope(state, 0, STATE_SCOPE)
+    _unroll_all_below(sch, state, f_thread)
     if pad:
         sch.storage_align(state, 0, axis=2, factor=32, offset=1)
 
@@ -102,8 +108,7 @@ def schedule_decode_step(func, spec, config=None):
     b, h = decode_step_loops(sch)
     sch.bind(h, "blockIdx.x")
     sch.bind(b, "blockIdx.y")
-    for names in CHAINS.values():
-        _schedule_chain(sch, names, config.threads, config.pad)
+    _schedule_chain(sch, config.threads, config.pad, config.rotated_in_registers)
     for name in INLINED:
         sch.compute_inline(sch.get_sblock(name))
     for name in READOUT:

@@ -12,8 +12,9 @@ then costs O(N F) instead of O(N^2 F), and every column of the state is updated 
 The readout is regrouped around the state: z_g = X' q_g [N], s_g = C z_g, w_g = p_g C [N], o_g = w_g Y'.
 
 Letters: B batch, H key/value heads, G query heads per kv head (static, ``KernelSpec.group_size``), K/V head
-dims, N resolution, M slots. Key and value states are updated by two identical chains of stages (``key``,
-``value``), the tensors of ``bla_tvm.state.BLAState``. B and H are symbolic: one compiled kernel serves every batch and head count.
+dims, F = K + V, N resolution, M slots. Key and value states are stacked as one [N, F] tile (columns 0..K-1
+keys, K..F-1 values) inside the kernel, so one thread can own any column; in memory they are the two tensors of
+``bla_tvm.state.BLAState``. B and H are symbolic: one compiled kernel serves every batch and head count.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     step will.
     """
     N, M, W, G = spec.resolution, spec.num_slots, spec.window, spec.group_size
-    K, V, acc, dt = spec.head_k, spec.head_v, spec.acc_dtype, spec.dtype
+    K, V, F, acc, dt = spec.head_k, spec.head_v, spec.state_width, spec.acc_dtype, spec.dtype
     sdt = state_dtype or acc
     B, H = te.var("B"), te.var("H")
     q = te.placeholder((B, H, G, K), dt, name="q")
@@ -59,40 +60,42 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     C_t = te.placeholder((N, M), acc, name="C_t")  # C transposed: the scores' reads run along a row
     zero = tirx.const(0, acc)
 
-    # -- the state update, column by column: S -> R S -> minus the token leaving, plus the new one (S = X, Y)
-    def update(part: str, old, new_row, width: int):
-        loaded = te.compute(
-            (B, H, N, width), lambda b, h, n, f: old[b, h, n, f].astype(acc), name=f"bla_dec_{part}_loaded"
-        )
-        rotated = te.compute(  # R S
-            (B, H, N, width),
-            lambda b, h, n, f: rot_diag[n] * loaded[b, h, n, f] + rot_off[n] * loaded[b, h, _partner(n, N), f],
-            name=f"bla_dec_{part}_rotated",
-        )
-        n1 = te.reduce_axis((0, N), name="n1")
-        removed = te.compute(  # b^T R S / W: the blurry token that falls out of the window
-            (B, H, width),
-            lambda b, h, f: te.sum(removal[n1] * rotated[b, h, n1, f], axis=n1),
-            name=f"bla_dec_{part}_removed",
-        )
-        return te.compute(  # A S + b new^T, rounded to the state dtype
-            (B, H, N, width),
-            lambda b, h, n, f: (
-                rotated[b, h, n, f] + basis[n] * (new_row[b, h, f].astype(acc) - removed[b, h, f])
-            ).astype(sdt),
-            name=f"bla_dec_{part}_state",
-        )
-
-    keys = update("key", key_state, k, K)
-    values = update("value", value_state, v, V)
-    key_out = te.compute((B, H, N, K), lambda *i: keys(*i), name="bla_dec_key_out")
-    value_out = te.compute((B, H, N, V), lambda *i: values(*i), name="bla_dec_value_out")
+    # -- the state update, column by column of the stacked X | Y [N, F]: S -> R S -> minus the token leaving,
+    # plus the new one
+    loaded = te.compute(
+        (B, H, N, F),
+        lambda b, h, n, f: te.if_then_else(
+            f < K, key_state[b, h, n, te.min(f, K - 1)], value_state[b, h, n, te.max(f - K, 0)]
+        ).astype(acc),
+        name="bla_dec_loaded",
+    )
+    rotated = te.compute(  # R S
+        (B, H, N, F),
+        lambda b, h, n, f: rot_diag[n] * loaded[b, h, n, f] + rot_off[n] * loaded[b, h, _partner(n, N), f],
+        name="bla_dec_rotated",
+    )
+    n1 = te.reduce_axis((0, N), name="n1")
+    removed = te.compute(  # b^T R S / W: the blurry token that falls out of the window
+        (B, H, F), lambda b, h, f: te.sum(removal[n1] * rotated[b, h, n1, f], axis=n1), name="bla_dec_removed"
+    )
+    state = te.compute(  # A S + b (k | v)^T, rounded to the state dtype
+        (B, H, N, F),
+        lambda b, h, n, f: (
+            rotated[b, h, n, f]
+            + basis[n]
+            * (te.if_then_else(f < K, k[b, h, te.min(f, K - 1)], v[b, h, te.max(f - K, 0)]).astype(acc)
+               - removed[b, h, f])
+        ).astype(sdt),
+        name="bla_dec_state",
+    )  # fmt: skip
+    key_out = te.compute((B, H, N, K), lambda b, h, n, kk: state[b, h, n, kk], name="bla_dec_key_out")
+    value_out = te.compute((B, H, N, V), lambda b, h, n, vv: state[b, h, n, K + vv], name="bla_dec_value_out")
 
     # -- the readout: z = X' q, scores = scale C z (masked), softmax, w = p C, o = w Y' / sum(p)
     k1 = te.reduce_axis((0, K), name="k1")
     z = te.compute(
         (B, H, G, N),
-        lambda b, h, g, n: te.sum(q[b, h, g, k1].astype(acc) * keys[b, h, n, k1].astype(acc), axis=k1),
+        lambda b, h, g, n: te.sum(q[b, h, g, k1].astype(acc) * state[b, h, n, k1].astype(acc), axis=k1),
         name="bla_dec_z",
     )
     n2 = te.reduce_axis((0, N), name="n2")
@@ -124,7 +127,7 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     n3 = te.reduce_axis((0, N), name="n3")
     mix = te.compute(
         (B, H, G, V),
-        lambda b, h, g, vv: te.sum(w[b, h, g, n3] * values[b, h, n3, vv].astype(acc), axis=n3),
+        lambda b, h, g, vv: te.sum(w[b, h, g, n3] * state[b, h, n3, K + vv].astype(acc), axis=n3),
         name="bla_dec_mix",
     )
     o = te.compute(
