@@ -167,6 +167,7 @@ def synchronize(torch) -> None:
 VARIANTS = {
     "R S in registers": {"rotated_in_registers": True},
     "64 threads (2 columns each)": {"threads": 64},
+    "readout loops not unrolled": {"unroll_readout": False},
 }
 
 

@@ -46,14 +46,16 @@ class DecodeCudaConfig:
         (z = X' q) hit distinct banks.
     rotated_in_registers: keep R S in a register array beside the loaded column (else recomputed from the
         loaded column where it is read: two multiply-adds, half the live registers).
+    unroll_readout: unroll the readout's reductions (their operand loads in flight together; more code).
     """
 
     threads: int = 128
     pad: bool = True
     rotated_in_registers: bool = False
+    unroll_readout: bool = True
 
 
-def _spread(sch, block, threads: int) -> None:
+def _spread(sch, block, threads: int, unroll: bool = True) -> None:
     """The block's own spatial loops fused and spread over the threads; a reduction runs serially in a register
     and is written back once by the thread that owns the output."""
     loops = sch.get_loops(block)[2:]  # under the block's (b, h)
@@ -62,7 +64,8 @@ def _spread(sch, block, threads: int) -> None:
     _, thread = sch.split(sch.fuse(*spatial), factors=[None, threads])
     sch.bind(thread, "threadIdx.x")
     if len(spatial) < len(loops):
-        sch.unroll(sch.get_loops(block)[-1])  # independent operand loads in flight, one accumulator
+        if unroll:  # independent operand loads in flight, one accumulator
+            sch.unroll(sch.get_loops(block)[-1])
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
 
@@ -118,7 +121,7 @@ def schedule_decode_step(func, spec, config=None):
         if name in ROW_REDUCTIONS and spec.num_slots == config.threads:
             sch.bind(sch.get_loops(block)[-1], "threadIdx.x")
         else:
-            _spread(sch, block, config.threads)
+            _spread(sch, block, config.threads, config.unroll_readout)
     for name in OUTPUTS:
         _spread(sch, sch.get_sblock(name), config.threads)
     return sch
