@@ -70,6 +70,7 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)

@@ -61,6 +61,7 @@ CHUNK_SIZE = "chunk_size"
 log = logging.getLogger("bla_tvm.tuning")
 
 
+@functools.lru_cache(maxsize=None)
 def shipped_dir() -> Path:
     """The tuning logs shipped with the package: installed beside it, or the checkout's tuning_logs/."""
     package = Path(__file__).resolve().parent
@@ -184,30 +185,62 @@ def _records_for(identity_json: str, folders: tuple[str, ...]) -> tuple[dict, ..
     return tuple(records)
 
 
+@functools.lru_cache(maxsize=64)
+def _identity_json(kind: str, index) -> str:
+    return json.dumps(device_identity(torch.device(kind, index) if index is not None else torch.device(kind)),
+                      sort_keys=True)  # fmt: skip
+
+
 def records(device: torch.device) -> tuple[dict, ...]:
     """The records that apply to ``device`` (none when tuning is off)."""
+    return _index(device)[0]
+
+
+def _index(device: torch.device) -> tuple[tuple[dict, ...], dict]:
+    """(records, {(kernel or "chunk_size:<mode>", L or 0, params key): [records]}) for ``device``: the ops
+    look a kernel up on every call, so the matching is done once per set of logs."""
     if not env.tuning_enabled():
-        return ()
-    return _records_for(json.dumps(device_identity(device), sort_keys=True), tuple(map(str, log_dirs())))
+        return (), {}
+    return _indexed(_identity_json(device.type, device.index), tuple(map(str, log_dirs())))
+
+
+@functools.lru_cache(maxsize=16)
+def _indexed(identity_json: str, folders: tuple[str, ...]):
+    found = _records_for(identity_json, folders)
+    index = {}
+    for record in found:
+        if record["kernel"] == CHUNK_SIZE:
+            key = (f"{CHUNK_SIZE}:{record['mode']}", 0, _params_key(record["params"]))
+        else:
+            key = (record["kernel"], record["chunk_size"], _params_key(record["params"]))
+        index.setdefault(key, []).append(record)
+    return found, index
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_key(spec) -> tuple:
+    return _params_key({k: v for k, v in spec.as_dict().items() if k != "chunk_size"})
+
+
+def _params_key(params: dict) -> tuple:
+    """Parameters with KernelSpec's defaults filled in, as a hashable key (chunk_size left out)."""
+    from .spec import KernelSpec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(KernelSpec)
+                if f.default is not dataclasses.MISSING and f.name != "chunk_size"}  # fmt: skip
+    return tuple(sorted({**defaults, **params}.items(), key=lambda item: item[0]))
 
 
 def reload() -> None:
     """Forget the logs read so far (and which problems were reported), e.g. after writing a new log."""
     _records_for.cache_clear()
+    _indexed.cache_clear()
+    _identity_json.cache_clear()
     with _REPORT_LOCK:
         _REPORTED.clear()
 
 
 # --- matching ---------------------------------------------------------------------------------------------------
-
-
-def _params_match(logged: dict, wanted: dict) -> bool:
-    from .spec import KernelSpec
-
-    defaults = {f.name: f.default for f in dataclasses.fields(KernelSpec) if f.default is not dataclasses.MISSING}
-    if any(logged.get(key, defaults.get(key)) != value for key, value in wanted.items()):
-        return False
-    return all(wanted.get(key, defaults.get(key)) == value for key, value in logged.items())
 
 
 def bucket_distance(bucket: dict, shape) -> float:
@@ -251,7 +284,7 @@ def _any_chunk_sizes(device: str, backward: bool) -> bool:
     if _FORCED_CHUNK.get() is not None:
         return True
     mode = MODES[backward]
-    if any(r["kernel"] == CHUNK_SIZE and r["mode"] == mode for r in records(torch.device(device))):
+    if any(key[0] == f"{CHUNK_SIZE}:{mode}" for key in _index(torch.device(device))[1]):
         return True
     if env.tuning_enabled():
         _report_once(
@@ -271,8 +304,7 @@ def _layer_chunk_sizes(device: str, params: tuple, backward: bool) -> tuple[tupl
     device_, params_, mode = torch.device(device), dict(params), MODES[backward]
     found = tuple(
         (r["chunk_size"], r["bucket"]["B"], r["bucket"]["T"], r["bucket"]["H"])
-        for r in records(device_)
-        if r["kernel"] == CHUNK_SIZE and r["mode"] == mode and _params_match(r["params"], params_)
+        for r in _index(device_)[1].get((f"{CHUNK_SIZE}:{mode}", 0, _params_key(params_)), [])
     )
     if not found and env.tuning_enabled():
         _report_once(
@@ -291,9 +323,7 @@ def kernel_config(kernel: str, spec, device: torch.device, shape) -> dict | None
         return forced[kernel]
     if shape is None:
         return None
-    params = {k: v for k, v in spec.as_dict().items() if k != "chunk_size"}
-    found = [r for r in records(device) if r["kernel"] == kernel and r["chunk_size"] == spec.chunk_size
-             and _params_match(r["params"], params)]  # fmt: skip
+    found = _index(device)[1].get((kernel, spec.chunk_size, _spec_key(spec)), [])
     record = _nearest(found, shape)
     return None if record is None else record["config"]
 

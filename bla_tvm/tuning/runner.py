@@ -7,7 +7,7 @@ For each problem and each chunk length L it can use:
    schedule, on fresh random inputs and NaN-poisoned outputs, against the float64 reference
    (``reference.bla_quadratic``, on the same device); a candidate over tolerance, or leaving a NaN, is out;
 3. times each verified candidate on the recorded arguments of the first bucket: warm-up, synchronisation,
-   median of several runs between CUDA events (``time_call``); the best few and the default are timed again at
+   median of several runs between CUDA events (``time_call``); the best one and the default are timed again at
    the other buckets;
 4. per (kernel, L, bucket) keeps the fastest, unless it beats the default by less than ``MARGIN``; per (mode,
    bucket) picks the L with the least total over the mode's kernels (each with its kept schedule);
@@ -38,8 +38,8 @@ from .problems import TuningProblem
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2, "float64": 1e-10}
 #: a candidate (or a chunk length) must beat the default by this fraction to replace it
 MARGIN = 0.02
-#: the best candidates (by the first bucket's time) timed again at the other buckets
-TOP_K = 2
+#: the best candidates (by the first bucket's time) timed again, with the default, at the other buckets
+TOP_K = 1
 
 
 def time_call(fn, device: torch.device, budget_ms: float = 60.0, min_reps: int = 3, max_reps: int = 50) -> float:
