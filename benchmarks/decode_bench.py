@@ -165,9 +165,7 @@ def synchronize(torch) -> None:
 #: schedule variants of the decode kernel (bla_tvm.schedules.cuda_decode.DecodeCudaConfig fields), built with
 #: --build-variants and timed beside the default, each checked on one step first
 VARIANTS = {
-    "R S in registers": {"rotated_in_registers": True},
     "64 threads (2 columns each)": {"threads": 64},
-    "readout loops not unrolled": {"unroll_readout": False},
 }
 
 
@@ -367,7 +365,7 @@ def run_benchmarks(torch, bla, args) -> dict:
                               H * N * (K + V) * 4 + 8, rows)  # fmt: skip
                 row.update(one_step_rel_err=check, ptxas=entry["ptxas"])
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        for length in SDPA_CACHE:
+        for length in SDPA_CACHE if args.baselines else ():
             kc, vc = (torch.randn(B, H, length, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, V))
             qs = q[:, :, None]
 
@@ -380,7 +378,7 @@ def run_benchmarks(torch, bla, args) -> dict:
             measure(torch, f"SDPA KV cache {length}", step, do_bench, cache_bytes, rows)
             measure(torch, f"SDPA KV cache {length} (attention only)", lambda kc=kc, vc=vc, qs=qs: sdpa(qs, kc, vc),
                     do_bench, cache_bytes, rows)  # fmt: skip
-        if args.fla:
+        if args.fla and args.baselines:
             try:
                 from fla.ops.gsa import fused_recurrent_gsa
 
@@ -415,6 +413,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     parser.add_argument("--no-fla", dest="fla", action="store_false", help="skip FLA's fused_recurrent_gsa")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="time BLA only")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the script")
     parser.add_argument("--check-tokens", type=int, default=4096, help="tokens decoded by each check")
     args = parser.parse_args()

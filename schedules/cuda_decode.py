@@ -30,11 +30,13 @@ OUTPUTS = ("bla_dec_key_out", "bla_dec_value_out")
 #: shared-memory merging fails on a reduction's register write-back into "shared.dyn")
 STATE_SCOPE = "shared.dyn"
 SHARED = "shared"
-#: row reductions of the softmax: the slot axis bound to the threads (a shuffle all-reduce) only when M equals
-#: the block's thread count; else serial. TVM 0.27 lowers an all-reduce over fewer threads than the block has
-#: over all of them, so the extra threads fold stale shared memory into the max and the sum (seen on the H200:
-#: 10% error at M = 63 with 64 threads).
-ROW_REDUCTIONS = ("bla_dec_row_max", "bla_dec_row_sum")
+#: the softmax's row reductions, by the stage that reads them: each thread of that stage computes its row's max
+#: (sum) itself, in a register, from the scores in shared memory (all threads read the same words: broadcasts).
+#: Neither way of sharing one result fails safe in TVM 0.27: an all-reduce over fewer threads than the block has
+#: runs over all of them (the extra threads fold stale shared memory into the max and the sum: 10% error on the
+#: H200 at M = 63 with 64 threads), and one thread's register write-back into shared memory loses its guard
+#: (every thread stores its uninitialised register: o off by 260% on the H200).
+ROW_REDUCTIONS = {"bla_dec_probs": "bla_dec_row_max", "bla_dec_out": "bla_dec_row_sum"}
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,9 @@ class DecodeCudaConfig:
     unroll_readout: bool = True
 
 
-def _spread(sch, block, threads: int, unroll: bool = True) -> None:
+def _spread(sch, block, threads: int, unroll: bool = True):
     """The block's own spatial loops fused and spread over the threads; a reduction runs serially in a register
-    and is written back once by the thread that owns the output."""
+    and is written back once by the thread that owns the output. Returns the thread loop."""
     loops = sch.get_loops(block)[2:]  # under the block's (b, h)
     iter_vars = sch.get(block).iter_vars[-len(loops):]
     spatial = [loop for loop, iv in zip(loops, iter_vars) if iv.iter_type == tvm.tirx.IterVar.DataPar]
@@ -68,6 +70,7 @@ def _spread(sch, block, threads: int, unroll: bool = True) -> None:
             sch.unroll(sch.get_loops(block)[-1])
         write_back = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write_back, thread, preserve_unit_loops=True)
+    return thread
 
 
 def _unroll_all_below(sch, block, loop) -> None:
@@ -116,12 +119,17 @@ def schedule_decode_step(func, spec, config=None):
         sch.compute_inline(sch.get_sblock(name))
     for name in READOUT:
         block = sch.get_sblock(name)
+        if name in ROW_REDUCTIONS.values():
+            continue  # computed by each thread that reads it, below
         if name != "bla_dec_out":
             sch.set_scope(block, 0, SHARED)
-        if name in ROW_REDUCTIONS and spec.num_slots == config.threads:
-            sch.bind(sch.get_loops(block)[-1], "threadIdx.x")
-        else:
-            _spread(sch, block, config.threads, config.unroll_readout)
+        thread = _spread(sch, block, config.threads, config.unroll_readout)
+        reduction = ROW_REDUCTIONS.get(name)
+        if reduction is not None:  # the row's max (sum) of the softmax, in a register of every thread using it
+            row = sch.get_sblock(reduction)
+            sch.compute_at(row, thread, preserve_unit_loops=True)
+            sch.set_scope(row, 0, "local")
+            sch.unroll(sch.get_loops(row)[-1])
     for name in OUTPUTS:
         _spread(sch, sch.get_sblock(name), config.threads)
     return sch
