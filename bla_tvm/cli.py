@@ -135,19 +135,30 @@ def _add_tune_parser(commands) -> None:
     tune.add_argument("--deadline", type=float, help="seconds after which measuring stops starting new problems")
     tune.add_argument("--no-evidence", action="store_true", help="skip timing the op end to end, tuned vs default")
     tune.add_argument("--label", default="tuned", help="suffix of the log's file name")
+    tune.add_argument("--shapes", nargs="*", default=(), metavar="B,T,H",
+                      help="shapes to time the op at end to end, besides the buckets (with --evidence-only: instead)")
+    tune.add_argument("--kernels", type=Path, help="with --evidence-only: the prebuilt kernels (default WORK/kernels)")
     split = tune.add_mutually_exclusive_group()
     split.add_argument("--build-only", action="store_true", help="only build the candidates into --work")
     split.add_argument("--measure-only", action="store_true", help="only measure what --work holds")
+    split.add_argument("--evidence-only", action="store_true",
+                       help="only time the op, tuned (logs in --out and shipped) vs default, for --work's problems")
 
 
 def _tune(args) -> int:
     from . import tuning
 
+    shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
+    if (args.measure_only or args.evidence_only) and args.work is None:
+        raise SystemExit("--measure-only and --evidence-only need --work (a folder written by --build-only)")
+    if args.evidence_only:
+        report = tuning.evidence_work(args.work, args.out, report=args.report, shapes=shapes, kernels=args.kernels,
+                                      deadline_s=args.deadline)  # fmt: skip
+        return _summary(report)
     if args.measure_only:
-        if args.work is None:
-            raise SystemExit("--measure-only needs --work (a folder written by --build-only)")
         report = tuning.measure_work(args.work, args.out, report=args.report, deadline_s=args.deadline,
-                                     with_evidence=not args.no_evidence, label=args.label)  # fmt: skip
+                                     with_evidence=not args.no_evidence, label=args.label,
+                                     extra_shapes=shapes)  # fmt: skip
         return _summary(report)
     if args.preset:
         if args.preset not in tuning.PRESETS:
@@ -165,18 +176,21 @@ def _tune(args) -> int:
         return 0
     report = tuning.tune(problems, args.device, args.arch, args.work, args.out, args.limit, args.jobs,
                          report=args.report, deadline_s=args.deadline, with_evidence=not args.no_evidence,
-                         label=args.label)  # fmt: skip
+                         label=args.label, extra_shapes=shapes)  # fmt: skip
     return _summary(report)
 
 
 def _summary(report: dict) -> int:
-    print(f"tuning log: {report.get('log')} ({report.get('seconds', 0):.0f} s measuring)")
+    if "log" in report:
+        print(f"tuning log: {report.get('log')} ({report.get('seconds', 0):.0f} s measuring)")
     if report.get("unfinished"):
         print("not finished before the deadline:", ", ".join(report["unfinished"]))
     for tag, rows in report.get("evidence", {}).items():
         for row in rows:
-            ratios = [f"{mode} {row[f'{mode} default ms'] / row[f'{mode} tuned ms']:.2f}x"
+            ratios = [f"{mode} {row[f'{mode} default ms']:.2f} -> {row[f'{mode} tuned ms']:.2f} ms "
+                      f"({row[f'{mode} default ms'] / row[f'{mode} tuned ms']:.2f}x)"
                       for mode in ("inference", "training") if f"{mode} tuned ms" in row]  # fmt: skip
+            ratios += [f"{mode} refused" for mode in ("inference", "training") if f"{mode} refused" in row]
             print(f"  {tag} {row['shape']}: " + ", ".join(ratios))
     return 0
 

@@ -11,7 +11,8 @@ Format (one file per device and tuning run; ``version`` 1)::
       "format": "bla_tvm.tuning_log", "version": 1,
       "device": {"kind": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0", "target": "sm_90"},
       "created": "2026-11-28T14:50:00Z", "bla_tvm": "0.1.0",
-      "tuning": {"candidates": 380, "built": 350, "verified": 340, "build_seconds": 900, "measure_seconds": 200},
+      "tuning": {"candidates": 380, "built": 350, "verified": 340, "build_seconds": 900, "measure_seconds": 200,
+                 "sources": "<digest of compute/ and schedules/ the candidates were built from>"},
       "records": [
         {"kernel": "chunk_output",                    # one of spec.FORWARD_KERNELS + BACKWARD_KERNELS
          "params": {"window": 512, "resolution": 63, "num_slots": 63, "head_k": 64, "head_v": 64,
@@ -181,6 +182,13 @@ def _records_for(identity_json: str, folders: tuple[str, ...]) -> tuple[dict, ..
                     f"({data['device'].get('kind')}), this device is {identity['name']!r}",
                 )  # fmt: skip
                 continue
+            tuned_for = (data.get("tuning") or {}).get("sources")
+            if tuned_for and tuned_for != _sources():
+                _report_once(
+                    ("stale", str(path)), logging.INFO,
+                    f"tuning log {path} was measured with other kernel sources (compute/ and schedules/ have changed "
+                    f"since); it is used, but re-run `bla-tvm tune` for schedules measured with these",
+                )  # fmt: skip
             records.extend(data["records"])
     return tuple(records)
 
@@ -189,6 +197,15 @@ def _records_for(identity_json: str, folders: tuple[str, ...]) -> tuple[dict, ..
 def _identity_json(kind: str, index) -> str:
     return json.dumps(device_identity(torch.device(kind, index) if index is not None else torch.device(kind)),
                       sort_keys=True)  # fmt: skip
+
+
+def _sources() -> str | None:
+    from .runtime import _source_digest
+
+    try:
+        return _source_digest()
+    except OSError:
+        return None
 
 
 def records(device: torch.device) -> tuple[dict, ...]:
@@ -270,12 +287,30 @@ def chunk_size(device: torch.device, params: dict, shape, backward: bool) -> int
     found = _layer_chunk_sizes(str(device), params, bool(backward))
     if not found:
         return None
-    if len({L for L, *_ in found}) == 1:
+    if found[0][1] == 0:  # forced
         return found[0][0]
+    if len({L for L, *_ in found}) == 1 and (shape is None or not all(isinstance(x, int) for x in shape[:3])):
+        return found[0][0]  # no need to read a symbolic shape
     if shape is None:
         return None
     B, T, H = (int(x) for x in shape[:3])
-    return min(found, key=lambda f: bucket_distance(dict(zip("BTH", f[1:])), (B, T, H)))[0]
+    L = min(found, key=lambda f: bucket_distance(dict(zip("BTH", f[1:])), (B, T, H)))[0]
+    if not _indexable(L, dict(params), (B, T, H), backward):
+        return None  # a shorter L means more chunks: never refuse a shape the default L can run
+    return L
+
+
+def _indexable(L: int, params: dict, shape, backward: bool) -> bool:
+    """Whether the per-chunk buffers of the op at chunk length L stay within 32-bit indexing (``ops.
+    _chunk_tensors``): the states [B, NC, H, N, K + V] and, for training, the gradients [B, NC, HQ, L + N,
+    K + V + K]. ``shape`` is q's (B, T, HQ)."""
+    B, T, HQ = shape
+    N, K, V, G = params["resolution"], params["head_k"], params["head_v"], params.get("group_size", 1)
+    chunks = -(-T // L)
+    largest = B * chunks * max(HQ // G, 1) * N * (K + V)
+    if backward:
+        largest = max(largest, B * chunks * HQ * (L + N) * (2 * K + V))
+    return largest <= 2**31 - 1
 
 
 @torch.compiler.assume_constant_result
@@ -300,7 +335,7 @@ def _layer_chunk_sizes(device: str, params: tuple, backward: bool) -> tuple[tupl
     """(L, B, T, H) of every matching chunk-length record (``forced``'s L alone inside that block)."""
     forced_L = _FORCED_CHUNK.get()
     if forced_L is not None:
-        return ((forced_L, 1, 1, 1),)
+        return ((forced_L, 0, 0, 0),)  # B = 0 marks it
     device_, params_, mode = torch.device(device), dict(params), MODES[backward]
     found = tuple(
         (r["chunk_size"], r["bucket"]["B"], r["bucket"]["T"], r["bucket"]["H"])

@@ -98,6 +98,14 @@ def test_nearest_bucket_wins(log_dir):
     assert tuning_logs.kernel_config("chunk_output", spec, CPU, (1, 60000, 2, K)) == {"vector_lanes": 4}
 
 
+def test_logged_chunk_length_never_refuses_a_shape_the_default_runs(log_dir):
+    """A shorter L means more chunks: where its buffers would pass 32-bit indexing, the default L is used."""
+    wide = dict(PARAMS, head_k=128, head_v=128, resolution=63, num_slots=63, window=512)
+    write(log_dir, "mine.json", [chunk_record(16, T=16384, params=wide)])
+    assert tuning_logs.chunk_size(CPU, wide, (4, 16384, 16, 128), False) == 16
+    assert tuning_logs.chunk_size(CPU, wide, (4, 65536, 16, 128), False) is None  # 4.2e9 elements at L = 16
+
+
 def test_user_logs_come_before_shipped_ones(log_dir, monkeypatch, tmp_path_factory):
     shipped = tmp_path_factory.mktemp("shipped")
     monkeypatch.setattr(tuning_logs, "shipped_dir", lambda: shipped)

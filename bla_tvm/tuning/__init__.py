@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .problems import PRESETS, TuningProblem, load_problems
 
-__all__ = ["PRESETS", "TuningProblem", "build_work", "load_problems", "measure_work", "tune"]
+__all__ = ["PRESETS", "TuningProblem", "build_work", "evidence_work", "load_problems", "measure_work", "tune"]
 
 
 def build_work(problems, device_kind: str, arch: str | None, work: Path, limit: int | None = None, jobs: int = 1,
@@ -56,6 +56,14 @@ def measure_work(work: Path, log_dir: Path | None = None, **kwargs) -> dict:
     from . import runner
 
     return runner.measure_work(Path(work), log_dir, **kwargs)
+
+
+def evidence_work(work: Path, log_dir: Path | None = None, **kwargs) -> dict:
+    """Time the op end to end, tuned against default, for the problems of ``work``. See
+    ``runner.evidence_work``."""
+    from . import runner
+
+    return runner.evidence_work(Path(work), log_dir, **kwargs)
 
 
 def tune(problems, device: str = "cuda", arch: str | None = None, work: Path | None = None,

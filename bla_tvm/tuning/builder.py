@@ -26,7 +26,7 @@ import time
 import types
 from pathlib import Path
 
-from ..runtime import MANIFEST
+from ..runtime import MANIFEST, _source_digest
 from ..spec import BACKWARD_KERNELS, CHUNK_SIZES, CUDA_SHARED_MEMORY_LIMIT, FORWARD_KERNELS, KernelSpec
 from .problems import TuningProblem
 
@@ -255,6 +255,7 @@ def build_work(
         "format": WORK_FORMAT, "device_kind": device_kind, "target": target,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "build_seconds": round(time.time() - start, 1),
+        "sources": _source_digest(),  # the compute and schedules the candidates were built from
         "counts": {"candidates": len(jobs_list), "built": len(jobs_list) - len(rejected), "rejected": len(rejected)},
         "problems": plans, "rejected": rejected,
     }  # fmt: skip

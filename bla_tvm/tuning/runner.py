@@ -489,9 +489,50 @@ def _measure(tasks, work, device, identity, log_dir, report, deadline, with_evid
     return out
 
 
+def evidence_work(work: Path, log_dir: Path | None = None, report: Path | None = None, shapes=(),
+                  kernels: Path | None = None, deadline_s: float | None = None) -> dict:  # fmt: skip
+    """Time the op end to end, tuned (the logs in ``log_dir`` and the shipped ones) against the defaults, for the
+    problems of the work folder ``work`` at ``shapes`` (default: their buckets), with the kernels of ``kernels``
+    (default ``work/kernels``; a manifest there may name files elsewhere). Writes and returns the report."""
+    start = time.time()
+    tasks = json.loads((Path(work) / TASKS).read_text())
+    device = torch.device("cuda" if tasks["device_kind"] == "cuda" else "cpu")
+    log_dir = Path(log_dir) if log_dir else env.tuning_dir()
+    report = Path(report) if report else Path(work) / "evidence.json"
+    saved = {k: os.environ.get(k) for k in ("BLA_TVM_PREBUILT_DIR", "BLA_TVM_NO_BUILD")}
+    os.environ["BLA_TVM_PREBUILT_DIR"] = str(kernels or Path(work) / "kernels")
+    os.environ["BLA_TVM_NO_BUILD"] = "1"
+    runtime.cuda_chunk_size.cache_clear()
+    deadline = _Deadline(deadline_s)
+    out = {"device": tuning_logs.device_identity(device), "evidence": {}, "unfinished": []}
+    try:
+        for entry in tasks["problems"]:
+            problem = TuningProblem(**entry["problem"])
+            wanted = [tuple(x) for x in shapes] or [tuple(b) for b in problem.buckets]
+            try:
+                rows = evidence(problem, list(entry["chunk_sizes"]), entry["tunable"], device, wanted, log_dir,
+                                deadline)  # fmt: skip
+                out["evidence"][problem.tag()] = rows
+                for row in rows:
+                    print(f"{problem.tag()} {row}", flush=True)
+            except TimeoutError:
+                out["unfinished"].append(problem.tag())
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        runtime.cuda_chunk_size.cache_clear()
+    out["seconds"] = round(time.time() - start, 1)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
 def _write(log_dir, identity, results, tasks, start, label) -> Path:
     records = [r for result in results for r in result["records"]]
     verified = sum(row["verified"] for result in results for rows in result["kernels"].values() for row in rows)
     tuning = dict(tasks["counts"], verified=verified, build_seconds=tasks["build_seconds"],
-                  measure_seconds=round(time.time() - start, 1))  # fmt: skip
+                  measure_seconds=round(time.time() - start, 1), sources=tasks.get("sources"))  # fmt: skip
     return tuning_logs.write_log(log_dir, tuning_logs.new_log(identity, records, tuning), label)
