@@ -57,20 +57,24 @@ def unguarded_write_backs(func) -> list[tuple[str, str, str, int]]:
     global buffer) whose index is not provably inside the buffer's static extents, given the loop ranges, block
     bindings and predicates around it. TVM 0.27's ``reverse_compute_at`` of a register cache into a kernel's
     output relaxes the write-back to whole tiles and drops the bound check: partial tiles then write past the
-    output (a race between blocks); write-backs into shared intermediates keep theirs. Empty when sound."""
+    output (a race between blocks); write-backs into shared intermediates keep theirs. Empty when sound.
+
+    The arithmetic analyzer proves most indices; where it cannot (a fused thread index divided by a column
+    count, under a predicate on the fused index), every value of the loop variables involved is tried."""
     from tvm.ir import Range
     from tvm.sym.analyzer import Analyzer
 
     found = []
 
-    def loads_register(value) -> bool:
-        buffer = getattr(value, "buffer", None)
-        return buffer is not None and buffer.scope() == "local"
+    def loads_register(value) -> bool:  # a BufferLoad (``.buffer``) or, in TVM 0.27's tensor IR, ``.source``
+        buffer = getattr(value, "buffer", None) or getattr(value, "source", None)
+        return buffer is not None and hasattr(buffer, "scope") and buffer.scope() == "local"
 
-    def walk(stmt, analyzer, block):
+    def walk(stmt, analyzer, block, loops, predicates):
         if isinstance(stmt, tvm.tirx.For):
             analyzer.bind(stmt.loop_var, Range.from_min_extent(stmt.min, stmt.extent))
-            walk(stmt.body, analyzer, block)
+            loops = {**loops, stmt.loop_var.name: (stmt.min, stmt.extent)}
+            walk(stmt.body, analyzer, block, loops, predicates)
         elif isinstance(stmt, tvm.s_tir.SBlockRealize):
             inner = analyzer.clone()
             for iter_var, value in zip(stmt.block.iter_vars, stmt.iter_values):
@@ -78,16 +82,68 @@ def unguarded_write_backs(func) -> list[tuple[str, str, str, int]]:
             with inner.constraint_scope(stmt.predicate):
                 for part in (stmt.block.init, stmt.block.body):
                     if part is not None:
-                        walk(part, inner, stmt.block.name_hint)
+                        walk(part, inner, stmt.block.name_hint, loops, [*predicates, stmt.predicate])
         elif isinstance(stmt, tvm.tirx.BufferStore):
             if stmt.buffer.scope() != "local" and loads_register(stmt.value):
                 for index, extent in zip(stmt.indices, stmt.buffer.shape):
-                    inside = tvm.tirx.all(0 <= index, index < extent)
-                    if isinstance(extent, tvm.tirx.IntImm) and not analyzer.can_prove(inside):
-                        found.append((block, stmt.buffer.name, str(analyzer.simplify(index)), int(extent)))
+                    if not isinstance(extent, tvm.tirx.IntImm):
+                        continue
+                    index = analyzer.simplify(index)
+                    if analyzer.can_prove(tvm.tirx.all(0 <= index, index < extent)):
+                        continue
+                    if not _inside_by_enumeration(index, int(extent), predicates, loops):
+                        found.append((block, stmt.buffer.name, str(index), int(extent)))
         else:
             for child in _children(stmt):
-                walk(child, analyzer, block)
+                walk(child, analyzer, block, loops, predicates)
 
-    walk(func.body, Analyzer(), "root")
+    walk(func.body, Analyzer(), "root", {}, [])
     return found
+
+
+class _Script:
+    """What TVMScript's printed integer expressions call, for evaluating them with Python ints."""
+
+    max = staticmethod(max)
+    min = staticmethod(min)
+
+    @staticmethod
+    def if_then_else(condition, then, otherwise):
+        return then if condition else otherwise
+
+    @staticmethod
+    def Cast(dtype, value):  # noqa: N802 (TVMScript's name)
+        return value
+
+
+def _inside_by_enumeration(index, extent: int, predicates, loops, limit: int = 1 << 20) -> bool:
+    """0 <= index < extent wherever the predicates hold, trying every value of the loop variables involved
+    (their ranges static, at most ``limit`` points); False when that cannot be decided."""
+    import itertools
+    import re
+
+    index_text = str(index)
+    condition_text = " and ".join(f"({p})" for p in predicates if str(p) != "True") or "True"
+    words = set(re.findall(r"\b[A-Za-z_]\w*\b", index_text + " " + condition_text))
+    names = sorted(words - {"T", "and", "or", "not", "True", "False", "max", "min", "if_then_else", "Cast"})
+    ranges = []
+    for name in names:
+        if name not in loops or not all(isinstance(x, tvm.tirx.IntImm) for x in loops[name]):
+            return False
+        start, count = (int(x) for x in loops[name])
+        ranges.append(range(start, start + count))
+    if any(len(r) == 0 for r in ranges) or _product(len(r) for r in ranges) > limit:
+        return False
+    try:
+        index_fn = eval(f"lambda {', '.join(names)}: {index_text}", {"T": _Script})  # noqa: S307
+        condition_fn = eval(f"lambda {', '.join(names)}: {condition_text}", {"T": _Script})  # noqa: S307
+        return all(0 <= index_fn(*point) < extent for point in itertools.product(*ranges) if condition_fn(*point))
+    except Exception:  # noqa: BLE001 (an expression Python cannot evaluate: undecided)
+        return False
+
+
+def _product(values) -> int:
+    result = 1
+    for value in values:
+        result *= value
+    return result

@@ -1,17 +1,20 @@
-"""CUDA schedules for the BLA forward kernels (SIMT): how the compute in ``bla_tvm.compute`` runs on a GPU.
+"""CUDA schedules for the BLA kernels: how the compute in ``bla_tvm.compute`` runs on a GPU.
 
 One thread block per (chunk, batch, head): blockIdx.x = chunk, .y = head, .z = batch. Every per-chunk stage is
 computed inside the block with its intermediates in shared memory (one dynamic allocation, reused between stages
-whose lifetimes do not overlap); each stage's outputs are spread over the block's threads, each thread running
-its reduction serially.
+whose lifetimes do not overlap). In fp16/bf16 kernels the plain matrix products run on the tensor cores, a warp
+per 16 x 16 output tile (``cuda_tensorcore``); the other contractions give each thread a register tile of
+outputs, the remaining stages one output per thread.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import tvm
 
+from . import cuda_tensorcore
 from .common import chunk_loops, intermediate_buffers, is_contraction, output_name, unguarded_write_backs
 
 #: stages recomputed where they are read instead of stored
@@ -25,20 +28,34 @@ class CudaConfig:
     threads: threads per block of the per-chunk kernels.
     tile: outputs (rows, columns) each thread of a contraction stage accumulates in registers.
     cache_operands: load each reduction step's operand slices into registers once per tile.
+    tensor_cores: run the contractions that qualify on the tensor cores (WMMA, fp16 operands, fp32
+        accumulation) in fp16/bf16 kernels (``cuda_tensorcore``); fp32 kernels always stay SIMT.
     """
 
     threads: int = 256
     tile: tuple[int, int] = (4, 4)
     cache_operands: bool = True
+    tensor_cores: bool = True
 
 
-def _bind_threads(sch, loops, threads: int) -> None:
-    """Fuse ``loops`` (spatial, adjacent), split by ``threads`` and bind the inner part to threadIdx.x."""
-    _, thread = sch.split(sch.fuse(*loops), factors=[None, threads])
+def _bind_threads(sch, loops, threads):
+    """Fuse ``loops`` (spatial, adjacent), split by ``threads`` and bind the inner part to threadIdx.x; with
+    ``threads`` = (warps, lanes), to threadIdx.y and .x (the layout of kernels with tensor-core stages, whose
+    warps are threadIdx.y). Returns the innermost thread loop."""
+    if isinstance(threads, tuple):
+        _, warp, thread = sch.split(sch.fuse(*loops), factors=[None, *threads])
+        sch.bind(warp, "threadIdx.y")
+    else:
+        _, thread = sch.split(sch.fuse(*loops), factors=[None, threads])
     sch.bind(thread, "threadIdx.x")
+    return thread
 
 
-def _spread_over_threads(sch, block, threads: int, spatial=None) -> None:
+def _thread_count(threads) -> int:
+    return threads[0] * threads[1] if isinstance(threads, tuple) else threads
+
+
+def _spread_over_threads(sch, block, threads, spatial=None) -> None:
     """For a stage computed inside the chunk's block: its spatial loops (by default all of its own) spread over
     the threads; a reduction accumulates in a register and is written once, by the thread that owns it."""
     iter_vars = sch.get(block).iter_vars
@@ -77,21 +94,20 @@ def _tile_shape(rows: int, cols: int, threads: int, tile: tuple[int, int]) -> tu
     return min(shapes, key=cost)
 
 
-def _tile_over_threads(sch, block, threads: int, tile: tuple[int, int], cache_operands: bool = True) -> None:
+def _tile_over_threads(sch, block, threads, tile: tuple[int, int], cache_operands: bool = True) -> None:
     """For a contraction (loops unit c, b, h, then rows j, columns x, reduction r) inside the chunk's block:
     each thread owns a box of outputs, held in registers across the reduction, so each operand load feeds
     several multiply-adds; the box is written to shared memory once (partial boxes at the edges are
     predicated: see ``_tile_shape``)."""
     *_, row, col, red = sch.get_loops(block)
-    shape = _tile_shape(int(sch.get(row).extent), int(sch.get(col).extent), threads, tile)
+    shape = _tile_shape(int(sch.get(row).extent), int(sch.get(col).extent), _thread_count(threads), tile)
     operands = [region.source.name for region in sch.get(block).reads]
     gathered = GATHERED.get(sch.get(block).name_hint, ())
-    operands = [name for name in operands if name.removesuffix("_shared.dyn") not in gathered]
+    operands = [name for name in operands if re.sub(r"(_shared\.dyn|_pad(_\d+)?)+$", "", name) not in gathered]
     row_o, row_i = sch.split(row, factors=[None, shape[0]])
     col_o, col_i = sch.split(col, factors=[None, shape[1]])
     sch.reorder(row_o, col_o, red, row_i, col_i)
-    _, thread = sch.split(sch.fuse(row_o, col_o), factors=[None, threads])
-    sch.bind(thread, "threadIdx.x")
+    thread = _bind_threads(sch, [row_o, col_o], threads)
     for operand in operands if cache_operands else ():  # each step's operand slices, loaded into registers
         cache = sch.cache_read(block, operand, "local", [block])
         sch.compute_at(cache, red, preserve_unit_loops=True)
@@ -132,7 +148,20 @@ def schedule_chunk_state(func, spec, config: CudaConfig = CudaConfig()):
 def schedule_per_chunk(sch, anchor: str, spec, config: CudaConfig, inlined=()):
     """Schedule a kernel whose ``anchor`` output is [B, T, H, X] and whose other stages are per chunk: t split
     into (chunk, position); a block per (c, b, h) computes every stage of its chunk, intermediates in shared
-    memory, contractions as register tiles, other stages spread over the threads."""
+    memory, contractions on the tensor cores (``cuda_tensorcore``) or as register tiles, other stages spread
+    over the threads."""
+    threads, tensor_core_blocks = config.threads, []
+    if config.tensor_cores and spec.dtype in cuda_tensorcore.TENSOR_CORE_DTYPES:
+        for name in inlined:
+            sch.compute_inline(sch.get_sblock(name))
+        inlined = ()
+        names = [
+            sch.get(block).name_hint
+            for block in sch.get_child_blocks(sch.get_sblock("root"))
+            if is_contraction(sch, block) and sch.get(block).name_hint not in GATHERED
+        ]
+        threads = (config.threads // cuda_tensorcore.WARP, cuda_tensorcore.WARP)
+        tensor_core_blocks = cuda_tensorcore.prepare(sch, names, threads[0])
     c, b, h = chunk_loops(sch, anchor, spec)
     inner = sch.get_loops(sch.get_sblock(anchor))[3:]
     _bind_chunk_blocks(sch, c, b, h)
@@ -142,16 +171,19 @@ def schedule_per_chunk(sch, anchor: str, spec, config: CudaConfig, inlined=()):
     for name in inlined:
         sch.compute_inline(sch.get_sblock(name))
     intermediates = intermediate_buffers(sch)
+    on_tensor_cores = {sch.get(step).name_hint: (step, operands) for step, operands in tensor_core_blocks}
     for block in sch.get_child_blocks(b):
         if sch.get(block).name_hint == anchor:
             continue
         if sch.get(block).writes[0].source.name in intermediates:
             sch.set_scope(block, 0, "shared.dyn")
-        if is_contraction(sch, block):
-            _tile_over_threads(sch, block, config.threads, config.tile, config.cache_operands)
+        if sch.get(block).name_hint in on_tensor_cores:
+            cuda_tensorcore.tensorize(sch, on_tensor_cores[sch.get(block).name_hint], threads[0])
+        elif is_contraction(sch, block):
+            _tile_over_threads(sch, block, threads, config.tile, config.cache_operands)
         else:
-            _spread_over_threads(sch, block, config.threads)
-    _bind_threads(sch, inner, config.threads)
+            _spread_over_threads(sch, block, threads)
+    _bind_threads(sch, inner, threads)
     _check_write_backs(sch)
     return sch
 
