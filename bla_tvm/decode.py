@@ -3,8 +3,10 @@
 
 The state is returned, not updated in place: ``decode_step`` reads ``state`` and returns a new ``BLAState``
 (X', Y', seen + 1); the old tensors are left as they were. Reading the old state and writing the new one is the
-same memory traffic as an in-place update, and the op stays functional (``torch.compile``, autograd-free
-replays, keeping a state to branch from). ``torch.ops.bla_tvm.decode_step`` is the custom op behind it.
+same memory traffic as an in-place update, and the op stays functional (``torch.compile``, CUDA graphs,
+keeping a state to branch from). ``torch.ops.bla_tvm.decode_step`` is the custom op behind it (no autograd:
+decoding is inference); eager calls outside autograd run its implementation directly, skipping the op's
+dispatch.
 
 Imports only torch, tvm_ffi and the package's runtime (the build layer only when a kernel is missing).
 """
@@ -55,8 +57,7 @@ def _decode_function(kernel: str, spec: KernelSpec, device: torch.device):
     return LIBRARY.function(kernel, spec, device)
 
 
-@torch.library.custom_op("bla_tvm::decode_step", mutates_args=())
-def decode_step_op(
+def _decode_step_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -82,6 +83,10 @@ def decode_step_op(
     if B * H:
         _launch(kernel, q.view(B, H, HQ // H, K), k, v, key_state, value_state, seen, *consts, o, key_out, value_out)
     return o.view(B, HQ, V), key_out, value_out
+
+
+#: the op (for torch.compile and torch.library tooling); eager inference calls ``_decode_step_impl`` directly
+decode_step_op = torch.library.custom_op("bla_tvm::decode_step", _decode_step_impl, mutates_args=())
 
 
 @decode_step_op.register_fake
@@ -198,9 +203,11 @@ def decode_step(
         raise ValueError("state_dtype applies only to a fresh state (state=None); convert the state's tensors instead")
     state = _check_decode_state(state, q, k, v, params.resolution)
     seen = state.seen.to(torch.int64)
-    o, key_state, value_state = torch.ops.bla_tvm.decode_step(
-        q, k, v, state.key_state, state.value_state, seen, params.window, params.resolution, params.num_slots, scale
-    )
+    step = torch.ops.bla_tvm.decode_step
+    tensors = (q, k, v, state.key_state, state.value_state)
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        step = _decode_step_impl  # eager inference: the same code without the op's dispatch (tens of us a token)
+    o, key_state, value_state = step(*tensors, seen, params.window, params.resolution, params.num_slots, scale)
     return (o[:, None] if squeeze else o), BLAState(key_state, value_state, seen + 1)
 
 
@@ -226,7 +233,8 @@ def generate(
         q, k, v: the prompt, `[B, T, HQ, K]`, `[B, T, H, K]`, `[B, T, H, V]` (T >= 0).
         window, resolution, num_slots, scale: as in `blurry_window_attention`.
         next_token: `next_token(o, i) -> (q, k, v)`: given the attention output of the previous token `o`
-            `[B, HQ, V]` and the index i of the token to produce (0 for the first new token), the next token's
+            `[B, HQ, V]` (None after an empty prompt) and the index i of the token to produce (0 for the first
+            new token), the next token's
             `[B, HQ, K]`, `[B, H, K]`, `[B, H, V]` (a model's layer would project them from its hidden state).
         max_new_tokens: how many tokens to decode after the prompt (needs `next_token` when > 0).
         initial_state: a `BLAState` to continue from (default: a fresh sequence), as in `blurry_window_attention`.

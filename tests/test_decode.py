@@ -205,6 +205,16 @@ def test_generate_validates_its_own_arguments():
         generate(q, k, v, 9, 5, max_new_tokens=2)
 
 
+def test_eager_path_equals_the_op():
+    """Eager inference runs the op's implementation directly; the registered op gives the same result."""
+    q, k, v = _token(HQ=4)
+    state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([3, 40]))
+    o, new = decode_step(q, k, v, state, 9, 5, 3, 0.5)
+    o_op, key_op, value_op = torch.ops.bla_tvm.decode_step(q, k, v, *state, 9, 5, 3, 0.5)
+    assert torch.equal(o, o_op) and torch.equal(new.key_state, key_op) and torch.equal(new.value_state, value_op)
+    assert new.seen.tolist() == [4, 41]
+
+
 def test_op_passes_opcheck():
     """torch.ops.bla_tvm.decode_step: schema, fake tensor and dispatch checks."""
     q, k, v = _token(HQ=4)
