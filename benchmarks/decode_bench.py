@@ -171,12 +171,12 @@ VARIANTS = {
 
 def build_variants(out: Path) -> None:
     """Compile VARIANTS (bf16 inputs, float32 state) for sm_90 into ``out`` with a manifest (needs TVM)."""
-    from bla_tvm import build  # noqa: F401 - prepares nvcc before tvm loads
+    from bla_tvm import build  # first: it prepares nvcc (and a stand-in libcuda) before tvm loads
     from bla_tvm.compute import prim_func
     from bla_tvm.schedules import cuda_decode
     from bla_tvm.spec import KernelSpec
 
-    import tvm
+    tvm = build.tvm
 
     W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
     spec = KernelSpec(W, N, M, 1, K, V, "bfloat16", 1)

@@ -45,10 +45,11 @@ def decode_step_loops(sch):
     return b, h
 
 
-def schedule_decode_step(func, spec, config: CpuConfig = CpuConfig()):
+def schedule_decode_step(func, spec, config: CpuConfig | None = None):
     """o[b, h, g, v] and X', Y' [b, h, n, :]: every stage inside one (b, h) loop pair (``decode_step_loops``),
     parallel over h (B and H are symbolic, so they are not fused); reductions over rows run as rank-1 updates
     with the column axis vectorised, other stages vectorised along their last axis."""
+    config = config if isinstance(config, CpuConfig) else CpuConfig()
     sch = tvm.s_tir.Schedule(func)
     _, h = decode_step_loops(sch)
     sch.parallel(h)
