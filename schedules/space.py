@@ -22,6 +22,8 @@ SPACES: dict[str, dict[str, tuple]] = {
         "threads": (256, 128, 512, 1024),
         "tile": ((4, 4), (2, 2)),
         "cache_operands": (True, False),
+        # fp16/bf16 kernels only; fp32 kernels ignore it (their two points build the same kernel)
+        "tensor_cores": (True, False),
     },
     "cpu": {
         "vector_lanes": (16, 8, 32, 4),
@@ -31,7 +33,7 @@ SPACES: dict[str, dict[str, tuple]] = {
 #: narrower spaces where a kernel has fewer useful knobs: (device kind, kernel) -> knob -> values
 KERNEL_SPACES: dict[tuple[str, str], dict[str, tuple]] = {
     # one contraction with a 127-long reduction; a small share of the forward's time
-    ("cuda", "chunk_state"): {"threads": (256, 128, 512), "tile": ((4, 4),), "cache_operands": (True,)},
+    ("cuda", "chunk_state"): {"threads": (256, 128, 512)},
     # per-token reads of the chunk gradients and carried states: block size is what matters
     **{("cuda", f"input_gradient_{x}"): {"threads": (256, 128, 512)} for x in "qkv"},
 }
