@@ -70,7 +70,7 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)
@@ -178,7 +178,8 @@ def chunk_size_for(
     chunk starts): training (``backward``) has its own records, measured over forward and backward together."""
     from . import tuning_logs
 
-    params = dict(window=window, resolution=resolution, num_slots=num_slots, head_k=head_k, head_v=head_v, dtype=dtype)
+    params = {"window": window, "resolution": resolution, "num_slots": num_slots, "head_k": head_k, "head_v": head_v,
+              "dtype": dtype}
     tuned = tuning_logs.chunk_size(device, params, shape, backward)
     if tuned is not None:
         return tuned

@@ -62,7 +62,7 @@ CHUNK_SIZE = "chunk_size"
 log = logging.getLogger("bla_tvm.tuning")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shipped_dir() -> Path:
     """The tuning logs shipped with the package: installed beside it, or the checkout's tuning_logs/."""
     package = Path(__file__).resolve().parent
@@ -353,7 +353,7 @@ def _layer_chunk_sizes(device: str, params: tuple, backward: bool) -> tuple[tupl
 def kernel_config(kernel: str, spec, device: torch.device, shape) -> dict | None:
     """The logged schedule config of ``kernel`` for ``spec`` (L included) nearest to ``shape``, or None (the
     default schedule). Inside ``forced`` the forced config wins."""
-    forced = _FORCED.get()
+    forced = _FORCED.get() or {}
     if kernel in forced:
         return forced[kernel]
     if shape is None:
@@ -372,8 +372,8 @@ def kernel_function(kernel: str, spec, device: torch.device, shape):
     if config is not None:
         try:
             return LIBRARY.function(kernel, spec, device, config)
-        except Exception as error:  # noqa: BLE001 - a bad log must never break the op
-            if kernel in _FORCED.get():
+        except Exception as error:
+            if kernel in (_FORCED.get() or {}):
                 raise
             _report_once(
                 ("unloadable", kernel, spec, json.dumps(config, sort_keys=True)), logging.WARNING,
@@ -384,7 +384,7 @@ def kernel_function(kernel: str, spec, device: torch.device, shape):
 
 # --- the tuner's hook --------------------------------------------------------------------------------------------
 
-_FORCED: contextvars.ContextVar[dict] = contextvars.ContextVar("bla_tvm_forced_configs", default={})
+_FORCED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bla_tvm_forced_configs", default=None)
 _FORCED_CHUNK: contextvars.ContextVar[int | None] = contextvars.ContextVar("bla_tvm_forced_chunk", default=None)
 
 
@@ -393,7 +393,7 @@ def forced(configs: dict, chunk_size: int | None = None):
     """Within the block, ``kernel_config`` returns ``configs[kernel]`` for the kernels it names (None: the
     default schedule) and ``chunk_size`` returns ``chunk_size`` (if given), whatever the logs say: the tuner
     runs the public op with a candidate schedule and chunk length this way."""
-    token = _FORCED.set({**_FORCED.get(), **configs})
+    token = _FORCED.set({**(_FORCED.get() or {}), **configs})
     chunk_token = _FORCED_CHUNK.set(chunk_size if chunk_size is not None else _FORCED_CHUNK.get())
     try:
         yield

@@ -17,7 +17,7 @@ from bla_tvm import bla_quadratic, blurry_window_attention, tuning_logs
 from bla_tvm.runtime import target_id
 
 #: a small layer, so that its CPU kernels compile in seconds
-LAYER = dict(window=16, resolution=7, num_slots=9)
+LAYER = {"window": 16, "resolution": 7, "num_slots": 9}
 K, V = 8, 8
 PARAMS = dict(LAYER, head_k=K, head_v=V, dtype="float32", group_size=1)
 CPU = torch.device("cpu")

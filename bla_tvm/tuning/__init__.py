@@ -11,8 +11,8 @@ tvm_ffi only) measures them on the device and writes the log; ``tune`` does both
 The search space: our own templates' knobs, not meta_schedule's
 ----------------------------------------------------------------
 Each schedule rule in ``schedules/`` reads a config dataclass (``CudaConfig``: threads, register tile, operand
-caching; ``CpuConfig``: vector lanes); ``schedules/space.py`` declares the values each knob may take, per kernel,
-and the chunk length L is searched over ``spec.CHUNK_SIZES`` as a knob of the whole layer. The tuner enumerates
+caching, tensor cores; ``CpuConfig``: vector lanes); ``schedules/space.py`` declares the values each knob may
+take, per kernel, and the chunk length L is searched over ``spec.CHUNK_SIZES`` as a knob of the whole layer. The tuner enumerates
 that grid (default first, then one-knob changes, then two; ``limit`` caps it) and keeps a candidate only if it
 builds within the target's resources, matches the float64 reference and beats the default.
 

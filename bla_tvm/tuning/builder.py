@@ -27,7 +27,13 @@ import types
 from pathlib import Path
 
 from ..runtime import MANIFEST, _source_digest
-from ..spec import BACKWARD_KERNELS, CHUNK_SIZES, CUDA_SHARED_MEMORY_LIMIT, FORWARD_KERNELS, KernelSpec
+from ..spec import (
+    BACKWARD_KERNELS,
+    CHUNK_SIZES,
+    CUDA_SHARED_MEMORY_LIMIT,
+    FORWARD_KERNELS,
+    KernelSpec,
+)
 from .problems import TuningProblem
 
 WORK_FORMAT = "bla_tvm.tuning_work"
@@ -43,9 +49,9 @@ _PTXAS_OUTPUT: list[bytes] = []
 def _capture_ptxas() -> None:
     """Keep nvcc's output (TVM drops it; its ptxas options already include -v) so a build's resource report
     costs no second compile. Runs in each builder process."""
-    from .. import build  # noqa: F401 - prepares the CUDA compiler before tvm loads
-
     from tvm.support import nvcc
+
+    from .. import build  # noqa: F401 - prepares the CUDA compiler before tvm loads
 
     class RecordingPopen(subprocess.Popen):
         def communicate(self, *args, **kwargs):
@@ -174,8 +180,9 @@ def chunk_sizes(problem: TuningProblem, device_kind: str, arch: str | None) -> d
 
 def plan(problems: list[TuningProblem], device_kind: str, arch: str | None, limit: int | None) -> list[dict]:
     """Per problem: chunk lengths per mode, and per L every kernel's candidate configs (default first)."""
-    from .. import build  # noqa: F401 - prepares the CUDA compiler before tvm loads
     from bla_tvm.schedules.space import TUNABLE_KERNELS, candidate_configs
+
+    from .. import build  # noqa: F401 - prepares the CUDA compiler before tvm loads
 
     plans = []
     for problem in problems:
@@ -197,9 +204,9 @@ def build_work(
     jobs: int = 1, progress: bool = True,
 ) -> dict:
     """Build every candidate of ``problems`` into ``work`` (see the module docstring); returns the tasks."""
-    from ..runtime import target_id
-
     import torch
+
+    from ..runtime import target_id
 
     start = time.time()
     target = arch if device_kind == "cuda" else target_id(torch.device("cpu"))

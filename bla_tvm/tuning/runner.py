@@ -236,7 +236,8 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
                     first = next((b for b in buckets if b in arguments), None)
                     if row["verified"] and first is not None:
                         args = arguments[first][kernel]
-                        row["ms"][first] = time_call(lambda: _launch_in(args[0], functions, args), device)
+                        row["ms"][first] = time_call(
+                            lambda args=args, functions=functions: _launch_in(args[0], functions, args), device)
                 except Exception as error:  # noqa: BLE001 - a candidate that fails to load or run is out
                     row.update(verified=False, failed=f"{type(error).__name__}: {str(error)[:300]}")
                     if device.type == "cuda":
@@ -254,7 +255,8 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
                         continue  # the default failed: nothing to compare with
                     config = None if row["default"] else row["config"]
                     functions = runtime.LIBRARY.function(kernel, spec, device, config)
-                    row["ms"][bucket] = time_call(lambda: _launch_in(args[0], functions, args), device)
+                    row["ms"][bucket] = time_call(
+                        lambda args=args, functions=functions: _launch_in(args[0], functions, args), device)
             default = next((r for r in rows if r["default"]), None)
             for bucket in arguments:
                 if default is None or bucket not in default["ms"]:
@@ -324,11 +326,11 @@ def evidence(problem: TuningProblem, modes, tunable, device, shapes, log_dir: Pa
         q, k, v, do = _inputs(problem, shape, device, seed=7)
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
 
-        def forward():
+        def forward(q=q, k=k, v=v):
             with torch.no_grad():
                 blurry_window_attention(q, k, v, W, N, M)
 
-        def training():
+        def training(qg=qg, kg=kg, vg=vg, do=do):
             for x in (qg, kg, vg):
                 x.grad = None
             blurry_window_attention(qg, kg, vg, W, N, M)[0].backward(do)
