@@ -38,6 +38,12 @@ KERNEL_SPACES: dict[tuple[str, str], dict[str, tuple]] = {
     **{("cuda", f"input_gradient_{x}"): {"threads": (256, 128, 512)} for x in "qkv"},
 }
 
+#: knobs that change nothing for some specs (their other values would build the same kernel again): knob ->
+#: whether it matters for a spec
+MATTERS = {
+    "tensor_cores": lambda spec: spec.dtype in ("float16", "bfloat16"),  # fp32 / fp64 kernels always stay SIMT
+}
+
 #: kernels whose schedule is searched: the per-chunk ones, where the time goes. The TVMScript scans carry their
 #: own loops and take no config; the final-state and decode kernels keep their default schedule.
 TUNABLE_KERNELS = (
@@ -78,15 +84,18 @@ def space(device_kind: str, kernel: str) -> dict[str, tuple]:
     return knobs
 
 
-def candidate_configs(device_kind: str, kernel: str, limit: int | None = None) -> list[dict]:
+def candidate_configs(device_kind: str, kernel: str, limit: int | None = None, spec=None) -> list[dict]:
     """The points of ``kernel``'s space as config dicts, the default config first, then by how many knobs
-    differ from the default (one-knob changes before two), in declaration order; at most ``limit``.
-    Kernels without a schedule rule have one point, the default."""
+    differ from the default (one-knob changes before two), in declaration order; at most ``limit``. With
+    ``spec``, knobs that do not matter for it (``MATTERS``) keep their default. Kernels without a schedule rule
+    have one point, the default."""
     cls = _config_class(device_kind)
     default = config_dict(cls())
     if kernel not in TUNABLE_KERNELS:
         return [default]
-    knobs = space(device_kind, kernel)
+    knobs = dict(space(device_kind, kernel))
+    if spec is not None:
+        knobs = {k: v for k, v in knobs.items() if k not in MATTERS or MATTERS[k](spec)}
     points = []
     for values in itertools.product(*knobs.values()):
         point = dict(default, **{name: _jsonable(value) for name, value in zip(knobs, values)})

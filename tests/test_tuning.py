@@ -176,6 +176,10 @@ def test_search_space_is_declared_over_config_fields():
             assert all(set(p) == fields for p in points)
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in points[-1].items()})
         assert space.candidate_configs(kind, "state_scan") == [space.config_dict(cls())]
+    fp32 = bla_tvm.spec.KernelSpec(chunk_size=16, **PARAMS)
+    assert all(p["tensor_cores"] for p in space.candidate_configs("cuda", "chunk_output", spec=fp32))
+    bf16 = bla_tvm.spec.KernelSpec(chunk_size=16, **dict(PARAMS, dtype="bfloat16"))
+    assert any(not p["tensor_cores"] for p in space.candidate_configs("cuda", "chunk_output", spec=bf16))
     one_knob = space.candidate_configs("cuda", "chunk_output", limit=4)[1:]
     default = space.config_dict(cuda.CudaConfig())
     assert all(sum(p[k] != default[k] for k in p) == 1 for p in one_knob)

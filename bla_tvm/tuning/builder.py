@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import multiprocessing
 import re
 import subprocess
 import time
@@ -190,7 +191,8 @@ def plan(problems: list[TuningProblem], device_kind: str, arch: str | None, limi
         kernels = {}
         for L in sorted({L for Ls in sizes.values() for L in Ls}, reverse=True):
             names = FORWARD_KERNELS + (BACKWARD_KERNELS if L in sizes.get("training", ()) else ())
-            kernels[str(L)] = {name: candidate_configs(device_kind, name, limit) for name in names}
+            spec = problem.spec(L)
+            kernels[str(L)] = {name: candidate_configs(device_kind, name, limit, spec) for name in names}
         plans.append({
             "problem": problem.as_dict(), "chunk_sizes": sizes,
             "default_chunk_size": {mode: Ls[0] for mode, Ls in sizes.items()}, "kernels": kernels,
@@ -223,7 +225,11 @@ def build_work(
     results = {}
     bar = _progress(len(jobs_list), "build", progress)
     initializer = _capture_ptxas if device_kind == "cuda" else None
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=initializer) as pool:
+    # fork is fast, but not after this process has initialised CUDA (tune() on a GPU machine): then spawn
+    context = multiprocessing.get_context("spawn" if torch.cuda.is_available() and torch.cuda.is_initialized()
+                                          else None)  # fmt: skip
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=initializer,
+                                                mp_context=context) as pool:  # fmt: skip
         futures = {pool.submit(build_candidate, k, s, device_kind, target, c, str(kernels_dir)): (k, s, c)
                    for k, s, c in jobs_list}  # fmt: skip
         for future in concurrent.futures.as_completed(futures):
