@@ -136,12 +136,14 @@ def _check_inputs(q, k, v):
 
 def _check_decode_state(state, q, k, v, resolution: int) -> BLAState:
     """``state`` as a BLAState of float32 (float64 for float64 inputs), float16 or bfloat16 tensors, with
-    errors naming ``state``. seen >= 0 is checked on the CPU only (on CUDA it would synchronise every token)."""
+    errors naming ``state``. seen >= 0 is checked in eager CPU calls only (on CUDA it would synchronise every
+    token; under torch.compile it would break the graph)."""
     acc = getattr(torch, ACCUMULATOR[dtype_name(q.dtype)])
     dtypes = (acc, *REDUCED_STATE_KERNELS)
     try:
         state = check_state(state, q.shape[0], k.shape[1], resolution, k.shape[-1], v.shape[-1], dtypes, q.device)
-        if not state.seen.is_cuda:  # on a GPU the check would wait for the device at every token
+        # on a GPU the check would wait for the device at every token; in a compiled graph it would break it
+        if not state.seen.is_cuda and not torch.compiler.is_compiling():
             check_seen(state.seen)
     except (TypeError, ValueError) as error:
         raise type(error)(str(error).replace("initial_state", "state")) from None

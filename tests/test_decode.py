@@ -215,6 +215,20 @@ def test_eager_path_equals_the_op():
     assert new.seen.tolist() == [4, 41]
 
 
+def test_decode_step_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) over a step (the op, its fake, no data-dependent checks) gives eager's result."""
+    q, k, v = _token(HQ=4)
+    state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([3, 40]))
+
+    def step(q, k, v, X, Y, seen):
+        o, new = decode_step(q, k, v, BLAState(X, Y, seen), 9, 5, 3, 0.5)
+        return o * 2, new.key_state, new.value_state, new.seen
+
+    eager = step(q, k, v, *state)
+    compiled = torch.compile(step, fullgraph=True)(q, k, v, *state)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
 def test_op_passes_opcheck():
     """torch.ops.bla_tvm.decode_step: schema, fake tensor and dispatch checks."""
     q, k, v = _token(HQ=4)
