@@ -15,6 +15,13 @@ Per contraction:
    step the operand tiles are loaded into fragments (``wmma::load_matrix_sync``) and multiplied; the
    accumulator is stored back to shared memory once.
 
+Barriers: TVM's passes see a fragment load or store only through the ordinary read its pointer carries
+(``_pointer``), never as a write, so the intrinsics bring their own: before each tile's first load (the operands'
+producers are done), before its store (no warp still reads an operand whose memory the result may reuse: with
+one tile per warp the stage is no longer one loop, and the shared-memory planner, reasoning in program order,
+may lay the result over an operand it considers dead, as seen on the H200 as NaN at L = 32), and after it (the
+readers of the result wait for every warp).
+
 Precision: operands are rounded to fp16 (bf16 inputs too: fp16 keeps 3 more mantissa bits, and the products'
 operands are fp32 intermediates of moderate range: states, probabilities in [0, 1], constants). Emulated on
 the CPU against the float64 reference (W=512 N=M=63, W=16 N=7 M=9, N=W=128, M=512): relative error 3e-4 to
@@ -189,6 +196,9 @@ def _store_intrin():
         with T.sblock("root"):
             T.reads(A[0:TILE, 0:TILE])
             T.writes(C[0:TILE, 0:TILE])
+            # every warp has finished reading the operands: where the tile loops vanish (one tile per warp), the
+            # planner may lay the result over an operand that is dead in program order (see ``tensorize``)
+            T.evaluate(T.tvm_storage_sync("shared"))
             T.evaluate(
                 T.tvm_store_matrix_sync(
                     A.data, TILE, TILE, TILE, _fragment_index(A, d1, TILE, TILE),
