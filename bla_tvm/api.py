@@ -91,7 +91,8 @@ def blurry_window_attention(
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))
     chunk_size = chunk_size_for(q.device, *params.__dict__.values(), K, V, dtype, backward, shape=tuple(q.shape))
     o, _, final = torch.ops.bla_tvm.forward(
-        q, k, v, initial, seen, cu_seqlens, params.window, params.resolution, params.num_slots, scale, chunk_size
+        q, k, v, initial, seen, cu_seqlens, output_final_state, params.window, params.resolution, params.num_slots,
+        scale, chunk_size,
     )
     if not output_final_state:
         return o, None

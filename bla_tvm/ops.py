@@ -103,57 +103,62 @@ def _kernels(names, spec, device, shape=None):
     return [tuning_logs.kernel_function(name, spec, device, shape) for name in names]
 
 
-def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, scale: float):
+def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, scale: float, final_state=True):
     """Run the forward kernels, writing o [B, T, HQ, V]; q, k, v, o contiguous, of ``spec``'s dtype, in the
     layout's chunk grid.
 
     initial [S, H, N, F]: each sequence's state before its first token (accumulation dtype).
-    Returns (states, final): X | Y at every chunk start [B, NC, H, N, F] (what the backward needs), and each
-    sequence's state after its last token [S, H, N, F]. U, the chunk-local state contributions, is a temporary.
+    Returns (states, final): X | Y at every chunk start [B, NC, H, N, F] (what the backward needs), and, with
+    ``final_state``, each sequence's state after its last token [S, H, N, F] (else None). U, the chunk-local
+    state contributions, is a temporary.
     """
     states = _chunk_tensors(k, spec, spec.resolution, spec.state_width)
     if states.numel() == 0:
-        return states, initial.clone()
+        return states, initial.clone() if final_state else None
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    chunk_state, state_scan, chunk_output, final_state = _kernels(FORWARD_KERNELS, spec, q.device, q.shape)
+    chunk_state, state_scan, chunk_output, final_kernel = _kernels(FORWARD_KERNELS, spec, q.device, q.shape)
     contributions = torch.empty_like(states)
     _launch(chunk_state, k, v, consts["state_in"], contributions)
     _launch(state_scan, contributions, consts["state_decay"], initial, layout.starts, states)
     _launch(chunk_output, q, k, v, states, layout.positions, consts["scale"], *consts["output"], o)
+    if not final_state:
+        return states, None
     final = torch.empty_like(initial)
     ends = (layout.end_row, layout.end_chunk, layout.end_length)
-    _launch(final_state, states, k, v, *ends, consts["final_map"], final)
+    _launch(final_kernel, states, k, v, *ends, consts["final_map"], final)
     return states, torch.where(layout.empty[:, None, None, None], initial, final)
 
 
 def launch_backward(q, k, v, states, do, dfinal, dq, dk, dv, layout: ChunkLayout, spec: KernelSpec, scale: float):
     """Run the backward kernels (compute/backward.py, compute/final_state.py), writing dq, dk, dv; inputs as
-    saved by the forward, dfinal [S, H, N, F] the gradient of the final states. Returns dinitial [S, H, N, F].
+    saved by the forward, dfinal [S, H, N, F] the gradient of the final states, or None where the forward
+    returned none. Returns dinitial [S, H, N, F].
 
     Temporaries: grads [B, NC, HQ, L + N, F + K], the state gradients at chunk starts [B, NC, H, N, F] and the
     final states' gradient spread over the last chunks [S, H, L + N, F].
     """
     empty = layout.empty[:, None, None, None]
+    S, H = layout.end_length.shape[0], k.shape[2]
     if states.numel() == 0:
-        return dfinal.clone()
+        return states.new_zeros(S, H, spec.resolution, spec.state_width) if dfinal is None else dfinal.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
     kernels = _kernels(BACKWARD_KERNELS, spec, q.device, q.shape)
     final_backward, chunk_backward, reverse_scan, *input_gradients = kernels
-    dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's state passes straight through
-    final_grads = dfinal.new_empty(*dfinal.shape[:2], spec.chunk_size + spec.resolution, spec.state_width)
-    _launch(final_backward, dfinal_kept, layout.end_length, consts["final_map"], final_grads)
     grads = _chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + spec.head_k)
     _launch(chunk_backward, q, k, v, states, layout.positions, consts["scale"], *consts["output"], do, grads)
-    # the final state reads the last chunk's tokens and start state: add to the first query head of each group
-    spread = grads.new_zeros(final_grads.shape[0], q.shape[2], *grads.shape[3:])
-    spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
-    grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
+    if dfinal is not None:  # the final state reads the last chunk's tokens and start state
+        dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's passes straight through
+        final_grads = dfinal.new_empty(S, H, spec.chunk_size + spec.resolution, spec.state_width)
+        _launch(final_backward, dfinal_kept, layout.end_length, consts["final_map"], final_grads)
+        spread = grads.new_zeros(S, q.shape[2], *grads.shape[3:])  # to the first query head of each group
+        spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
+        grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
     state_grads = torch.empty_like(states)
     _launch(reverse_scan, grads, consts["state_decay_t"], layout.starts, state_grads)
     for kernel, grad in zip(input_gradients, (dq, dk, dv)):
         _launch(kernel, grads, state_grads, layout.starts, consts["state_in"], grad)
     dinitial = state_grads[layout.start_row.long(), layout.start_chunk.long()]
-    return torch.where(empty, dfinal, dinitial)
+    return torch.where(empty, 0.0 if dfinal is None else dfinal, dinitial)
 
 
 def chunk_layout(k, seen, cu_seqlens, spec: KernelSpec) -> ChunkLayout:
@@ -180,6 +185,7 @@ def forward(
     initial: torch.Tensor,
     seen: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    output_final_state: bool,
     window: int,
     resolution: int,
     num_slots: int,
@@ -188,20 +194,21 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [B, T, HQ, V] in q's dtype, states [rows, NC, H, N, K + V], final [S, H, N, K + V]) = BLA(q [B, T, HQ, K],
     k [B, T, H, K], v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S] tokens;
-    S = B, or the sequences of ``cu_seqlens`` (B = 1). Arguments validated by the caller
-    (``bla_tvm.blurry_window_attention``)."""
+    S = B, or the sequences of ``cu_seqlens`` (B = 1). Without ``output_final_state`` final is empty,
+    [0, H, N, K + V], and not computed. Arguments validated by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
     layout = chunk_layout(k, seen, cu_seqlens, spec)
     q, k, v = (_kernel_ready(pack(x, layout, chunk_size)) for x in (q, k, v))
     o = q.new_empty(*q.shape[:3], spec.head_v)
-    states, final = launch_forward(q, k, v, _kernel_ready(initial), o, layout, spec, scale)
-    return unpack(o, layout), states, final
+    states, final = launch_forward(q, k, v, _kernel_ready(initial), o, layout, spec, scale, output_final_state)
+    return unpack(o, layout), states, initial.new_empty(0, *initial.shape[1:]) if final is None else final
 
 
 @forward.register_fake
-def _(q, k, v, initial, seen, cu_seqlens, window, resolution, num_slots, scale, chunk_size):
+def _(q, k, v, initial, seen, cu_seqlens, output_final_state, window, resolution, num_slots, scale, chunk_size):
     states = _fake_states(k, v, chunk_size, resolution, cu_seqlens)
-    return q.new_empty(*q.shape[:3], v.shape[-1]), states, torch.empty_like(initial)
+    final = torch.empty_like(initial) if output_final_state else initial.new_empty(0, *initial.shape[1:])
+    return q.new_empty(*q.shape[:3], v.shape[-1]), states, final
 
 
 @torch.library.custom_op("bla_tvm::backward", mutates_args=())
@@ -221,23 +228,23 @@ def backward(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv in q's dtype, dinitial [S, H, N, K + V]) of BLA given dO [B, T, HQ, V], the final states'
-    gradient dfinal [S, H, N, K + V] and the forward's saved states."""
+    gradient dfinal [S, H, N, K + V] (empty, [0, H, N, K + V], where the forward returned no final states) and
+    the forward's saved states."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
     layout = chunk_layout(k, seen, cu_seqlens, spec)
     q, k, v, do = (_kernel_ready(pack(x.to(q.dtype), layout, chunk_size)) for x in (q, k, v, do))
     # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
     # the odd strides of size-1 dims), which is what the fake implementation promises
     dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
-    dinitial = launch_backward(
-        q, k, v, states.contiguous(), do, _kernel_ready(dfinal), dq, dk, dv, layout, spec, scale
-    )
+    dfinal = _kernel_ready(dfinal) if dfinal.shape[0] else None
+    dinitial = launch_backward(q, k, v, states.contiguous(), do, dfinal, dq, dk, dv, layout, spec, scale)
     return unpack(dq, layout), unpack(dk, layout), unpack(dv, layout), dinitial
 
 
 @backward.register_fake
 def _(q, k, v, states, do, dfinal, seen, cu_seqlens, window, resolution, num_slots, scale, chunk_size):
     # contiguous whatever the inputs' strides: the real implementation writes into fresh contiguous tensors
-    return (*(q.new_empty(x.shape) for x in (q, k, v)), torch.empty_like(dfinal))
+    return (*(q.new_empty(x.shape) for x in (q, k, v)), dfinal.new_empty(seen.shape[0], *dfinal.shape[1:]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,19 +252,18 @@ def _setup_context(ctx, inputs, output):
     _, states, _ = output
     ctx.mark_non_differentiable(states)
     ctx.save_for_backward(q, k, v, states, seen, cu_seqlens)
-    ctx.initial_meta = (initial.shape, initial.dtype, initial.device)
-    ctx.layer = layer
+    ctx.final_shape = output[2].shape
+    ctx.layer = layer[1:]  # less output_final_state
 
 
 def _backward(ctx, do, _unused_dstates, dfinal):
     q, k, v, states, seen, cu_seqlens = ctx.saved_tensors
-    if dfinal is None:
-        shape, dtype, device = ctx.initial_meta
-        dfinal = torch.zeros(shape, dtype=dtype, device=device)
+    if dfinal is None:  # the final states were not used (or not computed)
+        dfinal = states.new_zeros(ctx.final_shape)
     if do is None:
         do = q.new_zeros(*q.shape[:3], v.shape[-1])
     dq, dk, dv, dinitial = torch.ops.bla_tvm.backward(q, k, v, states, do, dfinal, seen, cu_seqlens, *ctx.layer)
-    return dq, dk, dv, dinitial, None, None, None, None, None, None, None
+    return dq, dk, dv, dinitial, *[None] * 8
 
 
 torch.library.register_autograd("bla_tvm::forward", _backward, setup_context=_setup_context)

@@ -40,13 +40,13 @@ def qkv(B=2, T=70, H=3, K=SHAPE.K, V=SHAPE.V, dtype=torch.float32, seed=0):
 
 
 def op_args(q, k, v, scale=0.3):
-    """The 11 arguments of bla_tvm::forward for a fresh start (zero initial states, nothing seen) and no
-    cu_seqlens."""
+    """The 12 arguments of bla_tvm::forward for a fresh start (zero initial states, nothing seen), no
+    cu_seqlens, final states returned."""
     acc = F64 if q.dtype == F64 else torch.float32
     B, H = k.shape[0], k.shape[2]
     initial = torch.zeros(B, H, SHAPE.N, SHAPE.K + SHAPE.V, dtype=acc, device=q.device)
     seen = torch.zeros(B, dtype=torch.int64, device=q.device)
-    return (q, k, v, initial, seen, None, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
+    return (q, k, v, initial, seen, None, True, SHAPE.W, SHAPE.N, SHAPE.M, scale, CHUNK)
 
 
 def forget_source_digest() -> None:
@@ -102,7 +102,7 @@ def backward_args(q, k, v, scale=0.3, seed=1):
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q.dtype)
     dfinal = torch.randn(final.shape, generator=gen, dtype=final.dtype)
-    return (q, k, v, states, do, dfinal, *args[4:])
+    return (q, k, v, states, do, dfinal, *args[4:6], *args[7:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -132,7 +132,7 @@ def test_fake_impl_on_meta_tensors():
     assert states.shape == (3, num_chunks(1000), 5, SHAPE.N, SHAPE.K + SHAPE.V)
     assert final.shape == (3, 5, SHAPE.N, SHAPE.K + SHAPE.V)
     do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
-    grads = torch.ops.bla_tvm.backward(q, k, v, states, do, final, *args[4:])
+    grads = torch.ops.bla_tvm.backward(q, k, v, states, do, final, *args[4:6], *args[7:])
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
         ("meta", x.shape, torch.float32) for x in (q, k, v, final)
     ]
@@ -194,8 +194,8 @@ def launches(monkeypatch):
 def test_contiguous_inputs_are_not_copied(dtype, launches):
     q, k, v = qkv(dtype=dtype)
     o, _ = blurry_window_attention(q, k, v, **ARGS)
-    assert len(launches) == len(FORWARD_KERNELS)
-    chunk_state, _, chunk_output, _ = launches
+    assert len(launches) == len(FORWARD_KERNELS) - 1  # no final state was asked for
+    chunk_state, _, chunk_output = launches
     assert [a[0] for a in chunk_state[:2]] == [k.data_ptr(), v.data_ptr()]
     assert [a[0] for a in chunk_output[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
     assert chunk_output[-1][0] == o.data_ptr()  # the kernel writes the returned tensor itself

@@ -19,7 +19,9 @@ from helpers import F64, KERNEL_POOL, max_rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bla_tvm.ops
 from bla_tvm import BLAState, bla_recurrent, blurry_window_attention
+from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
 
 SHAPES = {
     "M>N": next(s for s in KERNEL_POOL if (s.K, s.V) == (40, 72)),
@@ -225,7 +227,7 @@ def test_state_gradients_match_reference(dtype, T, seed, max_seen):
 # --- the ops with states and offsets ------------------------------------------------------------------------
 
 
-def op_inputs(shape, lengths=None, requires_grad=False, T=70):
+def op_inputs(shape, lengths=None, requires_grad=False, T=70, output_final_state=True):
     gen = torch.Generator().manual_seed(0)
     S = 2 if lengths is None else len(lengths)
     T = T if lengths is None else sum(lengths)
@@ -233,13 +235,35 @@ def op_inputs(shape, lengths=None, requires_grad=False, T=70):
     start = random_state(gen, S, 2, shape, torch.float32)
     initial = torch.cat(start[:2], dim=-1).requires_grad_(requires_grad)
     cu = None if lengths is None else offsets(lengths)
-    return (q, k, v, initial, start.seen, cu, shape.W, shape.N, shape.M, 0.3, 64)
+    return (q, k, v, initial, start.seen, cu, output_final_state, shape.W, shape.N, shape.M, 0.3, 64)
 
 
+@pytest.mark.parametrize("output_final_state", [True, False], ids=["final", "no_final"])
 @pytest.mark.parametrize("lengths", [None, [0, 70, 1, 64]], ids=["batch", "packed"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
-def test_opcheck_with_states(lengths, requires_grad):
-    torch.library.opcheck(torch.ops.bla_tvm.forward, op_inputs(SHAPES["M>N"], lengths, requires_grad))
+def test_opcheck_with_states(lengths, requires_grad, output_final_state):
+    inputs = op_inputs(SHAPES["M>N"], lengths, requires_grad, output_final_state=output_final_state)
+    torch.library.opcheck(torch.ops.bla_tvm.forward, inputs)
+
+
+def test_no_final_state_is_not_computed(monkeypatch):
+    """Without output_final_state the final-state kernels do not run, forward or backward, and the initial
+    state's gradient is still exact."""
+    shape = SHAPES["M>N"]
+    launched = []
+    launch = bla_tvm.ops._launch
+    monkeypatch.setattr(bla_tvm.ops, "_launch", lambda f, *a: launched.append(f) or launch(f, *a))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (x.requires_grad_() for x in qkv(gen, 2, 70, 2, shape))
+    start = random_state(gen, 2, 2, shape)
+    X0 = start.key_state.clone().requires_grad_()
+    o, final = blurry_window_attention(q, k, v, **args(shape), initial_state=start._replace(key_state=X0))
+    assert final is None
+    grads = torch.autograd.grad(o.square().sum(), (q, X0))
+    assert len(launched) == len(FORWARD_KERNELS) - 1 + len(BACKWARD_KERNELS) - 1
+    ref = bla_recurrent(q, k, v, **args(shape), initial_state=(X0, start.value_state, start.seen))
+    expected = torch.autograd.grad(ref.square().sum(), (q, X0))
+    assert all(max_rel_err(g, e) <= 1e-10 for g, e in zip(grads, expected))
 
 
 def test_compiled_graph_with_states_and_offsets():
