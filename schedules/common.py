@@ -112,7 +112,7 @@ class _Script:
         return then if condition else otherwise
 
     @staticmethod
-    def Cast(dtype, value):  # noqa: N802 (TVMScript's name)
+    def Cast(dtype, value):  # TVMScript's name
         return value
 
 
@@ -135,8 +135,8 @@ def _inside_by_enumeration(index, extent: int, predicates, loops, limit: int = 1
     if any(len(r) == 0 for r in ranges) or _product(len(r) for r in ranges) > limit:
         return False
     try:
-        index_fn = eval(f"lambda {', '.join(names)}: {index_text}", {"T": _Script})  # noqa: S307
-        condition_fn = eval(f"lambda {', '.join(names)}: {condition_text}", {"T": _Script})  # noqa: S307
+        index_fn = eval(f"lambda {', '.join(names)}: {index_text}", {"T": _Script})
+        condition_fn = eval(f"lambda {', '.join(names)}: {condition_text}", {"T": _Script})
         return all(0 <= index_fn(*point) < extent for point in itertools.product(*ranges) if condition_fn(*point))
     except Exception:  # noqa: BLE001 (an expression Python cannot evaluate: undecided)
         return False

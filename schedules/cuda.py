@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import tvm
 
 from . import cuda_tensorcore
-from .common import chunk_loops, intermediate_buffers, is_contraction, output_name, unguarded_write_backs
+from .common import (
+    chunk_loops,
+    intermediate_buffers,
+    is_contraction,
+    output_name,
+    unguarded_write_backs,
+)
 
 #: stages recomputed where they are read instead of stored
 CUDA_INLINED = ("bla_fwd_kv_chunk", "bla_fwd_logits")
@@ -85,9 +91,12 @@ def _tile_shape(rows: int, cols: int, threads: int, tile: tuple[int, int]) -> tu
     times outputs per tile; ties go to the larger tile (fewer operand loads per multiply-add). Partial tiles at
     the edges are fine: every write-back stays under its bound check (``common.unguarded_write_backs``)."""
 
+    def ceil(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
     def cost(shape):
         r, c = shape
-        rounds = -(-(-(-rows // r)) * (-(-cols // c)) // threads)
+        rounds = ceil(ceil(rows, r) * ceil(cols, c), threads)
         return (rounds * r * c, -r * c, -r)
 
     shapes = [(r, c) for r in range(1, min(rows, tile[0]) + 1) for c in range(1, min(cols, tile[1]) + 1)]

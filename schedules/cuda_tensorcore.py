@@ -2,9 +2,10 @@
 ptxas turns into HMMA), fp16 operands in shared memory, fp32 accumulation, fp32 results in shared memory.
 
 Used by ``cuda.schedule_per_chunk`` for fp16/bf16 kernels. A contraction [rows, cols] += [rows, red] x [red, cols]
-(the second operand may be stored [cols, red]) qualifies when its three extents, padded to multiples of 16,
-give a number of 16 x 16 output tiles divisible by the block's warps, and it reads its operands plainly (an
-einsum: ``pad_einsum`` pads it; a gathered operand such as ``bla_fwd_z_intra``'s does not qualify).
+(the second operand may be stored [cols, red]) qualifies when, its three extents padded to multiples of 16, its
+16 x 16 output tiles form at least two rows and a grid the block's warps divide exactly (``_warp_grid``), and it
+reads its operands plainly (an einsum, which ``pad_einsum`` pads; a gathered operand such as
+``bla_fwd_z_intra``'s does not qualify).
 
 Per contraction:
 1. ``pad_einsum`` pads the iteration domain to multiples of 16, with zero-filled padded operand copies and
