@@ -26,6 +26,9 @@ BACKWARD_KERNELS = (
 #: float16 / bfloat16 (half the memory traffic); its specs carry chunk_size 1 (a step has no chunks)
 DECODE_KERNELS = ("decode_step", "decode_step_state_float16", "decode_step_state_bfloat16")
 
+#: the kernels that run only for calls asking for the final states (``output_final_state``)
+FINAL_STATE_KERNELS = ("final_state", "final_state_backward")
+
 
 def entry_symbol(kernel: str) -> str:
     """Name of the function a compiled kernel module exports."""

@@ -181,9 +181,8 @@ def chunk_sizes(problem: TuningProblem, device_kind: str, arch: str | None) -> d
 
 def plan(problems: list[TuningProblem], device_kind: str, arch: str | None, limit: int | None) -> list[dict]:
     """Per problem: chunk lengths per mode, and per L every kernel's candidate configs (default first)."""
+    from .. import build  # noqa: F401, I001 - prepares the CUDA compiler before tvm loads (the schedules import it)
     from bla_tvm.schedules.space import TUNABLE_KERNELS, candidate_configs
-
-    from .. import build  # noqa: F401 - prepares the CUDA compiler before tvm loads
 
     plans = []
     for problem in problems:

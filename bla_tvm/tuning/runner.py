@@ -30,7 +30,7 @@ import torch
 
 from .. import env, ops, runtime, tuning_logs
 from ..reference import bla_quadratic
-from ..spec import BACKWARD_KERNELS, FORWARD_KERNELS
+from ..spec import BACKWARD_KERNELS, FINAL_STATE_KERNELS, FORWARD_KERNELS
 from .builder import TASKS, WORK_FORMAT, _progress
 from .problems import TuningProblem
 
@@ -158,7 +158,7 @@ def record_arguments(problem, spec, shape, device, backward: bool) -> dict:
     """Each kernel's launch arguments at ``shape``, from one run of the public op at L = spec.chunk_size with
     default schedules: kernel name -> args."""
     q, k, v, do = _inputs(problem, shape, device, seed=1)
-    names = FORWARD_KERNELS + (BACKWARD_KERNELS if backward else ())
+    names = _mode_kernels("training" if backward else "inference")
     with tuning_logs.forced({name: None for name in names}, spec.chunk_size), _recording() as calls:
         _run_op(problem, q, k, v, do, backward)
     by_function = {id(runtime.LIBRARY.function(name, spec, device)): name for name in names}
@@ -278,7 +278,9 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
 
 
 def _mode_kernels(mode: str) -> tuple[str, ...]:
-    return FORWARD_KERNELS + (BACKWARD_KERNELS if mode == "training" else ())
+    """The kernels a call launches in ``mode`` (the op run by the tuner asks for no final states)."""
+    names = FORWARD_KERNELS + (BACKWARD_KERNELS if mode == "training" else ())
+    return tuple(name for name in names if name not in FINAL_STATE_KERNELS)
 
 
 def _records(problem, entry, best, result) -> list[dict]:
