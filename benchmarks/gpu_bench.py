@@ -62,11 +62,11 @@ def check_cases(count: int = 24, seed: int = 2026) -> list[dict]:
     return cases
 
 
-def chunk_size(window, resolution, slots, K, V, dtype, backward) -> int:
+def chunk_size(window, resolution, slots, K, V, dtype, backward, group_size=1) -> int:
     sys.path.insert(0, str(REPO))
     from bla_tvm.runtime import cuda_chunk_size
 
-    return cuda_chunk_size("sm_90", window, resolution, slots, K, V, dtype, backward)
+    return cuda_chunk_size("sm_90", window, resolution, slots, K, V, dtype, backward, group_size)
 
 
 def kernel_specs() -> list[dict]:
@@ -82,7 +82,7 @@ def kernel_specs() -> list[dict]:
     specs = {}
     for W, N, M, K, V, group, dtype in layers:
         for backward in (False, True):
-            L = chunk_size(W, N, M, K, V, dtype, backward)
+            L = chunk_size(W, N, M, K, V, dtype, backward, group)
             spec = dict(
                 window=W, resolution=N, num_slots=M, chunk_size=L, head_k=K, head_v=V, dtype=dtype, group_size=group
             )

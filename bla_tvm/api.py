@@ -89,7 +89,10 @@ def blurry_window_attention(
         initial = torch.cat([state.key_state, state.value_state], dim=-1)
         seen = state.seen.to(torch.int64)
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))
-    chunk_size = chunk_size_for(q.device, *params.__dict__.values(), K, V, dtype, backward, shape=tuple(q.shape))
+    chunk_size = chunk_size_for(
+        q.device, *params.__dict__.values(), K, V, dtype, backward, shape=tuple(q.shape),
+        group_size=q.shape[2] // max(H, 1),
+    )
     o, _, final = torch.ops.bla_tvm.forward(
         q, k, v, initial, seen, cu_seqlens, output_final_state, params.window, params.resolution, params.num_slots,
         scale, chunk_size,

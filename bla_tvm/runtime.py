@@ -170,7 +170,8 @@ def _find_prebuilt(kernel, spec, target, config) -> Path | None:
 
 
 def chunk_size_for(
-    device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool, shape=None
+    device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool, shape=None,
+    group_size: int = 1,
 ) -> int:
     """The chunk length L for a layer on ``device``: the tuning log's for this GPU and the bucket nearest
     ``shape`` (B, T, H, ...) if one has it (``tuning_logs.chunk_size``); else 64 on the CPU and on CUDA see
@@ -185,16 +186,22 @@ def chunk_size_for(
         return tuned
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
-    return cuda_chunk_size(target_id(device), window, resolution, num_slots, head_k, head_v, dtype, backward)
+    return cuda_chunk_size(
+        target_id(device), window, resolution, num_slots, head_k, head_v, dtype, backward, group_size
+    )
 
 
 @functools.lru_cache(maxsize=256)
-def cuda_chunk_size(target: str, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool) -> int:
+def cuda_chunk_size(
+    target: str, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool, group_size: int = 1
+) -> int:
     """The longest chunk whose per-chunk blocks (the forward's, and the backward's when ``backward``) fit in
     shared memory: the longest among prebuilt kernels; else the longest that fits under
     ``cuda_shared_memory_bound`` or, where kernels may be built, in the compiled kernels (``bla_tvm.build``)."""
     kernels = ("chunk_output", "chunk_backward") if backward else ("chunk_output",)
-    candidates = [KernelSpec(window, resolution, num_slots, L, head_k, head_v, dtype) for L in CHUNK_SIZES]
+    candidates = [
+        KernelSpec(window, resolution, num_slots, L, head_k, head_v, dtype, group_size) for L in CHUNK_SIZES
+    ]
     for spec in candidates:
         if all(_find_prebuilt(kernel, spec, target, None) is not None for kernel in kernels):
             return spec.chunk_size

@@ -191,7 +191,7 @@ def test_tuner_end_to_end_on_the_cpu(tmp_path, log_dir, loaded):
 
     problem = TuningProblem(**PARAMS, buckets=[(1, 256, 2)], modes=("inference",), chunk_sizes=(64, 32))
     tasks = build_work([problem], "cpu", None, tmp_path / "work", limit=2, jobs=1, progress=False)
-    assert tasks["counts"] == {"candidates": 12, "built": 12, "rejected": 0}
+    assert tasks["counts"] == {"candidates": 10, "built": 10, "rejected": 0}  # per L: 2 + 1 (scan) + 2
     report = measure_work(tmp_path / "work", log_dir, progress=False)
     log = tuning_logs.read_log(report["log"])
     assert log["device"] == cpu_identity()

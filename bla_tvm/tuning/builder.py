@@ -30,6 +30,7 @@ from pathlib import Path
 from ..runtime import MANIFEST, _source_digest
 from ..spec import (
     BACKWARD_KERNELS,
+    FINAL_STATE_KERNELS,
     CHUNK_SIZES,
     CUDA_SHARED_MEMORY_LIMIT,
     FORWARD_KERNELS,
@@ -190,6 +191,7 @@ def plan(problems: list[TuningProblem], device_kind: str, arch: str | None, limi
         kernels = {}
         for L in sorted({L for Ls in sizes.values() for L in Ls}, reverse=True):
             names = FORWARD_KERNELS + (BACKWARD_KERNELS if L in sizes.get("training", ()) else ())
+            names = tuple(name for name in names if name not in FINAL_STATE_KERNELS)  # launched on request only
             spec = problem.spec(L)
             kernels[str(L)] = {name: candidate_configs(device_kind, name, limit, spec) for name in names}
         plans.append({
