@@ -17,7 +17,7 @@ from .layout import ChunkLayout, batch_layout, pack, packed_chunks, packed_layou
 from . import tuning_logs
 from .params import BLAParams
 from .runtime import LIBRARY, device_kind
-from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
+from .spec import BACKWARD_KERNELS, FINAL_STATE_KERNELS, FORWARD_KERNELS, KernelSpec
 
 DTYPE_NAMES = {
     torch.float32: "float32",
@@ -116,7 +116,8 @@ def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, s
     if states.numel() == 0:
         return states, initial.clone() if final_state else None
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    chunk_state, state_scan, chunk_output, final_kernel = _kernels(FORWARD_KERNELS, spec, q.device, q.shape)
+    names = [name for name in FORWARD_KERNELS if final_state or name not in FINAL_STATE_KERNELS]
+    chunk_state, state_scan, chunk_output, *final_kernel = _kernels(names, spec, q.device, q.shape)
     contributions = torch.empty_like(states)
     _launch(chunk_state, k, v, consts["state_in"], contributions)
     _launch(state_scan, contributions, consts["state_decay"], initial, layout.starts, states)
@@ -125,7 +126,7 @@ def launch_forward(q, k, v, initial, o, layout: ChunkLayout, spec: KernelSpec, s
         return states, None
     final = torch.empty_like(initial)
     ends = (layout.end_row, layout.end_chunk, layout.end_length)
-    _launch(final_kernel, states, k, v, *ends, consts["final_map"], final)
+    _launch(*final_kernel, states, k, v, *ends, consts["final_map"], final)
     return states, torch.where(layout.empty[:, None, None, None], initial, final)
 
 
@@ -142,20 +143,22 @@ def launch_backward(q, k, v, states, do, dfinal, dq, dk, dv, layout: ChunkLayout
     if states.numel() == 0:
         return states.new_zeros(S, H, spec.resolution, spec.state_width) if dfinal is None else dfinal.clone()
     consts = device_constants(spec.params, spec.chunk_size, states.dtype, q.device, float(scale))
-    kernels = _kernels(BACKWARD_KERNELS, spec, q.device, q.shape)
-    final_backward, chunk_backward, reverse_scan, *input_gradients = kernels
+    names = [name for name in BACKWARD_KERNELS if dfinal is not None or name not in FINAL_STATE_KERNELS]
+    *final_backward, chunk_backward, reverse_scan, dq_kernel, dk_kernel, dv_kernel = _kernels(
+        names, spec, q.device, q.shape
+    )
     grads = _chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + spec.head_k)
     _launch(chunk_backward, q, k, v, states, layout.positions, consts["scale"], *consts["output"], do, grads)
     if dfinal is not None:  # the final state reads the last chunk's tokens and start state
         dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's passes straight through
         final_grads = dfinal.new_empty(S, H, spec.chunk_size + spec.resolution, spec.state_width)
-        _launch(final_backward, dfinal_kept, layout.end_length, consts["final_map"], final_grads)
+        _launch(*final_backward, dfinal_kept, layout.end_length, consts["final_map"], final_grads)
         spread = grads.new_zeros(S, q.shape[2], *grads.shape[3:])  # to the first query head of each group
         spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
         grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
     state_grads = torch.empty_like(states)
     _launch(reverse_scan, grads, consts["state_decay_t"], layout.starts, state_grads)
-    for kernel, grad in zip(input_gradients, (dq, dk, dv)):
+    for kernel, grad in zip((dq_kernel, dk_kernel, dv_kernel), (dq, dk, dv)):
         _launch(kernel, grads, state_grads, layout.starts, consts["state_in"], grad)
     dinitial = state_grads[layout.start_row.long(), layout.start_chunk.long()]
     return torch.where(empty, 0.0 if dfinal is None else dfinal, dinitial)
