@@ -117,11 +117,19 @@ def _cuda_tiling(spec: KernelSpec, max_threads: int = 256):
     return NT, (N + NT - 1) // NT, FT
 
 
+#: each CUDA scan thread keeps the first RESIDENT entries of its rows of the decay in registers (all of them up
+#: to N = 128; the rest are read from memory), and sums its dot product in PARTS independent partial sums:
+#: a step is then a chain of N / PARTS fused multiply-adds on shared-memory operands, not N dependent global loads
+RESIDENT_LIMIT = 128
+PARTS = 4
+
+
 def _forward_cuda(spec: KernelSpec):
     """A block per (b * H + h, tile of FT columns); thread (n, f) owns X[n, f]. The running state tile lives in
     shared memory: each step every thread computes its next value, all synchronise, then overwrite the tile."""
     N, F, acc = spec.resolution, spec.state_width, spec.acc_dtype
     NT, NR, FT = _cuda_tiling(spec)
+    RESIDENT = min(N, RESIDENT_LIMIT)
 
     @T.prim_func
     def bla_state_scan(
@@ -140,6 +148,11 @@ def _forward_cuda(spec: KernelSpec):
                     for fi in T.thread_binding(FT, thread="threadIdx.x"):
                         state = T.alloc_buffer((N, FT), acc, scope="shared")
                         nxt = T.alloc_buffer((NR,), acc, scope="local")
+                        decay_rows = T.alloc_buffer((NR, RESIDENT), acc, scope="local")
+                        part = T.alloc_buffer((PARTS,), acc, scope="local")
+                        for r in range(NR):
+                            for m in T.unroll(RESIDENT):
+                                decay_rows[r, m] = decay[T.min(r * NT + nt, N - 1), m]
                         for c in range(NC):
                             T.tvm_storage_sync("shared")
                             for r in range(NR):
@@ -147,9 +160,15 @@ def _forward_cuda(spec: KernelSpec):
                                     if starts[bh // H, c] >= 0:
                                         nxt[r] = initial[starts[bh // H, c], bh % H, r * NT + nt, fo * FT + fi]
                                     else:
+                                        for p in T.unroll(PARTS):
+                                            part[p] = T.cast(0, acc)
+                                        for m in T.unroll(RESIDENT):
+                                            part[m % PARTS] = part[m % PARTS] + decay_rows[r, m] * state[m, fi]
+                                        for m in range(RESIDENT, N):
+                                            part[0] = part[0] + decay[r * NT + nt, m] * state[m, fi]
                                         nxt[r] = U[bh // H, c - 1, bh % H, r * NT + nt, fo * FT + fi]
-                                        for m in range(N):
-                                            nxt[r] = nxt[r] + decay[r * NT + nt, m] * state[m, fi]
+                                        for p in T.unroll(PARTS):
+                                            nxt[r] = nxt[r] + part[p]
                             T.tvm_storage_sync("shared")
                             for r in range(NR):
                                 if r * NT + nt < N:
@@ -164,6 +183,7 @@ def _reverse_cuda(spec: KernelSpec):
     N, F, L, G, acc = spec.resolution, spec.state_width, spec.chunk_size, spec.group_size, spec.acc_dtype
     rows, columns = L + N, F + spec.head_k
     NT, NR, FT = _cuda_tiling(spec)
+    RESIDENT = min(N, RESIDENT_LIMIT)
 
     @T.prim_func
     def bla_state_scan_reverse(
@@ -180,6 +200,11 @@ def _reverse_cuda(spec: KernelSpec):
                     for fi in T.thread_binding(FT, thread="threadIdx.x"):
                         state = T.alloc_buffer((N, FT), acc, scope="shared")
                         nxt = T.alloc_buffer((NR,), acc, scope="local")
+                        decay_rows = T.alloc_buffer((NR, RESIDENT), acc, scope="local")
+                        part = T.alloc_buffer((PARTS,), acc, scope="local")
+                        for r in range(NR):
+                            for m in T.unroll(RESIDENT):
+                                decay_rows[r, m] = decay[T.min(r * NT + nt, N - 1), m]
                         for i in range(NC):
                             T.tvm_storage_sync("shared")
                             for r in range(NR):
@@ -191,8 +216,14 @@ def _reverse_cuda(spec: KernelSpec):
                                         ]
                                     if i > 0:
                                         if starts[bh // H, NC - i] < 0:
-                                            for m in range(N):
-                                                nxt[r] = nxt[r] + decay[r * NT + nt, m] * state[m, fi]
+                                            for p in T.unroll(PARTS):
+                                                part[p] = T.cast(0, acc)
+                                            for m in T.unroll(RESIDENT):
+                                                part[m % PARTS] = part[m % PARTS] + decay_rows[r, m] * state[m, fi]
+                                            for m in range(RESIDENT, N):
+                                                part[0] = part[0] + decay[r * NT + nt, m] * state[m, fi]
+                                            for p in T.unroll(PARTS):
+                                                nxt[r] = nxt[r] + part[p]
                             T.tvm_storage_sync("shared")
                             for r in range(NR):
                                 if r * NT + nt < N:

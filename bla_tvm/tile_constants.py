@@ -1,0 +1,105 @@
+"""The constants of the CUDA tile-program forward (``schedules/cuda_tile_forward.py``), in float64 on the host.
+
+The tile kernel computes bla-math.md's chunked form with every contraction on the tensor cores and no
+diagonal gather, through the rotation identity lag_basis[:, D] = R^D b with R orthogonal:
+
+    z[j]  = R^{j+1} (X q_j + sum_{s <= j} qx[j, s] R^{-(s+1)} b)          (steps 2-3: scores = C z)
+    mix   = [ (w'_j . R^{-(s+1)} b) masked to s <= j  |  w'_j ],  w'_j = (R^{j+1})^T w_j     (step 5)
+
+so the lagged products become a masked [16 x L] x [L x N] product followed by a per-row rotation.
+
+Two changes of form make the kernel's registers line up:
+- the basis is permuted so that every rotation pair (cos_m, sin_m) sits at columns (2p, 2p + 1), the rows that
+  R does not rotate (phi_0 and, for N == W even, the Nyquist row) after them: a rotation then mixes the two
+  columns one thread holds in an mma accumulator;
+- N is padded to NP, a multiple of 16 (the mma's K), and M to MP, a multiple of the slot tile; padded columns
+  and slots are zero (padded slots are masked as well).
+
+Every table that is a B operand of an mma is stored transposed, [columns of the product, reduction axis]
+(``*_t``), so a thread's two adjacent reduction elements are adjacent in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .constants import F64, chunk_constants
+from .params import BLAParams
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def rotation_order(resolution: int) -> torch.Tensor:
+    """perm [N] int64: column p of the tile kernel's basis is row perm[p] of bla-math.md's basis; pairs first
+    ((1, 2), (3, 4), ...), then phi_0, then the Nyquist row if N is even (N == W)."""
+    pairs = (resolution - 1) // 2
+    order = list(range(1, 2 * pairs + 1)) + [0] + ([resolution - 1] if resolution % 2 == 0 and resolution > 1 else [])
+    return torch.tensor(order, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class TileConstants:
+    """Tables of the tile forward for chunk length L, basis padded to NP, slots padded to MP (float64).
+
+    perm [N]: see ``rotation_order``.
+    input_map [L, L + NP]: [Inv | -Inv Psi] with Psi's columns permuted, so k' = input_map [k; X] (X permuted).
+    lag [L, NP]: lag[s, p] = (R^{-(s+1)} b)[perm p];  lag_t [NP, L] its transpose.
+    slots [MP, NP]: C with permuted columns; slots_t [NP, MP] its transpose.
+    rot_diag, rot_pair, rot_pair_t [L, NP]: with p' = p xor 1,
+        (R^{j+1} x)[p]   = rot_diag[j, p] x[p] + rot_pair[j, p] x[p']
+        ((R^{j+1})^T x)[p] = rot_diag[j, p] x[p] + rot_pair_t[j, p] x[p']
+    """
+
+    perm: torch.Tensor
+    input_map: torch.Tensor
+    lag: torch.Tensor
+    lag_t: torch.Tensor
+    slots: torch.Tensor
+    slots_t: torch.Tensor
+    rot_diag: torch.Tensor
+    rot_pair: torch.Tensor
+    rot_pair_t: torch.Tensor
+
+
+def padded_resolution(resolution: int) -> int:
+    """NP: N rounded up to the mma's reduction length 16."""
+    return round_up(resolution, 16)
+
+
+@functools.lru_cache(maxsize=32)
+def tile_constants(params: BLAParams, chunk_size: int, slot_tile: int) -> TileConstants:
+    cc = chunk_constants(params, chunk_size)
+    base, L, N = cc.base, chunk_size, params.resolution
+    NP, MP = padded_resolution(N), round_up(params.num_slots, slot_tile)
+    perm = rotation_order(N)
+    R, b = base.R, base.b
+
+    def pad_columns(x, width):
+        return torch.cat([x, x.new_zeros(*x.shape[:-1], width - x.shape[-1])], dim=-1)
+
+    input_map = torch.cat([cc.Inv, pad_columns(-(cc.Inv @ cc.Psi)[:, perm], NP)], dim=1)
+    R_inv = R.T
+    lag_rows, vector = [], b
+    for _ in range(L):  # R^{-(s+1)} b, s = 0..L-1
+        vector = R_inv @ vector
+        lag_rows.append(vector[perm])
+    lag = pad_columns(torch.stack(lag_rows), NP)
+    slots = pad_columns(base.C[:, perm], NP)
+    slots = torch.cat([slots, slots.new_zeros(MP - slots.shape[0], NP)])
+    partner = torch.arange(NP) ^ 1
+    rot_diag, rot_pair, rot_pair_t = (torch.zeros(L, NP, dtype=F64) for _ in range(3))
+    power = torch.eye(N, dtype=F64)
+    for j in range(L):
+        power = R @ power  # R^{j+1}
+        P = torch.zeros(NP, NP, dtype=F64)
+        P[:N, :N] = power[perm][:, perm]
+        p = torch.arange(NP)
+        rot_diag[j], rot_pair[j], rot_pair_t[j] = P[p, p], P[p, partner], P[partner, p]
+
+    return TileConstants(perm, input_map, lag, lag.T.contiguous(), slots, slots.T.contiguous(), rot_diag, rot_pair,
+                         rot_pair_t)  # fmt: skip

@@ -1,0 +1,372 @@
+"""The CUDA forward's per-chunk output kernel as a tile program (TVM 0.27 TIRx): warps carry rows.
+
+One thread block of four warps per (sequence row b, chunk c, query head hq); chunk length L = 64, warp w owns
+rows j = 16 w .. 16 w + 15 of the chunk and carries them in registers from the queries to the outputs. Only
+the chunk-wide operands sit in shared memory, in float16: [k | v; X | Y] (the raw chunk and its start state),
+then k' (with X below it) and [v'; Y] transposed. Every contraction is a warp ``Tx.warp.gemm`` over register
+fragments (mma.sync m16n8k16, float16 operands, float32 accumulation); the rotation identity of
+``bla_tvm/tile_constants.py`` replaces the diagonal gathers. Per block:
+
+  1. [k|v; X|Y] -> shared (float16; X, Y in the rotation-paired basis)                         all threads
+  2. [k'|v'] rows of warp w = input_map[rows] [k|v; X|Y]    -> shared: k' [L, K], [v'; Y]^T [V, L + NP]
+  3. qx = q k'^T (masked s <= j);  z = scale R^{j+1} (q X^T + qx lag)                            [16, NP]
+  4. over slot tiles of ``slot_tile``: logits = z C^T, masked; online softmax; w += E C         [16, NP]
+  5. w' = (R^{j+1})^T w;  o = ((w' lag^T, masked s <= j) v' + w' Y) / rowsum(E)                [16, V]
+
+Fragment registers are addressed through ``.local()`` views whose axis order is the one PTX's m16n8k16 fixes
+(g = lane / 4, t = lane % 4):
+  A [16, 16 Kt] view [kt, kHi, rM, kp]  holds A[g + 8 rM, 16 kt + 8 kHi + 2 t + kp]
+  B [16 Kt, 8 Nt] view [kt, nt, kHi, kp] holds B[16 kt + 8 kHi + 2 t + kp, 8 nt + g]
+  D [16, 8 Nt] view [nt, rM, rN]        holds D[g + 8 rM, 8 nt + 2 t + rN]
+so an accumulator becomes the A operand of the next product register for register: A[kt, kHi, rM, kp] =
+D[2 kt + kHi, rM, kp] (tests/test_tile_fragments.py checks these orders on the GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+from tvm.script.tirx import tile as Tx
+from tvm.tirx.layout import S, TileLayout, laneid
+
+from bla_tvm.spec import KernelSpec
+from bla_tvm.tile_constants import padded_resolution, round_up
+
+# one m16n8 accumulator tile and the k16 operand tiles (PTX ISA, mma.m16n8k16 fragments)
+_D_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)])
+_A_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)]).tile_to([16, 16], [16, 8])
+_B_TILE = TileLayout(S[(4, 2, 8) : (1 @ laneid, 1, 4 @ laneid)]).tile_to([16, 8], [8, 8])
+
+#: rows of a chunk (the kernel's chunk length) and warps per block
+CHUNK = 64
+WARPS = CHUNK // 16
+THREADS = 32 * WARPS
+
+
+def accumulator_layout(columns: int) -> TileLayout:
+    return _D_TILE.tile_to([16, columns], [16, 8])
+
+
+def operand_a_layout(depth: int) -> TileLayout:
+    return _A_TILE.tile_to([16, depth], [16, 16])
+
+
+def operand_b_layout(depth: int, columns: int) -> TileLayout:
+    return _B_TILE.tile_to([depth, columns], [16, 8])
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Knobs of the tile forward. slot_tile: slots per online-softmax step (a multiple of 16)."""
+
+    slot_tile: int = 64
+
+
+def supports(spec: KernelSpec) -> bool:
+    """Whether the tile program serves ``spec``: 16-bit inputs, L = 64, K and V multiples of 16 up to 128,
+    N up to 127."""
+    return (
+        spec.dtype in ("float16", "bfloat16")
+        and spec.chunk_size == CHUNK
+        and spec.head_k % 16 == 0 and 16 <= spec.head_k <= 128
+        and spec.head_v % 16 == 0 and 16 <= spec.head_v <= 128
+        and spec.resolution <= 127
+    )  # fmt: skip
+
+
+def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
+    """The PrimFunc ``bla_chunk_output``: o [B, T, HQ, V] from q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V],
+    states [B, NC, H, N, K + V] (float32, X | Y at each chunk start), positions [B, NC] int32, scale [1] and
+    the float16 tables of ``bla_tvm.tile_constants.TileConstants`` (input_map, lag, lag_t, slots, slots_t)
+    and float32 rotations (rot_diag, rot_pair, rot_pair_t)."""
+    if not supports(spec):
+        raise ValueError(f"the tile forward does not serve {spec}")
+    L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,
+                           spec.window, spec.group_size)  # fmt: skip
+    F = K + V
+    NP = padded_resolution(N)
+    MT = config.slot_tile
+    MP = round_up(M, MT)
+    LR = L + NP  # rows of [k; X]
+    PAIRS = (N - 1) // 2
+    dt = spec.dtype
+    h16 = "float16"
+    # shared strides padded by 8 halves (16 bytes): rows start in different banks
+    KV_STRIDE, KX_STRIDE, VY_STRIDE = LR + 8, K + 8, LR + 8
+    FB = 64 if F % 64 == 0 else 16  # column block of the [k'|v'] product
+    KV_BLOCKS = F // FB
+    KEYS_AT = F * KV_STRIDE
+    VALUES_AT = KEYS_AT + LR * KX_STRIDE
+    SHARED_HALVES = VALUES_AT + V * VY_STRIDE
+
+    @T.prim_func
+    def chunk_output(
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, states_h: T.handle, positions_h: T.handle, scale_h: T.handle,
+        input_map_h: T.handle, lag_h: T.handle, lag_t_h: T.handle, slots_h: T.handle, slots_t_h: T.handle,
+        rot_diag_h: T.handle, rot_pair_h: T.handle, rot_pair_t_h: T.handle, o_h: T.handle,
+    ):  # fmt: skip
+        T.func_attr({"global_symbol": "bla_chunk_output"})
+        B = T.int32()
+        TT = T.int32()
+        H = T.int32()
+        HQ = T.int32()
+        NC = T.int32()
+        q = T.match_buffer(q_h, (B, TT, HQ, K), dt)
+        k = T.match_buffer(k_h, (B, TT, H, K), dt)
+        v = T.match_buffer(v_h, (B, TT, H, V), dt)
+        states = T.match_buffer(states_h, (B, NC, H, N, F), "float32")
+        positions = T.match_buffer(positions_h, (B, NC), "int32")
+        scale = T.match_buffer(scale_h, (1,), "float32")
+        input_map = T.match_buffer(input_map_h, (L, LR), h16)
+        lag = T.match_buffer(lag_h, (L, NP), h16)
+        lag_t = T.match_buffer(lag_t_h, (NP, L), h16)
+        slots = T.match_buffer(slots_h, (MP, NP), h16)
+        slots_t = T.match_buffer(slots_t_h, (NP, MP), h16)
+        rot_diag = T.match_buffer(rot_diag_h, (L, NP), "float32")
+        rot_pair = T.match_buffer(rot_pair_h, (L, NP), "float32")
+        rot_pair_t = T.match_buffer(rot_pair_t_h, (L, NP), "float32")
+        o = T.match_buffer(o_h, (B, TT, HQ, V), dt)
+
+        T.device_entry()
+        block = T.cta_id([B * NC * HQ])
+        warp = T.warp_id([WARPS])
+        lane = T.lane_id([32])
+
+        pool = T.alloc_buffer((SHARED_HALVES,), h16, scope="shared.dyn")
+        kv_raw = T.decl_buffer((F, KV_STRIDE), h16, data=pool.data, elem_offset=0, scope="shared.dyn")  # [k|v; X|Y]^T
+        keys = T.decl_buffer((LR, KX_STRIDE), h16, data=pool.data, elem_offset=KEYS_AT, scope="shared.dyn")  # [k'; X]
+        values = T.decl_buffer((V, VY_STRIDE), h16, data=pool.data, elem_offset=VALUES_AT, scope="shared.dyn")  # [v'; Y]^T
+
+        hq = block % HQ
+        c = block // HQ % NC
+        b = block // (HQ * NC)
+        hk = hq // G
+        tid = warp * 32 + lane
+        g = lane // 4
+        tq = lane % 4
+        first = c * L
+
+        # the k16 slice of an A operand a product consumes: TVM 0.27 offsets a sliced packed fragment
+        # (A[:, 16 kt : 16 kt + 16]) by elements where it indexes 32-bit registers, so slices are copied
+        a_slice = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
+        a_slice_r = a_slice.local(1, 2, 2, 2)
+
+        # ---- 1. the raw chunk and its start state, float16, transposed: kv_raw[f, r] -------------------------
+        for it in T.serial(L * F // THREADS):
+            j = (it * THREADS + tid) // F
+            f = (it * THREADS + tid) % F
+            t = T.min(first + j, TT - 1)
+            x = T.if_then_else(f < K, k[b, t, hk, T.min(f, K - 1)], v[b, t, hk, T.max(f - K, 0)])
+            kv_raw[f, j] = T.if_then_else(first + j < TT, T.Cast(h16, x), T.float16(0))
+        for it in T.serial((NP * F + THREADS - 1) // THREADS):
+            p = (it * THREADS + tid) // F
+            f = (it * THREADS + tid) % F
+            if p < NP:
+                n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
+                x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), f]), T.float16(0))
+                kv_raw[f, L + p] = x
+                if f < K:
+                    keys[L + p, f] = x
+                else:
+                    values[f - K, L + p] = x
+        T.cuda.cta_sync()
+
+        # ---- 2. k', v' of this warp's rows: input_map[rows] [k|v; X|Y] ---------------------------------------
+        a_map = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
+        b_raw = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
+        kv_eff = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
+        a_map_r = a_map.local(1, 2, 2, 2)
+        b_raw_r = b_raw.local(1, FB // 8, 2, 2)
+        kv_eff_r = kv_eff.local(FB // 8, 2, 2)
+        for fb in T.serial(KV_BLOCKS):
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                kv_eff_r[nt, rM, rN] = T.float32(0)
+            for kt in T.serial(LR // 16):
+                if kt <= warp or kt >= L // 16:  # Inv is lower triangular: tiles above the diagonal are zero
+                    for kHi, rM, kp in T.grid(2, 2, 2):
+                        a_map_r[0, kHi, rM, kp] = input_map[warp * 16 + g + 8 * rM, kt * 16 + kHi * 8 + 2 * tq + kp]
+                    for nt, kHi, kp in T.grid(FB // 8, 2, 2):
+                        b_raw_r[0, nt, kHi, kp] = kv_raw[fb * FB + nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+                    Tx.warp.gemm(kv_eff, a_map, b_raw, kv_eff, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                j = warp * 16 + g + 8 * rM
+                f = fb * FB + nt * 8 + 2 * tq + rN
+                if f < K:
+                    keys[j, T.min(f, K - 1)] = T.Cast(h16, kv_eff_r[nt, rM, rN])
+                else:
+                    values[T.max(f - K, 0), j] = T.Cast(h16, kv_eff_r[nt, rM, rN])
+        T.cuda.cta_sync()
+
+        # ---- 3. z = scale R^{j+1} (q X^T + (q k'^T masked) lag) ---------------------------------------------
+        q_a = T.alloc_buffer((16, K), h16, scope="local", layout=operand_a_layout(K))
+        q_r = q_a.local(K // 16, 2, 2, 2)
+        for kt, kHi, rM, kp in T.grid(K // 16, 2, 2, 2):
+            t = first + warp * 16 + g + 8 * rM
+            q_r[kt, kHi, rM, kp] = T.if_then_else(
+                t < TT, T.Cast(h16, q[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp]), T.float16(0)
+            )
+        b_keys = T.alloc_buffer((16, L), h16, scope="local", layout=operand_b_layout(16, L))
+        b_keys_r = b_keys.local(1, L // 8, 2, 2)
+        qx = T.alloc_buffer((16, L), "float32", scope="local", layout=accumulator_layout(L))
+        qx_r = qx.local(L // 8, 2, 2)
+        b_state = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_b_layout(16, NP))
+        b_state_r = b_state.local(1, NP // 8, 2, 2)
+        z = T.alloc_buffer((16, NP), "float32", scope="local", layout=accumulator_layout(NP))
+        z_r = z.local(NP // 8, 2, 2)
+        for nt, rM, rN in T.grid(L // 8, 2, 2):
+            qx_r[nt, rM, rN] = T.float32(0)
+        for nt, rM, rN in T.grid(NP // 8, 2, 2):
+            z_r[nt, rM, rN] = T.float32(0)
+        for kt in T.unroll(K // 16):
+            for nt, kHi, kp in T.grid(L // 8, 2, 2):
+                b_keys_r[0, nt, kHi, kp] = keys[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for kHi, rM, kp in T.grid(2, 2, 2):
+                a_slice_r[0, kHi, rM, kp] = q_r[kt, kHi, rM, kp]
+            Tx.warp.gemm(qx, a_slice, b_keys, qx, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            for nt, kHi, kp in T.grid(NP // 8, 2, 2):
+                b_state_r[0, nt, kHi, kp] = keys[L + nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for kHi, rM, kp in T.grid(2, 2, 2):
+                a_slice_r[0, kHi, rM, kp] = q_r[kt, kHi, rM, kp]
+            Tx.warp.gemm(z, a_slice, b_state, z, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+        qx_a = T.alloc_buffer((16, L), h16, scope="local", layout=operand_a_layout(L))
+        qx_a_r = qx_a.local(L // 16, 2, 2, 2)
+        for kt, kHi, rM, kp in T.grid(L // 16, 2, 2, 2):
+            s = kt * 16 + kHi * 8 + 2 * tq + kp
+            qx_a_r[kt, kHi, rM, kp] = T.if_then_else(
+                s <= warp * 16 + g + 8 * rM, T.Cast(h16, qx_r[2 * kt + kHi, rM, kp]), T.float16(0)
+            )
+        b_lag = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_b_layout(16, NP))
+        b_lag_r = b_lag.local(1, NP // 8, 2, 2)
+        for kt in T.unroll(L // 16):
+            for nt, kHi, kp in T.grid(NP // 8, 2, 2):
+                b_lag_r[0, nt, kHi, kp] = lag_t[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for kHi, rM, kp in T.grid(2, 2, 2):
+                a_slice_r[0, kHi, rM, kp] = qx_a_r[kt, kHi, rM, kp]
+            Tx.warp.gemm(z, a_slice, b_lag, z, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+        z_a = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
+        z_a_r = z_a.local(NP // 16, 2, 2, 2)
+        for nt, rM in T.grid(NP // 8, 2):
+            j = warp * 16 + g + 8 * rM
+            p = nt * 8 + 2 * tq
+            z0 = z_r[nt, rM, 0]
+            z1 = z_r[nt, rM, 1]
+            z_a_r[nt // 2, nt % 2, rM, 0] = T.Cast(h16, scale[0] * (rot_diag[j, p] * z0 + rot_pair[j, p] * z1))
+            z_a_r[nt // 2, nt % 2, rM, 1] = T.Cast(h16, scale[0] * (rot_diag[j, p + 1] * z1 + rot_pair[j, p + 1] * z0))
+
+        # ---- 4. softmax over the slots, a tile of MT slots at a time: w = E C --------------------------------
+        row_max = T.alloc_buffer((2,), "float32", scope="local")
+        row_sum = T.alloc_buffer((2,), "float32", scope="local")
+        w = T.alloc_buffer((16, NP), "float32", scope="local", layout=accumulator_layout(NP))
+        w_r = w.local(NP // 8, 2, 2)
+        logits = T.alloc_buffer((16, MT), "float32", scope="local", layout=accumulator_layout(MT))
+        logits_r = logits.local(MT // 8, 2, 2)
+        probs = T.alloc_buffer((16, MT), h16, scope="local", layout=operand_a_layout(MT))
+        probs_r = probs.local(MT // 16, 2, 2, 2)
+        b_slots = T.alloc_buffer((16, MT), h16, scope="local", layout=operand_b_layout(16, MT))
+        b_slots_r = b_slots.local(1, MT // 8, 2, 2)
+        b_slots_t = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_b_layout(16, NP))
+        b_slots_t_r = b_slots_t.local(1, NP // 8, 2, 2)
+        tile_max = T.alloc_buffer((2,), "float32", scope="local")
+        tile_sum = T.alloc_buffer((2,), "float32", scope="local")
+        for rM in T.unroll(2):
+            row_max[rM] = T.float32(-3.0e38)
+            row_sum[rM] = T.float32(0)
+        for nt, rM, rN in T.grid(NP // 8, 2, 2):
+            w_r[nt, rM, rN] = T.float32(0)
+        seen_before = T.Cast("int64", positions[b, c])
+        for st in T.serial(MP // MT):
+            for nt, rM, rN in T.grid(MT // 8, 2, 2):
+                logits_r[nt, rM, rN] = T.float32(0)
+            for kt in T.unroll(NP // 16):
+                for nt, kHi, kp in T.grid(MT // 8, 2, 2):
+                    b_slots_r[0, nt, kHi, kp] = slots[st * MT + nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+                for kHi, rM, kp in T.grid(2, 2, 2):
+                    a_slice_r[0, kHi, rM, kp] = z_a_r[kt, kHi, rM, kp]
+                Tx.warp.gemm(logits, a_slice, b_slots, logits, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            for rM in T.unroll(2):
+                tile_max[rM] = T.float32(-3.0e38)
+                tile_sum[rM] = T.float32(0)
+            for nt, rM, rN in T.grid(MT // 8, 2, 2):
+                i = st * MT + nt * 8 + 2 * tq + rN
+                seen = seen_before + T.Cast("int64", warp * 16 + g + 8 * rM)
+                if i >= M or T.Cast("int64", i) * W > seen * M:
+                    logits_r[nt, rM, rN] = T.float32(-3.0e38)
+                tile_max[rM] = T.max(tile_max[rM], logits_r[nt, rM, rN])
+            for rM in T.unroll(2):
+                tile_max[rM] = T.max(row_max[rM], T.cuda.warp_max(tile_max[rM], width=4))
+                tile_sum[rM] = T.exp(row_max[rM] - tile_max[rM])  # rescales what earlier tiles summed
+                row_sum[rM] = row_sum[rM] * tile_sum[rM]
+            for nt, rM, rN in T.grid(NP // 8, 2, 2):
+                w_r[nt, rM, rN] = w_r[nt, rM, rN] * tile_sum[rM]
+            for rM in T.unroll(2):
+                row_max[rM] = tile_max[rM]
+                tile_sum[rM] = T.float32(0)
+            for nt, rM, rN in T.grid(MT // 8, 2, 2):
+                e = T.if_then_else(
+                    logits_r[nt, rM, rN] > T.float32(-1.0e38), T.exp(logits_r[nt, rM, rN] - row_max[rM]), T.float32(0)
+                )
+                tile_sum[rM] = tile_sum[rM] + e
+                probs_r[nt // 2, nt % 2, rM, rN] = T.Cast(h16, e)
+            for rM in T.unroll(2):
+                row_sum[rM] = row_sum[rM] + T.cuda.warp_sum(tile_sum[rM], width=4)
+            for kt in T.unroll(MT // 16):
+                for nt, kHi, kp in T.grid(NP // 8, 2, 2):
+                    b_slots_t_r[0, nt, kHi, kp] = slots_t[nt * 8 + g, st * MT + kt * 16 + kHi * 8 + 2 * tq + kp]
+                for kHi, rM, kp in T.grid(2, 2, 2):
+                    a_slice_r[0, kHi, rM, kp] = probs_r[kt, kHi, rM, kp]
+                Tx.warp.gemm(w, a_slice, b_slots_t, w, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+
+        # ---- 5. o = (mix v' + w' Y) / rowsum, mix = (w' lag^T) masked to s <= j, w' = (R^{j+1})^T w ----------
+        w_a = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
+        w_a_r = w_a.local(NP // 16, 2, 2, 2)
+        for nt, rM in T.grid(NP // 8, 2):
+            j = warp * 16 + g + 8 * rM
+            p = nt * 8 + 2 * tq
+            w0 = w_r[nt, rM, 0]
+            w1 = w_r[nt, rM, 1]
+            w_a_r[nt // 2, nt % 2, rM, 0] = T.Cast(h16, rot_diag[j, p] * w0 + rot_pair_t[j, p] * w1)
+            w_a_r[nt // 2, nt % 2, rM, 1] = T.Cast(h16, rot_diag[j, p + 1] * w1 + rot_pair_t[j, p + 1] * w0)
+        mix = T.alloc_buffer((16, L), "float32", scope="local", layout=accumulator_layout(L))
+        mix_r = mix.local(L // 8, 2, 2)
+        b_lag_rows = T.alloc_buffer((16, L), h16, scope="local", layout=operand_b_layout(16, L))
+        b_lag_rows_r = b_lag_rows.local(1, L // 8, 2, 2)
+        for nt, rM, rN in T.grid(L // 8, 2, 2):
+            mix_r[nt, rM, rN] = T.float32(0)
+        for kt in T.unroll(NP // 16):
+            for nt, kHi, kp in T.grid(L // 8, 2, 2):
+                b_lag_rows_r[0, nt, kHi, kp] = lag[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for kHi, rM, kp in T.grid(2, 2, 2):
+                a_slice_r[0, kHi, rM, kp] = w_a_r[kt, kHi, rM, kp]
+            Tx.warp.gemm(mix, a_slice, b_lag_rows, mix, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+        mix_a = T.alloc_buffer((16, L), h16, scope="local", layout=operand_a_layout(L))
+        mix_a_r = mix_a.local(L // 16, 2, 2, 2)
+        for kt, kHi, rM, kp in T.grid(L // 16, 2, 2, 2):
+            s = kt * 16 + kHi * 8 + 2 * tq + kp
+            mix_a_r[kt, kHi, rM, kp] = T.if_then_else(
+                s <= warp * 16 + g + 8 * rM, T.Cast(h16, mix_r[2 * kt + kHi, rM, kp]), T.float16(0)
+            )
+        out = T.alloc_buffer((16, V), "float32", scope="local", layout=accumulator_layout(V))
+        out_r = out.local(V // 8, 2, 2)
+        b_values = T.alloc_buffer((16, V), h16, scope="local", layout=operand_b_layout(16, V))
+        b_values_r = b_values.local(1, V // 8, 2, 2)
+        for nt, rM, rN in T.grid(V // 8, 2, 2):
+            out_r[nt, rM, rN] = T.float32(0)
+        for kt in T.unroll(L // 16):
+            for nt, kHi, kp in T.grid(V // 8, 2, 2):
+                b_values_r[0, nt, kHi, kp] = values[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for kHi, rM, kp in T.grid(2, 2, 2):
+                a_slice_r[0, kHi, rM, kp] = mix_a_r[kt, kHi, rM, kp]
+            Tx.warp.gemm(out, a_slice, b_values, out, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+        for kt in T.unroll(NP // 16):
+            for nt, kHi, kp in T.grid(V // 8, 2, 2):
+                b_values_r[0, nt, kHi, kp] = values[nt * 8 + g, L + kt * 16 + kHi * 8 + 2 * tq + kp]
+            for kHi, rM, kp in T.grid(2, 2, 2):
+                a_slice_r[0, kHi, rM, kp] = w_a_r[kt, kHi, rM, kp]
+            Tx.warp.gemm(out, a_slice, b_values, out, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+        for nt, rM, rN in T.grid(V // 8, 2, 2):
+            t = first + warp * 16 + g + 8 * rM
+            if t < TT:
+                o[b, t, hq, nt * 8 + 2 * tq + rN] = T.Cast(dt, out_r[nt, rM, rN] / row_sum[rM])
+
+    return chunk_output

@@ -1,0 +1,114 @@
+"""The tile forward's algorithm (schedules/cuda_tile_forward.py) carried out in float64 torch with its own
+constants (bla_tvm/tile_constants.py) must equal the chunked reference: this checks the basis permutation, the
+rotation identity that replaces the diagonal gathers, the padding and the online softmax over slot tiles
+without a GPU."""
+
+import math
+
+import pytest
+import torch
+
+from bla_tvm.constants import chunk_constants
+from bla_tvm.params import BLAParams
+from bla_tvm.reference import bla_chunked
+from bla_tvm.tile_constants import padded_resolution, rotation_order, tile_constants
+
+F64 = torch.float64
+
+
+def rotate(x, diag, pair):
+    """x [.., L, NP] row j -> diag[j] x_j + pair[j] x_j[p xor 1]."""
+    partner = torch.arange(x.shape[-1]) ^ 1
+    return diag * x + pair * x[..., partner]
+
+
+def tile_algorithm(q, k, v, params, L, slot_tile, scale):
+    """o [B, T, H, V] (float64) computed chunk by chunk the way the tile kernel does, states carried with the
+    float64 scan. q, k, v [B, T, H, D] float64."""
+    tc = tile_constants(params, L, slot_tile)
+    cc = chunk_constants(params, L)
+    B, T, H, K = q.shape
+    V, N, M, W = v.shape[-1], params.resolution, params.num_slots, params.window
+    NP = padded_resolution(N)
+    X = q.new_zeros(B, H, N, K + V)
+    causal = torch.arange(L)[None, :] <= torch.arange(L)[:, None]  # [j, s]: s <= j
+    out = []
+    for start in range(0, T, L):
+        n = min(L, T - start)
+
+        def chunk(x):
+            padded = x.new_zeros(B, L, H, x.shape[-1])
+            padded[:, :n] = x[:, start:start + n]
+            return padded.transpose(1, 2)  # [B, H, L, D]
+
+        qc, kvc = chunk(q), torch.cat([chunk(k), chunk(v)], dim=-1)
+        Xp = X.new_zeros(B, H, NP, K + V)
+        Xp[:, :, :N] = X[:, :, tc.perm]
+        kv_eff = tc.input_map @ torch.cat([kvc, Xp], dim=2)  # [B, H, L, F]
+        kp, vp = kv_eff[..., :K], kv_eff[..., K:]
+        qx = torch.where(causal, qc @ kp.transpose(-1, -2), 0.0)
+        z = qc @ Xp[..., :K].transpose(-1, -2) + qx @ tc.lag
+        z = scale * rotate(z, tc.rot_diag, tc.rot_pair)
+        row_max = torch.full((B, H, L, 1), -math.inf, dtype=F64)
+        row_sum = torch.zeros(B, H, L, 1, dtype=F64)
+        w = torch.zeros(B, H, L, NP, dtype=F64)
+        seen = start + torch.arange(L)[:, None]
+        for first in range(0, tc.slots.shape[0], slot_tile):
+            i = first + torch.arange(slot_tile)[None, :]
+            logits = z @ tc.slots[first:first + slot_tile].T
+            masked = (i >= M) | (i * W > seen * M)
+            logits = logits.masked_fill(masked, -math.inf)
+            new_max = torch.maximum(row_max, logits.amax(-1, keepdim=True))
+            decay = torch.exp(row_max - new_max)
+            E = torch.where(masked, 0.0, torch.exp(logits - new_max))
+            row_sum = row_sum * decay + E.sum(-1, keepdim=True)
+            w = w * decay + E @ tc.slots_t[:, first:first + slot_tile].T
+            row_max = new_max
+        w_rot = rotate(w, tc.rot_diag, tc.rot_pair_t)
+        mix = torch.where(causal, w_rot @ tc.lag_t, 0.0)
+        o = (mix @ vp + w_rot @ Xp[..., K:]) / row_sum
+        out.append(o.transpose(1, 2)[:, :n])
+        X = cc.state_decay @ X + cc.state_in[:, :n] @ kvc[:, :, :n] if n == L else None
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize(
+    "window, resolution, slots, slot_tile",
+    [(512, 63, 63, 64), (512, 63, 512, 64), (64, 15, 40, 32), (16, 16, 16, 64), (33, 1, 5, 64), (8, 7, 3, 16)],
+    ids=lambda x: str(x),
+)
+def test_tile_algorithm_matches_the_chunked_reference(window, resolution, slots, slot_tile):
+    torch.manual_seed(0)
+    params = BLAParams.make(window, resolution, slots)
+    B, T, H, K, V, L = 2, 150, 2, 16, 24, 64
+    q, k, v = (torch.randn(B, T, H, d, dtype=F64) for d in (K, K, V))
+    scale = K**-0.5
+    expected = bla_chunked(q, k, v, window, resolution, slots, scale, chunk_size=L)
+    actual = tile_algorithm(q, k, v, params, L, slot_tile, scale)
+    assert (actual - expected).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("resolution", [1, 2, 7, 16, 63])
+def test_rotation_order_pairs_then_fixed_rows(resolution):
+    perm = rotation_order(resolution)
+    assert sorted(perm.tolist()) == list(range(resolution))
+    pairs = (resolution - 1) // 2
+    assert perm[: 2 * pairs].tolist() == list(range(1, 2 * pairs + 1))
+    assert perm[2 * pairs] == 0
+
+
+@pytest.mark.parametrize("window, resolution", [(512, 63), (16, 16), (9, 1), (64, 15)])
+def test_rotations_mix_only_adjacent_column_pairs(window, resolution):
+    """R^{j+1} in the permuted, padded basis is diag + pairs (2p, 2p + 1): what the kernel's registers assume."""
+    params = BLAParams.make(window, resolution, resolution)
+    tc = tile_constants(params, 64, 64)
+    cc = chunk_constants(params, 64)
+    NP, N = padded_resolution(resolution), resolution
+    p = torch.arange(NP)
+    for j in (0, 1, 37, 63):
+        R = torch.linalg.matrix_power(cc.base.R, j + 1)
+        P = torch.zeros(NP, NP, dtype=F64)
+        P[:N, :N] = R[tc.perm][:, tc.perm]
+        rebuilt = torch.diag(tc.rot_diag[j]).index_put((p, p ^ 1), tc.rot_pair[j], accumulate=True)
+        assert torch.allclose(P, rebuilt, atol=1e-12)
+        assert torch.allclose(tc.rot_pair_t[j], P[p ^ 1, p], atol=1e-12)
