@@ -175,6 +175,11 @@ def run(bundle: Path, out: Path) -> None:
     tables = tile_tables(params, 64, device)
     ms_tile = triton.testing.do_bench(lambda: call(tile, q, k, v, states, positions, scale, *tables, o), return_mode="median")
     o_tile = o.clone()
+    fine = CHECK_LAYERS[1]  # M = W = 512
+    fine_params = BLAParams.make(*fine[:3])
+    fine_tile, fine_tables = load(f"tile_{tag(fine)}.so"), tile_tables(fine_params, 64, device)
+    ms_fine = triton.testing.do_bench(lambda: call(fine_tile, q, k, v, states, positions, scale, *fine_tables, o),
+                                      return_mode="median")  # fmt: skip
     cc = chunk_constants(params, L)
     te_tables = [x.to(device, torch.float32).contiguous() for x in (cc.input_map, cc.lag_basis, cc.base.C, cc.rot_diag, cc.rot_off)]
     te = load(f"te_{tag(layer)}.so")
@@ -190,7 +195,7 @@ def run(bundle: Path, out: Path) -> None:
     flex = torch.compile(flex_attention)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     ms_flex = triton.testing.do_bench(lambda: flex(qt, kt, vt, block_mask=mask), return_mode="median")
-    results["timing"] = dict(shape=dict(BENCH_SHAPE, K=K, V=V, dtype=dtype), layer=tag(layer), tile_ms=ms_tile,
+    results["timing"] = dict(shape=dict(BENCH_SHAPE, K=K, V=V, dtype=dtype), layer=tag(layer), tile_ms=ms_tile, tile_fine_slots_ms=ms_fine,
                              te_chunk_output_ms=ms_te, flex_swa_ms=ms_flex, tile_vs_te_rel_diff=agree)  # fmt: skip
     print(json.dumps(results["timing"]), flush=True)
     scans = {}

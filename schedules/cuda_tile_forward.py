@@ -137,6 +137,15 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         kv_raw = T.decl_buffer((F, KV_STRIDE), h16, data=pool.data, elem_offset=0, scope="shared.dyn")  # [k|v; X|Y]^T
         keys = T.decl_buffer((LR, KX_STRIDE), h16, data=pool.data, elem_offset=KEYS_AT, scope="shared.dyn")  # [k'; X]
         values = T.decl_buffer((V, VY_STRIDE), h16, data=pool.data, elem_offset=VALUES_AT, scope="shared.dyn")  # [v'; Y]^T
+        # 32-bit views: fragment loads move two adjacent reduction elements at once
+        kv_raw_w = kv_raw.view("uint32")
+        keys_w = keys.view("uint32")
+        values_w = values.view("uint32")
+        input_map_w = input_map.view("uint32")
+        lag_w = lag.view("uint32")
+        lag_t_w = lag_t.view("uint32")
+        slots_w = slots.view("uint32")
+        slots_t_w = slots_t.view("uint32")
 
         hq = block % HQ
         c = block // HQ % NC
@@ -176,18 +185,18 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         a_map = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
         b_raw = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
         kv_eff = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
-        a_map_r = a_map.local(1, 2, 2, 2)
-        b_raw_r = b_raw.local(1, FB // 8, 2, 2)
+        a_map_w = a_map.local(8).view("uint32")
+        b_raw_w = b_raw.local(FB // 8 * 4).view("uint32")
         kv_eff_r = kv_eff.local(FB // 8, 2, 2)
         for fb in T.serial(KV_BLOCKS):
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 kv_eff_r[nt, rM, rN] = T.float32(0)
             for kt in T.serial(LR // 16):
                 if kt <= warp or kt >= L // 16:  # Inv is lower triangular: tiles above the diagonal are zero
-                    for kHi, rM, kp in T.grid(2, 2, 2):
-                        a_map_r[0, kHi, rM, kp] = input_map[warp * 16 + g + 8 * rM, kt * 16 + kHi * 8 + 2 * tq + kp]
-                    for nt, kHi, kp in T.grid(FB // 8, 2, 2):
-                        b_raw_r[0, nt, kHi, kp] = kv_raw[fb * FB + nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+                    for kHi, rM in T.grid(2, 2):
+                        a_map_w[kHi * 2 + rM] = input_map_w[warp * 16 + g + 8 * rM, (kt * 16 + kHi * 8) // 2 + tq]
+                    for nt, kHi in T.grid(FB // 8, 2):
+                        b_raw_w[nt * 2 + kHi] = kv_raw_w[fb * FB + nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
                     Tx.warp.gemm(kv_eff, a_map, b_raw, kv_eff, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 j = warp * 16 + g + 8 * rM
@@ -207,11 +216,11 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
                 t < TT, T.Cast(h16, q[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp]), T.float16(0)
             )
         b_keys = T.alloc_buffer((16, L), h16, scope="local", layout=operand_b_layout(16, L))
-        b_keys_r = b_keys.local(1, L // 8, 2, 2)
+        b_keys_w = b_keys.local(L // 8 * 4).view("uint32")
         qx = T.alloc_buffer((16, L), "float32", scope="local", layout=accumulator_layout(L))
         qx_r = qx.local(L // 8, 2, 2)
         b_state = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_b_layout(16, NP))
-        b_state_r = b_state.local(1, NP // 8, 2, 2)
+        b_state_w = b_state.local(NP // 8 * 4).view("uint32")
         z = T.alloc_buffer((16, NP), "float32", scope="local", layout=accumulator_layout(NP))
         z_r = z.local(NP // 8, 2, 2)
         for nt, rM, rN in T.grid(L // 8, 2, 2):
@@ -219,13 +228,13 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         for nt, rM, rN in T.grid(NP // 8, 2, 2):
             z_r[nt, rM, rN] = T.float32(0)
         for kt in T.unroll(K // 16):
-            for nt, kHi, kp in T.grid(L // 8, 2, 2):
-                b_keys_r[0, nt, kHi, kp] = keys[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for nt, kHi in T.grid(L // 8, 2):
+                b_keys_w[nt * 2 + kHi] = keys_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = q_r[kt, kHi, rM, kp]
             Tx.warp.gemm(qx, a_slice, b_keys, qx, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
-            for nt, kHi, kp in T.grid(NP // 8, 2, 2):
-                b_state_r[0, nt, kHi, kp] = keys[L + nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for nt, kHi in T.grid(NP // 8, 2):
+                b_state_w[nt * 2 + kHi] = keys_w[L + nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = q_r[kt, kHi, rM, kp]
             Tx.warp.gemm(z, a_slice, b_state, z, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -237,10 +246,10 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
                 s <= warp * 16 + g + 8 * rM, T.Cast(h16, qx_r[2 * kt + kHi, rM, kp]), T.float16(0)
             )
         b_lag = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_b_layout(16, NP))
-        b_lag_r = b_lag.local(1, NP // 8, 2, 2)
+        b_lag_w = b_lag.local(NP // 8 * 4).view("uint32")
         for kt in T.unroll(L // 16):
-            for nt, kHi, kp in T.grid(NP // 8, 2, 2):
-                b_lag_r[0, nt, kHi, kp] = lag_t[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for nt, kHi in T.grid(NP // 8, 2):
+                b_lag_w[nt * 2 + kHi] = lag_t_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = qx_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(z, a_slice, b_lag, z, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -264,9 +273,9 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         probs = T.alloc_buffer((16, MT), h16, scope="local", layout=operand_a_layout(MT))
         probs_r = probs.local(MT // 16, 2, 2, 2)
         b_slots = T.alloc_buffer((16, MT), h16, scope="local", layout=operand_b_layout(16, MT))
-        b_slots_r = b_slots.local(1, MT // 8, 2, 2)
+        b_slots_w = b_slots.local(MT // 8 * 4).view("uint32")
         b_slots_t = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_b_layout(16, NP))
-        b_slots_t_r = b_slots_t.local(1, NP // 8, 2, 2)
+        b_slots_t_w = b_slots_t.local(NP // 8 * 4).view("uint32")
         tile_max = T.alloc_buffer((2,), "float32", scope="local")
         tile_sum = T.alloc_buffer((2,), "float32", scope="local")
         for rM in T.unroll(2):
@@ -279,8 +288,8 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
             for nt, rM, rN in T.grid(MT // 8, 2, 2):
                 logits_r[nt, rM, rN] = T.float32(0)
             for kt in T.unroll(NP // 16):
-                for nt, kHi, kp in T.grid(MT // 8, 2, 2):
-                    b_slots_r[0, nt, kHi, kp] = slots[st * MT + nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+                for nt, kHi in T.grid(MT // 8, 2):
+                    b_slots_w[nt * 2 + kHi] = slots_w[st * MT + nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
                 for kHi, rM, kp in T.grid(2, 2, 2):
                     a_slice_r[0, kHi, rM, kp] = z_a_r[kt, kHi, rM, kp]
                 Tx.warp.gemm(logits, a_slice, b_slots, logits, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -311,8 +320,8 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
             for rM in T.unroll(2):
                 row_sum[rM] = row_sum[rM] + T.cuda.warp_sum(tile_sum[rM], width=4)
             for kt in T.unroll(MT // 16):
-                for nt, kHi, kp in T.grid(NP // 8, 2, 2):
-                    b_slots_t_r[0, nt, kHi, kp] = slots_t[nt * 8 + g, st * MT + kt * 16 + kHi * 8 + 2 * tq + kp]
+                for nt, kHi in T.grid(NP // 8, 2):
+                    b_slots_t_w[nt * 2 + kHi] = slots_t_w[nt * 8 + g, (st * MT + kt * 16 + kHi * 8) // 2 + tq]
                 for kHi, rM, kp in T.grid(2, 2, 2):
                     a_slice_r[0, kHi, rM, kp] = probs_r[kt, kHi, rM, kp]
                 Tx.warp.gemm(w, a_slice, b_slots_t, w, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -330,12 +339,12 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         mix = T.alloc_buffer((16, L), "float32", scope="local", layout=accumulator_layout(L))
         mix_r = mix.local(L // 8, 2, 2)
         b_lag_rows = T.alloc_buffer((16, L), h16, scope="local", layout=operand_b_layout(16, L))
-        b_lag_rows_r = b_lag_rows.local(1, L // 8, 2, 2)
+        b_lag_rows_w = b_lag_rows.local(L // 8 * 4).view("uint32")
         for nt, rM, rN in T.grid(L // 8, 2, 2):
             mix_r[nt, rM, rN] = T.float32(0)
         for kt in T.unroll(NP // 16):
-            for nt, kHi, kp in T.grid(L // 8, 2, 2):
-                b_lag_rows_r[0, nt, kHi, kp] = lag[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for nt, kHi in T.grid(L // 8, 2):
+                b_lag_rows_w[nt * 2 + kHi] = lag_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = w_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(mix, a_slice, b_lag_rows, mix, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -349,18 +358,18 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         out = T.alloc_buffer((16, V), "float32", scope="local", layout=accumulator_layout(V))
         out_r = out.local(V // 8, 2, 2)
         b_values = T.alloc_buffer((16, V), h16, scope="local", layout=operand_b_layout(16, V))
-        b_values_r = b_values.local(1, V // 8, 2, 2)
+        b_values_w = b_values.local(V // 8 * 4).view("uint32")
         for nt, rM, rN in T.grid(V // 8, 2, 2):
             out_r[nt, rM, rN] = T.float32(0)
         for kt in T.unroll(L // 16):
-            for nt, kHi, kp in T.grid(V // 8, 2, 2):
-                b_values_r[0, nt, kHi, kp] = values[nt * 8 + g, kt * 16 + kHi * 8 + 2 * tq + kp]
+            for nt, kHi in T.grid(V // 8, 2):
+                b_values_w[nt * 2 + kHi] = values_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = mix_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(out, a_slice, b_values, out, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
         for kt in T.unroll(NP // 16):
-            for nt, kHi, kp in T.grid(V // 8, 2, 2):
-                b_values_r[0, nt, kHi, kp] = values[nt * 8 + g, L + kt * 16 + kHi * 8 + 2 * tq + kp]
+            for nt, kHi in T.grid(V // 8, 2):
+                b_values_w[nt * 2 + kHi] = values_w[nt * 8 + g, (L + kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = w_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(out, a_slice, b_values, out, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
