@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .runtime import MANIFEST
-from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
+from . import kernels
+from .layer import KernelSpec
+from .runtime import MANIFEST, target_id
 
 #: the tvm_ffi release the kernels are built against (../shared/docs/toolchain.md: newer ones segfault)
 TVM_FFI_VERSION = "0.1.14.post1"
@@ -34,7 +35,6 @@ RUNTIME_LIBRARIES = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
 
 def _build_one(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None, out: Path) -> dict:
     from . import build  # imports tvm, in the worker process
-    from .runtime import target_id
 
     target = arch if device_kind == "cuda" else target_id(torch.device("cpu"))
     name = f"{kernel}-{spec.tag()}-{target}.so"
@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     if args.command == "build":
         specs = []
         for fields in json.loads(args.specs.read_text()):
-            kernels = tuple(fields.pop("kernels", FORWARD_KERNELS + BACKWARD_KERNELS))
-            specs.append((KernelSpec(**fields), kernels))
+            names = tuple(fields.pop("kernels", kernels.FORWARD + kernels.BACKWARD))
+            specs.append((KernelSpec(**fields), names))
         arch = args.arch if args.device == "cuda" else None
         entries = build_kernels(specs, args.device, arch, args.out, args.jobs, args.append)
         print(f"{len(entries)} kernels for {len(specs)} specs in {args.out} ({time.time() - start:.0f} s)")

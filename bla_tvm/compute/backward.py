@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec
 from .forward import _partner, _symbolic_sizes, chunk_forward_stages, chunk_inputs
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec
 
 
 def _partner(n, N):

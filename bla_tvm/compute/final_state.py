@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tvm import te
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec
 from .forward import _symbolic_sizes
 
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from tvm import te, tirx
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec
 
 
 def _symbolic_sizes(L: int):
