@@ -19,13 +19,11 @@ from collections.abc import Callable
 import torch
 
 from .constants import bla_constants, partner_index
-from .layer import ACCUMULATOR, KernelSpec, LayerSpec, layer_spec
+from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, layer_spec
 from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
 from .runtime import default_library, kernel_ready, launch
 from .state import BLAState, check_seen, check_state
 
-#: decode kernels have no chunks; their KernelSpec carries this chunk length
-DECODE_CHUNK = 1
 #: stored state dtypes besides the accumulation dtype, and the kernel that reads and writes each
 REDUCED_STATE_KERNELS = {torch.float16: "decode_step_state_float16", torch.bfloat16: "decode_step_state_bfloat16"}
 

@@ -17,6 +17,8 @@ from .params import BLAParams, check_chunk_size, check_int
 ACCUMULATOR = {"float32": "float32", "float16": "float32", "bfloat16": "float32", "float64": "float64"}
 #: chunk lengths the kernels are built for, preferred first
 CHUNK_SIZES = (64, 32, 16)
+#: decode kernels have no chunks; their KernelSpec carries this chunk length
+DECODE_CHUNK = 1
 #: the kernels index with 32-bit integers: no buffer may hold more elements
 MAX_ELEMENTS = 2**31 - 1
 
