@@ -186,3 +186,37 @@ def test_register_write_backs_keep_their_bound_checks():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report.pop("raw write-back"), "the checker missed a write-back past a 33-long output"
     assert all(found == [] for found in report.values()), report
+
+
+BUILD_GPU_TEST_LAYER = """
+import json, sys
+from pathlib import Path
+from bla_tvm.cli import build_kernels
+from bla_tvm.testing import GPU_TEST_LAYERS, gpu_test_kernels
+layer = GPU_TEST_LAYERS[int(sys.argv[1])]
+specs = [(spec, names) for spec, names in gpu_test_kernels() if spec.layer == layer]
+entries = build_kernels(specs, "cuda", "sm_90", Path(sys.argv[2]), jobs=2)
+print(json.dumps({"wanted": [[n, spec.as_dict()] for spec, names in specs for n in names],
+                  "built": [[e["kernel"], e["spec"]] for e in entries]}))
+"""
+
+
+@pytest.mark.parametrize("index", range(5), ids=lambda i: f"layer{i}")
+def test_gpu_test_kernels_build(index, tmp_path):
+    """The kernels tests/test_gpu.py loads on the GPU (``bla-tvm build --gpu-test-layers``, here one layer at a
+    time) compile for sm_90, each into a module with machine code, listed in the manifest the GPU machine reads."""
+    from bla_tvm.testing import GPU_TEST_LAYERS
+
+    assert len(GPU_TEST_LAYERS) == 5, "parametrize this test over every GPU test layer"
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_GPU_TEST_LAYER, str(index), str(tmp_path)], capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(map(json.dumps, report["built"])) == sorted(map(json.dumps, report["wanted"]))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == len(report["wanted"])
+    for entry in manifest["kernels"]:
+        assert entry["target"] == "sm_90" and entry["config"] is None
+        assert b"sm_90" in (tmp_path / entry["file"]).read_bytes(), entry["file"]
