@@ -44,9 +44,9 @@ class LayerSpec:
 
     @classmethod
     def make(cls, window, resolution, num_slots, head_k, head_v, dtype, group_size=1) -> "LayerSpec":
-        """Validated, with ``num_slots`` None meaning N."""
-        params = BLAParams.make(window, resolution, num_slots)
-        return cls(params.window, params.resolution, params.num_slots, head_k, head_v, dtype, group_size)
+        """Validated (once, on construction), with ``num_slots`` None meaning N."""
+        return cls(window, resolution, resolution if num_slots is None else num_slots, head_k, head_v, dtype,
+                   group_size)  # fmt: skip
 
     def __post_init__(self):
         BLAParams.make(self.window, self.resolution, self.num_slots)

@@ -21,7 +21,6 @@ import torch
 from helpers import KERNEL_POOL, F64, max_rel_err
 
 import bla_tvm
-import bla_tvm.ops
 import bla_tvm.runtime
 from bla_tvm import bla_recurrent, blurry_window_attention, kernels
 from bla_tvm.layer import KernelSpec
