@@ -46,12 +46,12 @@ def decode_specs() -> list[dict]:
     """Every decode kernel the script loads: the benchmark layer (bf16 inputs, each state dtype), float32 inputs,
     and GQA (G = 2). The prefill check loads the chunked forward kernels too when they are in the bundle (built
     from gpu_bench.py's specs); without them it reports an error and the decode checks stand alone."""
-    from bla_tvm.spec import DECODE_KERNELS
+    from bla_tvm.kernels import DECODE
 
     W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
     layer = dict(window=W, resolution=N, num_slots=M, chunk_size=1, head_k=K, head_v=V)
     return [
-        dict(layer, dtype="bfloat16", kernels=list(DECODE_KERNELS)),
+        dict(layer, dtype="bfloat16", kernels=list(DECODE)),
         dict(layer, dtype="float32", kernels=["decode_step"]),
         dict(layer, dtype="bfloat16", group_size=2, kernels=["decode_step"]),
     ]
@@ -176,12 +176,12 @@ def build_variants(out: Path) -> None:
     from bla_tvm import build  # first: it prepares nvcc (and a stand-in libcuda) before tvm loads
     from bla_tvm.compute import prim_func
     from bla_tvm.schedules import cuda_decode
-    from bla_tvm.spec import KernelSpec
+    from bla_tvm.layer import KernelSpec
 
     tvm = build.tvm
 
     W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
-    spec = KernelSpec(W, N, M, 1, K, V, "bfloat16", 1)
+    spec = KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=1)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for index, (name, config) in enumerate(VARIANTS.items()):
@@ -214,9 +214,9 @@ def step_check(torch, kernel, state_dtype, consts) -> dict:
         import tvm_ffi
 
         with tvm_ffi.use_torch_stream():
-            kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts, o, X2, Y2)
+            kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts.values(), o, X2, Y2)
     else:
-        kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts, o, X2, Y2)
+        kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts.values(), o, X2, Y2)
     synchronize(torch)
     A, b, C, lags = (x.to(DEVICE) for x in (c.A, c.b, c.C, c.slot_lags))
     Xr = A @ X.double() + b[:, None] * k.double()[:, :, None, :]
@@ -303,8 +303,8 @@ def run_benchmarks(torch, bla, args) -> dict:
     import tvm_ffi
 
     from bla_tvm.decode import DECODE_CHUNK, decode_constants, decode_kernel
-    from bla_tvm.runtime import LIBRARY
-    from bla_tvm.spec import KernelSpec
+    from bla_tvm.layer import KernelSpec
+    from bla_tvm.runtime import default_library
     from bla_tvm.state import BLAState
 
     B, H, K, V = (SHAPE[x] for x in "BHKV")
@@ -326,8 +326,8 @@ def run_benchmarks(torch, bla, args) -> dict:
             measure(torch, f"BLA decode_step ({state_name} state)",
                     lambda s=state: bla.decode_step(q, k, v, s, W, N, M), do_bench, state_bytes, rows)  # fmt: skip
             # the kernel alone, outputs preallocated
-            spec = KernelSpec(W, N, M, DECODE_CHUNK, K, V, "bfloat16", 1)
-            kernel = LIBRARY.function(decode_kernel(sd, torch.float32), spec, q.device)
+            spec = KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK)
+            kernel = default_library().function(decode_kernel(sd, torch.float32), spec, q.device)
             consts = decode_constants(spec.params, torch.float32, q.device, K**-0.5)
             o = torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16)
             outs = (torch.empty_like(state.key_state), torch.empty_like(state.value_state))
@@ -335,9 +335,9 @@ def run_benchmarks(torch, bla, args) -> dict:
             def launch(s=state, kernel=kernel, outs=outs, o=o, consts=consts):
                 if DEVICE == "cuda":
                     with tvm_ffi.use_torch_stream():
-                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
+                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts.values(), o, *outs)
                 else:
-                    kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
+                    kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts.values(), o, *outs)
 
             check = step_check(torch, kernel, sd, consts)
             print(f"one-step check, {state_name} state:", check, flush=True)
@@ -351,7 +351,7 @@ def run_benchmarks(torch, bla, args) -> dict:
         if variants is not None and (variants / "manifest.json").exists():
             state = BLAState(*(torch.randn(B, H, N, d, device=DEVICE, generator=g) for d in (K, V)),
                              torch.full((B,), 5000, dtype=torch.int64, device=DEVICE))  # fmt: skip
-            consts = decode_constants(KernelSpec(W, N, M, DECODE_CHUNK, K, V, "bfloat16", 1).params, torch.float32,
+            consts = decode_constants(KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK).params, torch.float32,
                                       q.device, K**-0.5)  # fmt: skip
             o = torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16)
             outs = (torch.empty_like(state.key_state), torch.empty_like(state.value_state))
@@ -361,7 +361,7 @@ def run_benchmarks(torch, bla, args) -> dict:
 
                 def launch(kernel=kernel, o=o, outs=outs, consts=consts, s=state):
                     with tvm_ffi.use_torch_stream():
-                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts, o, *outs)
+                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts.values(), o, *outs)
 
                 row = measure(torch, f"BLA variant: {entry['name']} (float32 state)", launch, do_bench,
                               H * N * (K + V) * 4 + 8, rows)  # fmt: skip

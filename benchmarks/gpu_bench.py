@@ -63,10 +63,15 @@ def check_cases(count: int = 24, seed: int = 2026) -> list[dict]:
 
 
 def chunk_size(window, resolution, slots, K, V, dtype, backward, group_size=1) -> int:
+    """The chunk length the op picks on CUDA where no tuning log has one (``dispatch.default_chunk_size``)."""
     sys.path.insert(0, str(REPO))
-    from bla_tvm.runtime import cuda_chunk_size
+    import torch
 
-    return cuda_chunk_size("sm_90", window, resolution, slots, K, V, dtype, backward, group_size)
+    from bla_tvm.dispatch import default_chunk_size
+    from bla_tvm.layer import LayerSpec
+
+    layer = LayerSpec(window, resolution, slots, K, V, dtype, group_size)
+    return default_chunk_size(torch.device("cuda"), layer, backward)
 
 
 def kernel_specs() -> list[dict]:
@@ -77,7 +82,7 @@ def kernel_specs() -> list[dict]:
                for d in ("bfloat16", "float32")]  # fmt: skip
     layers.append((*TRAIN_LAYER, "float32"))
     layers = [(*layer[:5], 1, layer[5]) for layer in layers] + list(STATE_LAYERS)
-    from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
+    from bla_tvm.kernels import BACKWARD, FORWARD
 
     specs = {}
     for W, N, M, K, V, group, dtype in layers:
@@ -88,7 +93,7 @@ def kernel_specs() -> list[dict]:
             )
             key = json.dumps(spec, sort_keys=True)
             kernels = set(specs.get(key, {}).get("kernels", ()))
-            kernels |= set(FORWARD_KERNELS + (BACKWARD_KERNELS if backward else ()))
+            kernels |= set(FORWARD + (BACKWARD if backward else ()))
             specs[key] = dict(spec, kernels=sorted(kernels))
     return list(specs.values())
 
@@ -118,6 +123,7 @@ def run_checks(torch, bla, only=None) -> list[dict]:
     """Forward (inference chunk length) and forward + backward (training chunk length) on poisoned outputs;
     ``only``: the indices of the cases to run (all by default)."""
     from bla_tvm.layout import batch_layout
+    from bla_tvm.dispatch import phase_kernels, plan_call
     from bla_tvm.ops import kernel_spec, launch_backward, launch_forward
 
     results = []
@@ -141,12 +147,13 @@ def run_checks(torch, bla, only=None) -> list[dict]:
                 layout = batch_layout(B, T, spec.chunk_size, W, torch.zeros(B, dtype=torch.int64, device="cuda"))
                 initial = torch.zeros(B, H, N, K + V, device="cuda")  # a fresh start
                 o = torch.full((B, T, H, V), float("nan"), device="cuda", dtype=dtype)  # poisoned
-                states, _ = launch_forward(q, k, v, initial, o, layout, spec, scale)
+                plan = plan_call(q.device, spec, q.shape, phase_kernels(backward, final_state=True), scale)
+                states, _ = launch_forward(plan, q, k, v, initial, o, layout)
                 tag = "train" if backward else "infer"
                 outputs = {f"o_{tag}": (o, ref.detach())}
                 if backward:
                     dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
-                    launch_backward(q, k, v, states, do, torch.zeros_like(initial), dq, dk, dv, layout, spec, scale)
+                    launch_backward(plan, q, k, v, states, do, torch.zeros_like(initial), dq, dk, dv, layout)
                     outputs.update(dq=(dq, qr.grad), dk=(dk, kr.grad), dv=(dv, vr.grad))
                 torch.cuda.synchronize()
                 for name, (out, expected) in outputs.items():
@@ -284,9 +291,10 @@ def run_benchmarks(torch, args) -> dict:
 
     import bla_tvm
     from bla_tvm.layout import batch_layout
-    from bla_tvm.ops import device_constants, kernel_spec
-    from bla_tvm.runtime import LIBRARY
-    from bla_tvm.spec import FORWARD_KERNELS
+    from bla_tvm.dispatch import device_constants
+    from bla_tvm.kernels import FORWARD
+    from bla_tvm.ops import kernel_spec
+    from bla_tvm.runtime import default_library
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention)
@@ -316,7 +324,7 @@ def run_benchmarks(torch, args) -> dict:
             if T == 4096:  # where the forward's time goes: each kernel alone (inference chunk length)
                 L = chunk_size(W, resolution, slots, K, V, "bfloat16", False)
                 spec = kernel_spec(q, k, v, W, resolution, slots, L)
-                fns = [LIBRARY.function(kn, spec, q.device) for kn in FORWARD_KERNELS]
+                fns = [default_library().function(kn, spec, q.device) for kn in FORWARD]
                 consts = device_constants(spec.params, L, torch.float32, q.device, K**-0.5)
                 U = torch.randn(B, T // L, H, resolution, K + V, device="cuda")
                 X, o = torch.randn_like(U), torch.empty_like(v)
@@ -327,7 +335,7 @@ def run_benchmarks(torch, args) -> dict:
                     "chunk_state": bench(lambda: fns[0](k, v, consts["state_in"], U), do_bench),
                     "state_scan": bench(lambda: fns[1](U, consts["state_decay"], initial, layout.starts, X), do_bench),
                     "chunk_output": bench(
-                        lambda: fns[2](q, k, v, X, layout.positions, consts["scale"], *consts["output"], o), do_bench
+                        lambda: fns[2](q, k, v, X, layout.positions, consts["scale"], *(consts[n] for n in ("input_map", "lag_basis", "slot_readout", "rot_diag", "rot_off")), o), do_bench
                     ),
                 }
         qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))

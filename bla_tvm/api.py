@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .params import BLAParams, check_qkv, check_scale
-from .runtime import chunk_size_for
-from .spec import ACCUMULATOR
+from . import dispatch, ops  # noqa: F401 - ops registers torch.ops.bla_tvm
+from .layer import LayerSpec
+from .params import check_qkv, check_scale, dtype_name
 from .state import BLAState, check_state
 
 
@@ -69,32 +68,29 @@ def blurry_window_attention(
         >>> o2, state = blurry_window_attention(q, k, v, 64, 15, initial_state=state, output_final_state=True)
     """
     check_qkv(q, k, v)
-    params = BLAParams.make(window, resolution, num_slots)
+    B, T, H, K, V = k.shape[0], k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    group = q.shape[2] // H if H else 1
+    layer = LayerSpec.make(window, resolution, num_slots, int(K), int(V), dtype_name(q.dtype), int(group))
     scale = check_scale(scale, q.shape[-1])
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
-    dtype = ops.dtype_name(q.dtype)
-    state_dtype = getattr(torch, ACCUMULATOR[dtype])
-    B, T, H, K, V = k.shape[0], k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    state_dtype = getattr(torch, layer.acc_dtype)
     if cu_seqlens is not None:
         cu_seqlens = check_cu_seqlens(cu_seqlens, q)
         sequences, lengths = cu_seqlens.shape[0] - 1, (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     else:
         sequences, lengths = B, torch.full((B,), T, dtype=torch.int64, device=q.device)
     if initial_state is None:
-        initial = torch.zeros(sequences, H, params.resolution, K + V, dtype=state_dtype, device=q.device)
+        initial = torch.zeros(sequences, H, layer.resolution, K + V, dtype=state_dtype, device=q.device)
         seen = torch.zeros(sequences, dtype=torch.int64, device=q.device)
     else:
-        state = check_state(initial_state, sequences, H, params.resolution, K, V, (state_dtype,), q.device)
+        state = check_state(initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device)
         initial = torch.cat([state.key_state, state.value_state], dim=-1)
         seen = state.seen.to(torch.int64)
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))
-    chunk_size = chunk_size_for(
-        q.device, *params.__dict__.values(), K, V, dtype, backward, shape=tuple(q.shape),
-        group_size=q.shape[2] // max(H, 1),
-    )
-    o, _, final = torch.ops.bla_tvm.forward(
-        q, k, v, initial, seen, cu_seqlens, output_final_state, params.window, params.resolution, params.num_slots,
+    chunk_size = dispatch.chunk_size(q.device, layer, tuple(q.shape), backward)
+    o, _, final, _ = torch.ops.bla_tvm.forward(
+        q, k, v, initial, seen, cu_seqlens, output_final_state, layer.window, layer.resolution, layer.num_slots,
         scale, chunk_size,
     )
     if not output_final_state:

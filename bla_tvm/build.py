@@ -1,5 +1,10 @@
 """The build layer (imports tvm): compute + schedule + target -> an exported kernel module on disk.
 
+Which code compiles kernel X for a spec and device kind is one lookup, ``builder``: the builders registered for
+(X, device kind) whose predicate accepts the spec, newest first, else ``scheduled_module`` (the TE / TVMScript
+compute of ``bla_tvm.compute`` scheduled by the rules of ``bla_tvm.schedules``). An alternative implementation
+of a kernel takes the same named arguments (``kernels.TABLE``) and is one ``register_builder`` call.
+
 Safe under concurrency: a build holds an exclusive file lock on ``<path>.lock``, writes to a temporary file in
 the same folder and renames it into place, so a reader never sees half a module and two processes never
 compile the same key twice.
@@ -12,6 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .cuda_toolchain import prepare_cuda_compiler
@@ -20,8 +26,13 @@ prepare_cuda_compiler()  # before tvm loads its CUDA runtime
 
 import tvm  # noqa: E402
 
-from . import compute  # noqa: E402
-from .spec import KernelSpec  # noqa: E402
+from . import compute, kernels  # noqa: E402
+from .layer import KernelSpec  # noqa: E402
+
+#: builder(kernel, spec, device_kind, config) -> the IRModule to compile (``config``: the schedule's config
+#: object, None for the default), and the keyword arguments of ``tvm.compile`` it needs
+Builder = Callable[..., tuple]
+_BUILDERS: dict[tuple[str, str], list[tuple[Callable[[KernelSpec], bool], Builder]]] = {}
 
 
 def target_for(device_kind: str, arch: str | None = None) -> tvm.target.Target:
@@ -36,28 +47,56 @@ def target_for(device_kind: str, arch: str | None = None) -> tvm.target.Target:
     raise ValueError(f"device_kind must be 'cpu' or 'cuda', got {device_kind!r}")
 
 
+def scheduled_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
+    """The default builder: ``compute.prim_func`` scheduled by ``schedules.schedule``; compiled with TVM's
+    default pipeline."""
+    from bla_tvm import schedules
+
+    return schedules.schedule(kernel, compute.prim_func(kernel, spec, device_kind), spec, device_kind, config), {}
+
+
+def register_builder(kernel: str, device_kind: str, applies: Callable[[KernelSpec], bool], builder: Builder) -> None:
+    """Let ``builder`` compile ``kernel`` on ``device_kind`` for the specs ``applies`` accepts (before any
+    builder registered earlier), e.g. ``register_builder("chunk_output", "cuda", lambda spec: spec.dtype in
+    ("float16", "bfloat16"), tile_chunk_output)``."""
+    kernels.get(kernel)
+    _BUILDERS.setdefault((kernel, device_kind), []).insert(0, (applies, builder))
+
+
+def builder(kernel: str, spec: KernelSpec, device_kind: str) -> Builder:
+    """The builder that compiles ``kernel`` for ``spec`` on ``device_kind`` (see the module docstring)."""
+    for applies, registered in _BUILDERS.get((kernel, device_kind), ()):
+        if applies(spec):
+            return registered
+    return scheduled_module
+
+
+def config_object(device_kind: str, config):
+    """A schedule config as its dataclass (None: the default), from a dict such as a tuning log holds."""
+    from bla_tvm import schedules
+
+    default = schedules.default_config(device_kind)
+    if config is None or not isinstance(config, dict):
+        return default if config is None else config
+    return type(default)(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+
 def compile_kernel(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None = None, config=None):
     """Compile one kernel; returns the runtime module (not yet exported)."""
-    from bla_tvm import schedules
-
-    if isinstance(config, dict):
-        config = type(schedules.default_config(device_kind))(**config)
     target = target_for(device_kind, arch)
-    mod = schedules.schedule(kernel, compute.prim_func(kernel, spec, device_kind), spec, device_kind, config)
+    mod, options = builder(kernel, spec, device_kind)(kernel, spec, device_kind, config_object(device_kind, config))
     with target:
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target, **options)
 
 
-def cuda_shared_memory(spec: KernelSpec, arch: str, kernels=("chunk_output", "chunk_backward")) -> int:
-    """Bytes of dynamic shared memory a block of the per-chunk ``kernels`` uses at most, read off the lowered
-    kernels."""
-    from bla_tvm import schedules
-
+def cuda_shared_memory(spec: KernelSpec, arch: str, names=("chunk_output", "chunk_backward"), config=None) -> int:
+    """Bytes of dynamic shared memory a block of the kernels ``names`` (scheduled with ``config``) uses at most,
+    read off the lowered kernels."""
     target = target_for("cuda", arch)
     lower = tvm.s_tir.pipeline.default_s_tir_pipeline()[0]
     largest = 0
-    for kernel in kernels:
-        mod = schedules.schedule(kernel, compute.prim_func(kernel, spec, "cuda"), spec, "cuda")
+    for kernel in names:
+        mod, _ = builder(kernel, spec, "cuda")(kernel, spec, "cuda", config_object("cuda", config))
         with target:
             mod = lower(tvm.tirx.transform.BindTarget(target)(mod))
         for scopes in tvm.s_tir.analysis.calculate_allocated_bytes(mod).values():
@@ -78,13 +117,18 @@ def ptxas_report(module, arch: str) -> dict:
             [str(nvcc), f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-w", str(source), "-o", str(source) + ".cubin"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
+    return parse_ptxas(result.stderr)
+
+
+def parse_ptxas(text: str) -> dict:
+    """Registers, stack frame and spills (the largest over the kernels) from ptxas's -v report."""
     numbers = {
         "registers": r"Used (\d+) registers",
         "stack_frame": r"(\d+) bytes stack frame",
         "spill_stores": r"(\d+) bytes spill stores",
         "spill_loads": r"(\d+) bytes spill loads",
     }
-    return {key: max(map(int, re.findall(pattern, result.stderr)), default=0) for key, pattern in numbers.items()}
+    return {key: max(map(int, re.findall(pattern, text)), default=0) for key, pattern in numbers.items()}
 
 
 def build_to_path(

@@ -1,6 +1,7 @@
 """``bla-tvm``: build kernels ahead of time, and assemble the runtime bundle a GPU machine without TVM needs.
 
     bla-tvm build  --device cuda --arch sm_90 --specs specs.json --out DIR   # kernels + DIR/manifest.json
+    bla-tvm build  --device cuda --arch sm_90 --gpu-test-layers --out DIR    # the kernels tests/test_gpu.py loads
     bla-tvm bundle --out DIR                                                 # DIR/lib/*.so + DIR/wheels/*.whl
     bla-tvm tune   --device cuda --preset h200-bench [--build-only | --measure-only] --work DIR   # tuning logs
 
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .runtime import MANIFEST
-from .spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
+from . import kernels
+from .layer import KernelSpec
+from .runtime import MANIFEST, target_id
 
 #: the tvm_ffi release the kernels are built against (../shared/docs/toolchain.md: newer ones segfault)
 TVM_FFI_VERSION = "0.1.14.post1"
@@ -34,7 +36,6 @@ RUNTIME_LIBRARIES = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
 
 def _build_one(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None, out: Path) -> dict:
     from . import build  # imports tvm, in the worker process
-    from .runtime import target_id
 
     target = arch if device_kind == "cuda" else target_id(torch.device("cpu"))
     name = f"{kernel}-{spec.tag()}-{target}.so"
@@ -64,8 +65,13 @@ def build_kernels(
     return entries
 
 
-def assemble_bundle(out: Path, python_version: str = "3.12") -> None:
-    """Copy TVM's runtime libraries and download the tvm_ffi wheel for the GPU machine's Python."""
+#: what `pytest -m gpu` needs on a GPU machine that has torch only
+TEST_WHEELS = ("pytest", "hypothesis", "iniconfig", "pluggy", "packaging", "sortedcontainers", "attrs")
+
+
+def assemble_bundle(out: Path, python_version: str = "3.12", test_wheels: bool = False) -> None:
+    """Copy TVM's runtime libraries and download the tvm_ffi wheel (and with ``test_wheels`` pytest's and
+    hypothesis's) for the GPU machine's Python."""
     lib = out / "lib"
     lib.mkdir(parents=True, exist_ok=True)
     tvm_lib = Path(importlib.metadata.distribution("apache-tvm").locate_file("tvm/lib"))
@@ -77,7 +83,7 @@ def assemble_bundle(out: Path, python_version: str = "3.12") -> None:
         [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
          "--python-version", python_version, "--implementation", "cp",
          "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-         "-d", str(wheels), f"apache-tvm-ffi=={TVM_FFI_VERSION}"],
+         "-d", str(wheels), f"apache-tvm-ffi=={TVM_FFI_VERSION}", *(TEST_WHEELS if test_wheels else ())],
         check=True,
     )  # fmt: skip
 
@@ -88,13 +94,18 @@ def main(argv=None) -> int:
     build = commands.add_parser("build", help="compile kernels ahead of time and write a manifest")
     build.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     build.add_argument("--arch", default="sm_90", help="CUDA architecture (ignored for cpu)")
-    build.add_argument("--specs", type=Path, required=True, help="JSON list of KernelSpec fields")
+    which = build.add_mutually_exclusive_group(required=True)
+    which.add_argument("--specs", type=Path, help="JSON list of KernelSpec fields")
+    which.add_argument("--gpu-test-layers", action="store_true",
+                       help="the kernels of the GPU tests (bla_tvm.testing.GPU_TEST_LAYERS; run with BLA_TVM_NO_TUNING=1)")
     build.add_argument("--out", type=Path, required=True)
     build.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     build.add_argument("--append", action="store_true", help="add to the manifest already in --out")
     bundle = commands.add_parser("bundle", help="runtime libraries + tvm_ffi wheel for a machine without TVM")
     bundle.add_argument("--out", type=Path, required=True)
     bundle.add_argument("--python-version", default="3.12")
+    bundle.add_argument("--test-wheels", action="store_true",
+                        help="also pytest, hypothesis and their dependencies (to run `pytest -m gpu` there)")
     _add_tune_parser(commands)
     args = parser.parse_args(argv)
 
@@ -102,15 +113,20 @@ def main(argv=None) -> int:
     if args.command == "tune":
         return _tune(args)
     if args.command == "build":
-        specs = []
-        for fields in json.loads(args.specs.read_text()):
-            kernels = tuple(fields.pop("kernels", FORWARD_KERNELS + BACKWARD_KERNELS))
-            specs.append((KernelSpec(**fields), kernels))
+        if args.gpu_test_layers:
+            from .testing import gpu_test_kernels
+
+            specs = gpu_test_kernels()
+        else:
+            specs = []
+            for fields in json.loads(args.specs.read_text()):
+                names = tuple(fields.pop("kernels", kernels.FORWARD + kernels.BACKWARD))
+                specs.append((KernelSpec(**fields), names))
         arch = args.arch if args.device == "cuda" else None
         entries = build_kernels(specs, args.device, arch, args.out, args.jobs, args.append)
         print(f"{len(entries)} kernels for {len(specs)} specs in {args.out} ({time.time() - start:.0f} s)")
     else:
-        assemble_bundle(args.out, args.python_version)
+        assemble_bundle(args.out, args.python_version, args.test_wheels)
         print(f"runtime bundle in {args.out} ({time.time() - start:.0f} s)")
     return 0
 

@@ -19,42 +19,41 @@ from collections.abc import Callable
 import torch
 
 from .constants import bla_constants, partner_index
-from .ops import DTYPE_NAMES, _kernel_ready, _launch, dtype_name
-from .params import BLAParams, check_scale
-from .runtime import LIBRARY
-from .spec import ACCUMULATOR, KernelSpec
+from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, layer_spec
+from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
+from .runtime import default_library, kernel_ready, launch
 from .state import BLAState, check_seen, check_state
 
-#: decode kernels have no chunks; their KernelSpec carries this chunk length
-DECODE_CHUNK = 1
 #: stored state dtypes besides the accumulation dtype, and the kernel that reads and writes each
 REDUCED_STATE_KERNELS = {torch.float16: "decode_step_state_float16", torch.bfloat16: "decode_step_state_bfloat16"}
 
 
 def decode_kernel(state_dtype: torch.dtype, acc_dtype: torch.dtype) -> str:
-    """The decode kernel for a stored state dtype (one of ``spec.DECODE_KERNELS``)."""
+    """The decode kernel for a stored state dtype (a name of ``kernels.DECODE``)."""
     if state_dtype == acc_dtype:
         return "decode_step"
     return REDUCED_STATE_KERNELS[state_dtype]
 
 
 @functools.lru_cache(maxsize=128)
-def decode_constants(params: BLAParams, dtype: torch.dtype, device: torch.device, scale: float) -> tuple:
-    """(scale [1], rot_diag [N], rot_off [N], basis [N], removal [N], C [M, N], C_t [N, M]) as the decode kernel
-    takes them: R[n, n], R[n, partner(n)] (0 where n has no partner), b, b / W and the slot readout C (twice)."""
+def decode_constants(params: BLAParams, dtype: torch.dtype, device: torch.device, scale: float) -> dict:
+    """The decode kernel's constants by argument name: scale [1], rot_diag [N] = R[n, n], rot_off [N] =
+    R[n, partner(n)] (0 where n has no partner), basis [N] = b, removal [N] = b / W and the slot readout C
+    [M, N] (slot_readout) and C^T (slot_readout_t)."""
     c = bla_constants(params)
     n = torch.arange(params.resolution)
     partner = partner_index(params.resolution)
     rot_off = torch.where(partner == n, torch.zeros((), dtype=c.R.dtype), c.R[n, partner])
-    tables = (torch.tensor([scale], dtype=c.R.dtype), c.R[n, n], rot_off, c.b, c.b / params.window, c.C, c.C.T)
-    return tuple(x.to(device=device, dtype=dtype).contiguous() for x in tables)
+    tables = {"scale": torch.tensor([scale], dtype=c.R.dtype), "rot_diag": c.R[n, n], "rot_off": rot_off,
+              "basis": c.b, "removal": c.b / params.window, "slot_readout": c.C, "slot_readout_t": c.C.T}  # fmt: skip
+    return {name: x.to(device=device, dtype=dtype).contiguous() for name, x in tables.items()}
 
 
 @functools.lru_cache(maxsize=256)
-def _decode_function(kernel: str, spec: KernelSpec, device: torch.device):
-    """The loaded kernel, looked up once per (kernel, spec, device): a decode step is short, and the library's
-    lookup hashes the whole cache key."""
-    return LIBRARY.function(kernel, spec, device)
+def _decode_function(kernel: str, spec: KernelSpec, device: torch.device, library):
+    """The loaded kernel, looked up once per (kernel, spec, device, library): a decode step is short, and the
+    library's lookup hashes the whole cache key."""
+    return library.function(kernel, spec, device)
 
 
 def _decode_step_impl(
@@ -73,15 +72,16 @@ def _decode_step_impl(
     X, Y in the state dtype, seen [B] int64. Arguments validated by the caller (``bla_tvm.decode_step``)."""
     B, HQ, K = q.shape
     H, V = k.shape[1], v.shape[-1]
-    spec = KernelSpec(window, resolution, num_slots, DECODE_CHUNK, K, V, dtype_name(q.dtype), HQ // H)
+    spec = layer_spec(window, resolution, num_slots, K, V, dtype_name(q.dtype), HQ // H).kernel(DECODE_CHUNK)
     acc = getattr(torch, spec.acc_dtype)
-    kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device)
-    q, k, v, key_state, value_state, seen = (_kernel_ready(x) for x in (q, k, v, key_state, value_state, seen))
+    kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device, default_library())
+    q, k, v, key_state, value_state, seen = (kernel_ready(x) for x in (q, k, v, key_state, value_state, seen))
     o = q.new_empty(B, H, HQ // H, V)
     key_out, value_out = torch.empty_like(key_state), torch.empty_like(value_state)
     consts = decode_constants(spec.params, acc, q.device, float(scale))
     if B * H:
-        _launch(kernel, q.view(B, H, HQ // H, K), k, v, key_state, value_state, seen, *consts, o, key_out, value_out)
+        launch(kernel, consts, q=q.view(B, H, HQ // H, K), k=k, v=v, key_state=key_state, value_state=value_state,
+               seen=seen, o=o, key_out=key_out, value_out=value_out)  # fmt: skip
     return o.view(B, HQ, V), key_out, value_out
 
 
@@ -193,7 +193,9 @@ def decode_step(
         ...     o, state = decode_step(q, k, v, state, window=64, resolution=15)
     """
     q, k, v, squeeze = _check_inputs(q, k, v)
-    params = BLAParams.make(window, resolution, num_slots)
+    layer = LayerSpec.make(window, resolution, num_slots, q.shape[-1], v.shape[-1], dtype_name(q.dtype),
+                           q.shape[1] // k.shape[1])  # fmt: skip
+    params = layer.params
     scale = check_scale(scale, q.shape[-1])
     if state is None:
         acc = getattr(torch, ACCUMULATOR[dtype_name(q.dtype)])

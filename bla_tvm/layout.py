@@ -50,6 +50,29 @@ class ChunkLayout(NamedTuple):
         """[S] bool: sequences with no token."""
         return self.end_length == 0
 
+    def as_tensor(self) -> torch.Tensor:
+        """Every table in one int32 tensor [2 rows NC + 5 S (+ T packed)], as the forward op returns it for the
+        backward (``from_tensor``), so the backward needs no second look at ``cu_seqlens``."""
+        tables = [self.positions.flatten(), self.starts.flatten(), *self[2:7]]
+        if self.token_index is not None:
+            tables.append(self.token_index.to(torch.int32))
+        return torch.cat(tables)
+
+    @classmethod
+    def from_tensor(cls, tables: torch.Tensor, rows: int, chunks: int, packed_tokens: int | None) -> "ChunkLayout":
+        """The layout ``as_tensor`` stored, given its grid [rows, NC] and, for a packed layout, its T tokens."""
+        grid = rows * chunks
+        S = (tables.shape[0] - 2 * grid - (packed_tokens or 0)) // 5
+        sizes = [grid, grid, S, S, S, S, S] + ([packed_tokens] if packed_tokens is not None else [])
+        parts = [x.clone() for x in torch.split(tables, sizes)]  # clones: each table aligned for the kernels
+        token_index = parts[7].to(torch.int64) if packed_tokens is not None else None
+        return cls(parts[0].view(rows, chunks), parts[1].view(rows, chunks), *parts[2:7], token_index)
+
+    @staticmethod
+    def tensor_size(rows: int, chunks: int, sequences: int, packed_tokens: int | None) -> int:
+        """Elements of ``as_tensor``'s result."""
+        return 2 * rows * chunks + 5 * sequences + (packed_tokens or 0)
+
 
 def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int:
     """NC of the packed layout: T // L + S >= sum_s ceil(n_s / L) for any split of T tokens into S sequences."""

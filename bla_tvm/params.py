@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -33,20 +34,20 @@ class BLAParams:
 
     @classmethod
     def make(cls, window, resolution, num_slots=None) -> "BLAParams":
-        window = _check_int("window", window, 1)
-        resolution = _check_int("resolution", resolution, 1)
+        window = check_int("window", window, 1)
+        resolution = check_int("resolution", resolution, 1)
         if resolution > window:
             raise ValueError(f"resolution must satisfy 1 <= resolution <= window ({window}), got {resolution}")
         if resolution % 2 == 0 and resolution != window:
             raise ValueError(
                 f"resolution must be odd or equal to window ({window}), got {resolution}"
             )
-        num_slots = resolution if num_slots is None else _check_int("num_slots", num_slots, 1)
+        num_slots = resolution if num_slots is None else check_int("num_slots", num_slots, 1)
         return cls(window, resolution, num_slots)
 
 
 def check_chunk_size(chunk_size) -> int:
-    return _check_int("chunk_size", chunk_size, 1)
+    return check_int("chunk_size", chunk_size, 1)
 
 
 def check_scale(scale, head_dim: int) -> float:
@@ -58,6 +59,21 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
+
+
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The kernels' name of an input dtype; TypeError for one they do not take."""
+    if dtype not in DTYPE_NAMES:
+        raise TypeError(f"q must be float32, float16, bfloat16 or float64, got {dtype}")
+    return DTYPE_NAMES[dtype]
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,12 +1,20 @@
-"""Finding, building on demand, loading and calling compiled BLA kernels. Imports only tvm_ffi and torch.
+"""Finding, building on demand, loading and launching compiled BLA kernels. Imports only tvm_ffi and torch.
 
-A kernel is found, in order: in memory; in the prebuilt folder (``BLA_TVM_PREBUILT_DIR``, a manifest written by
-``bla_tvm.build``); in the on-disk cache under a key that hashes everything that changes the code. If it is in
-neither, ``bla_tvm.build`` compiles it (that is the only place tvm is imported), unless BLA_TVM_NO_BUILD=1.
+A ``KernelLibrary`` finds a kernel, in order: in memory; in its prebuilt folder (a manifest written by
+``bla-tvm build`` or the tuner's builder); in its on-disk cache under a key that hashes everything that changes
+the code. If it is in neither, ``bla_tvm.build`` compiles it (the only place tvm is imported), unless the
+library forbids building. ``default_library()`` is the one configured by ``BLA_TVM_PREBUILT_DIR``,
+``BLA_TVM_CACHE_DIR`` and ``BLA_TVM_NO_BUILD``; the tuner builds its own.
+
+Kernels are launched by argument name (``launch``; names from ``kernels.TABLE``), with tensors made
+``kernel_ready`` (contiguous, aligned), on torch's current CUDA stream. ``record_launches`` lets a caller see
+every launch of a block of code, in order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -15,13 +23,15 @@ import importlib.util
 import json
 import platform
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import tvm_ffi
 
-from . import env
-from .spec import CHUNK_SIZES, CUDA_SHARED_MEMORY_LIMIT, KernelSpec, cuda_shared_memory_bound, entry_symbol
+from . import env, kernels
+from .layer import KernelSpec
 
 MANIFEST = "manifest.json"
 
@@ -34,7 +44,7 @@ def device_kind(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _host_cpu_id() -> str:
+def host_cpu_id() -> str:
     """Architecture plus a digest of the CPU's feature flags: a CPU kernel is compiled for the host's ISA."""
     flags = ""
     try:
@@ -50,14 +60,28 @@ def _host_cpu_id() -> str:
 def target_id(device: torch.device) -> str:
     """What a compiled kernel is specific to: the host CPU, or the GPU's architecture (sm_XY)."""
     if device_kind(device) == "cpu":
-        return _host_cpu_id()
+        return host_cpu_id()
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
 
 
+def device_identity(device: torch.device) -> dict:
+    """What a tuning log is keyed by: kind, name and (CUDA) compute capability and target of ``device``."""
+    if device_kind(device) == "cpu":
+        return {"kind": "cpu", "name": target_id(device), "target": target_id(device)}
+    major, minor = torch.cuda.get_device_capability(device)
+    return {
+        "kind": "cuda",
+        "name": torch.cuda.get_device_name(device),
+        "compute_capability": f"{major}.{minor}",
+        "target": f"sm_{major}{minor}",
+    }
+
+
 @functools.lru_cache(maxsize=None)
-def _source_digest() -> str:
-    """Digest of the compute and schedule sources: editing any of them invalidates cached kernels."""
+def source_digest() -> str:
+    """Digest of the compute and schedule sources, the kernel table and the specs: editing any of them
+    invalidates cached kernels (and marks tuning logs measured before as stale)."""
     digest = hashlib.sha256()
     package = Path(__file__).parent
     schedules = importlib.util.find_spec("bla_tvm.schedules")  # installed as bla_tvm.schedules from ./schedules
@@ -66,7 +90,8 @@ def _source_digest() -> str:
         for path in sorted(folder.glob("*.py")):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-    digest.update(Path(__file__).with_name("spec.py").read_bytes())
+    for name in ("layer.py", "kernels.py"):
+        digest.update(Path(__file__).with_name(name).read_bytes())
     return digest.hexdigest()
 
 
@@ -88,7 +113,7 @@ def kernel_key(kernel: str, spec: KernelSpec, target: str, config: dict | None) 
             "config": config,
             "bla_tvm": _version("bla_tvm"),
             "tvm": _version("apache-tvm"),
-            "sources": _source_digest(),
+            "sources": source_digest(),
         },
         sort_keys=True,
     )
@@ -115,37 +140,80 @@ def load_tvm_runtime(kind: str) -> None:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 
-class KernelLibrary:
-    """Compiled kernels by (kernel, spec, target, config), loaded once per process; thread safe."""
+@dataclass(frozen=True, eq=False)
+class CompiledKernel:
+    """A loaded kernel: its table entry, the spec and schedule config it was built for, and the function.
+    Calling it passes positional arguments straight to the function (``launch`` passes them by name)."""
 
-    def __init__(self):
-        self._functions: dict[str, object] = {}
+    kernel: kernels.Kernel
+    spec: KernelSpec
+    config: dict | None
+    function: object
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    """The entries of ``folder/manifest.json`` (none where there is no manifest)."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text())["kernels"] if path.exists() else []
+
+
+class KernelLibrary:
+    """Compiled kernels by (kernel, spec, target, config), loaded once per library; thread safe.
+
+    prebuilt_dir: a folder of kernels built elsewhere, with manifest.json, searched first (None: none);
+    cache_dir: where kernels built on demand are kept; build_allowed: whether a kernel found in neither may be
+    compiled here (needs TVM) or is an error.
+    """
+
+    def __init__(self, prebuilt_dir: Path | None, cache_dir: Path, build_allowed: bool):
+        self.prebuilt_dir = None if prebuilt_dir is None else Path(prebuilt_dir)
+        self.cache_dir = Path(cache_dir)
+        self.build_allowed = build_allowed
+        self._prebuilt = {
+            self._manifest_key(e["kernel"], e["spec"], e["target"], e.get("config")): self.prebuilt_dir / e["file"]
+            for e in (read_manifest(self.prebuilt_dir) if self.prebuilt_dir else [])
+        }  # fmt: skip
+        self._loaded: dict[str, CompiledKernel] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _manifest_key(kernel: str, spec: dict, target: str, config: dict | None) -> str:
+        return json.dumps([kernel, spec, target, config], sort_keys=True)
+
     def function(self, kernel: str, spec: KernelSpec, device: torch.device, config: dict | None = None):
+        """The loaded ``kernel`` for ``spec`` on ``device``'s target, scheduled with ``config`` (None: the
+        default schedule)."""
         key = kernel_key(kernel, spec, target_id(device), config)
-        function = self._functions.get(key)
-        if function is None:
+        loaded = self._loaded.get(key)
+        if loaded is None:
             with self._lock:
-                function = self._functions.get(key)
-                if function is None:
+                loaded = self._loaded.get(key)
+                if loaded is None:
+                    entry = kernels.get(kernel)
                     load_tvm_runtime(device_kind(device))
                     module = tvm_ffi.load_module(str(self._module_path(key, kernel, spec, device, config)))
-                    function = module[entry_symbol(kernel)]
-                    self._functions[key] = function
-        return function
+                    loaded = CompiledKernel(entry, spec, config, module[entry.symbol])
+                    self._loaded[key] = loaded
+        return loaded
+
+    def prebuilt(self, kernel: str, spec: KernelSpec, target: str, config: dict | None = None) -> Path | None:
+        """The prebuilt module of ``kernel`` for ``spec``, ``target`` and ``config``, if the manifest lists one."""
+        return self._prebuilt.get(self._manifest_key(kernel, spec.as_dict(), target, config))
 
     def _module_path(self, key, kernel, spec, device, config) -> Path:
-        prebuilt = _find_prebuilt(kernel, spec, target_id(device), config)
+        prebuilt = self.prebuilt(kernel, spec, target_id(device), config)
         if prebuilt is not None:
             return prebuilt
-        path = env.cache_dir() / f"{key}.so"
+        path = self.cache_dir / f"{key}.so"
         if path.exists():
             return path
-        if not env.build_allowed():
+        if not self.build_allowed:
             raise RuntimeError(
-                f"kernel {kernel} for {spec} on {target_id(device)} is not built, and BLA_TVM_NO_BUILD=1 forbids "
-                f"compiling it (looked in {env.prebuilt_dir()} and {env.cache_dir()})"
+                f"kernel {kernel} for {spec} on {target_id(device)} (config {config}) is not built, and this library "
+                f"may not compile it (BLA_TVM_NO_BUILD=1; looked in {self.prebuilt_dir} and {self.cache_dir})"
             )
         from . import build  # imports tvm
 
@@ -153,71 +221,80 @@ class KernelLibrary:
         return path
 
 
-def _find_prebuilt(kernel, spec, target, config) -> Path | None:
-    folder = env.prebuilt_dir()
-    if folder is None or not (folder / MANIFEST).exists():
-        return None
-    manifest = json.loads((folder / MANIFEST).read_text())
-    for entry in manifest["kernels"]:
-        if (
-            entry["kernel"] == kernel
-            and entry["spec"] == spec.as_dict()
-            and entry["target"] == target
-            and entry.get("config") == config
-        ):
-            return folder / entry["file"]
-    return None
+_LIBRARIES: dict[tuple, KernelLibrary] = {}
+_LIBRARIES_LOCK = threading.Lock()
 
 
-def chunk_size_for(
-    device: torch.device, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool, shape=None,
-    group_size: int = 1,
-) -> int:
-    """The chunk length L for a layer on ``device``: the tuning log's for this GPU and the bucket nearest
-    ``shape`` (B, T, H, ...) if one has it (``tuning_logs.chunk_size``); else 64 on the CPU and on CUDA see
-    ``cuda_chunk_size``. The forward and backward of one call must agree on L (the backward reads the states at
-    chunk starts): training (``backward``) has its own records, measured over forward and backward together."""
-    from . import tuning_logs
-
-    params = {"window": window, "resolution": resolution, "num_slots": num_slots, "head_k": head_k, "head_v": head_v,
-              "dtype": dtype}
-    tuned = tuning_logs.chunk_size(device, params, shape, backward)
-    if tuned is not None:
-        return tuned
-    if device_kind(device) == "cpu":
-        return CHUNK_SIZES[0]
-    return cuda_chunk_size(
-        target_id(device), window, resolution, num_slots, head_k, head_v, dtype, backward, group_size
-    )
+def default_library() -> KernelLibrary:
+    """The library the environment configures (``bla_tvm.env``), one per configuration (thread safe: threads
+    share it, hence its lock against building a kernel twice)."""
+    key = (env.prebuilt_dir(), env.cache_dir(), env.build_allowed())
+    with _LIBRARIES_LOCK:
+        if key not in _LIBRARIES:
+            _LIBRARIES[key] = KernelLibrary(*key)
+        return _LIBRARIES[key]
 
 
-@functools.lru_cache(maxsize=256)
-def cuda_chunk_size(
-    target: str, window, resolution, num_slots, head_k, head_v, dtype: str, backward: bool, group_size: int = 1
-) -> int:
-    """The longest chunk whose per-chunk blocks (the forward's, and the backward's when ``backward``) fit in
-    shared memory: the longest among prebuilt kernels; else the longest that fits under
-    ``cuda_shared_memory_bound`` or, where kernels may be built, in the compiled kernels (``bla_tvm.build``)."""
-    kernels = ("chunk_output", "chunk_backward") if backward else ("chunk_output",)
-    candidates = [
-        KernelSpec(window, resolution, num_slots, L, head_k, head_v, dtype, group_size) for L in CHUNK_SIZES
-    ]
-    for spec in candidates:
-        if all(_find_prebuilt(kernel, spec, target, None) is not None for kernel in kernels):
-            return spec.chunk_size
-    for spec in candidates:
-        bound = cuda_shared_memory_bound(spec.chunk_size, resolution, num_slots, head_k, head_v, backward)
-        if bound <= CUDA_SHARED_MEMORY_LIMIT:  # fits even with no buffer reuse: no need to compile to know
-            return spec.chunk_size
-        if env.build_allowed():
-            from . import build
+# --- launching -----------------------------------------------------------------------------------------------
 
-            if build.cuda_shared_memory(spec, target, kernels) <= CUDA_SHARED_MEMORY_LIMIT:
-                return spec.chunk_size
-    raise ValueError(
-        f"num_slots={num_slots}, resolution={resolution}, K={head_k}, V={head_v} need more shared memory per "
-        f"chunk than a CUDA block has, even at chunk length {CHUNK_SIZES[-1]}"
-    )
+#: compiled kernels assume their tensors' data is aligned to this many bytes (TVM's default buffer
+#: data_alignment) and do not check it: an unaligned vector load segfaults.
+KERNEL_ALIGNMENT = 64
 
 
-LIBRARY = KernelLibrary()
+def kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """x itself when contiguous and aligned (no copy), else a contiguous, aligned copy."""
+    x = x.contiguous()
+    if x.data_ptr() % KERNEL_ALIGNMENT:
+        x = x.clone()
+    return x
+
+
+def call(function, args: tuple) -> None:
+    """Run ``function(*args)``, on torch's current stream when the first argument is a CUDA tensor."""
+    if args[0].is_cuda:
+        with tvm_ffi.use_torch_stream():
+            function(*args)
+    else:
+        function(*args)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded launch: the kernel and its arguments, in the kernel's order."""
+
+    kernel: CompiledKernel
+    args: tuple
+
+
+_RECORDERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("bla_tvm_recorders", default=())
+
+
+def launch(compiled: CompiledKernel, shared: Mapping[str, torch.Tensor] = {}, **tensors) -> None:  # noqa: B006
+    """Launch ``compiled`` with its arguments by name (``kernels.TABLE``): each taken from ``tensors``, else from
+    ``shared`` (what several kernels of a call read: device constants, layout tables, inputs; a kernel takes the
+    names it has). A keyword that is not an argument of the kernel, or an argument given by neither, is a
+    TypeError."""
+    entry = compiled.kernel
+    unknown = set(tensors) - set(entry.args)
+    if unknown:
+        raise TypeError(f"{entry.name} takes no argument {sorted(unknown)}; its arguments are {entry.args}")
+    try:
+        args = tuple(tensors[name] if name in tensors else shared[name] for name in entry.args)
+    except KeyError as missing:
+        raise TypeError(f"{entry.name}: argument {missing} is missing; its arguments are {entry.args}") from None
+    for recorder in _RECORDERS.get():
+        recorder.append(Launch(compiled, args))
+    call(compiled.function, args)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, every ``launch`` (in this thread or task) is appended, as a ``Launch``, to the list
+    this yields, in launch order."""
+    launches: list[Launch] = []
+    token = _RECORDERS.set((*_RECORDERS.get(), launches))
+    try:
+        yield launches
+    finally:
+        _RECORDERS.reset(token)

@@ -1,12 +1,18 @@
 """Per-target schedules of the BLA kernels: how the compute in ``bla_tvm.compute`` runs on each target.
 
-``schedule(kernel, func, spec, device_kind, config)`` returns the IRModule to compile. Schedules import tvm
-but never torch; the compute never imports schedules.
+``schedule(kernel, func, spec, device_kind, config)`` returns the IRModule to compile; every kernel of
+``bla_tvm.kernels.TABLE`` has a rule per device kind (the scans: none, they carry their own loop annotations).
+Schedules import tvm but never torch; the compute never imports schedules.
 """
 
 from __future__ import annotations
 
+from bla_tvm import kernels
+
 from . import cpu, cpu_decode, cuda, cuda_decode, cuda_final_state
+
+#: kernels whose TVMScript carries its own loops: scheduled as written
+UNSCHEDULED = ("state_scan", "state_scan_reverse")
 
 _RULES = {
     "cpu": {
@@ -16,7 +22,7 @@ _RULES = {
         "final_state": cpu.schedule_final_state,
         "final_state_backward": cpu.schedule_final_state,
         **{f"input_gradient_{part}": cpu.schedule_input_gradient for part in "qkv"},
-        **{kernel: cpu_decode.schedule_decode_step for kernel in cpu_decode.KERNELS},
+        **{kernel: cpu_decode.schedule_decode_step for kernel in kernels.DECODE},
     },
     "cuda": {
         "chunk_state": cuda.schedule_chunk_state,
@@ -25,26 +31,25 @@ _RULES = {
         "final_state": cuda_final_state.schedule_final_state,
         "final_state_backward": cuda_final_state.schedule_final_state,
         **{f"input_gradient_{part}": cuda.schedule_input_gradient for part in "qkv"},
-        **{kernel: cuda_decode.schedule_decode_step for kernel in cpu_decode.KERNELS},
+        **{kernel: cuda_decode.schedule_decode_step for kernel in kernels.DECODE},
     },
 }
 
-_CONFIGS = {"cpu": cpu.CpuConfig, "cuda": cuda.CudaConfig}
+CONFIGS = {"cpu": cpu.CpuConfig, "cuda": cuda.CudaConfig}
 
 
 def default_config(device_kind: str):
-    if device_kind not in _CONFIGS:
-        raise ValueError(f"device_kind must be one of {sorted(_CONFIGS)}, got {device_kind!r}")
-    return _CONFIGS[device_kind]()
+    if device_kind not in CONFIGS:
+        raise ValueError(f"device_kind must be one of {sorted(CONFIGS)}, got {device_kind!r}")
+    return CONFIGS[device_kind]()
 
 
 def schedule(kernel: str, func, spec, device_kind: str, config=None):
     """IRModule of ``func`` scheduled for ``device_kind``; kernels with no rule (the TVMScript scan, which
     carries its own loop annotations) are returned as written."""
     config = default_config(device_kind) if config is None else config
-    rule = _RULES[device_kind].get(kernel)
-    if rule is None:
+    if kernels.get(kernel).name in UNSCHEDULED:
         import tvm
 
         return tvm.IRModule({func.attrs["global_symbol"]: func})
-    return rule(func, spec, config).mod
+    return _RULES[device_kind][kernel](func, spec, config).mod

@@ -35,7 +35,7 @@ class CpuConfig:
     vector_lanes: int = 16
 
 
-def _vectorize_inner(sch, block, max_lanes: int) -> None:
+def vectorize_inner(sch, block, max_lanes: int) -> None:
     """Vectorise the innermost loop of ``block``: whole when its extent is at most ``max_lanes`` (LLVM splits
     a wide vector into registers, masking the tail), else split by the largest divisor of the extent that fits."""
     inner = sch.get_loops(block)[-1]
@@ -58,7 +58,7 @@ def schedule_chunk_state(func, spec, config: CpuConfig = CpuConfig()):
     sch.reorder(c, b, h, n, j, f)
     sch.parallel(c)
     sch.compute_at(sch.get_sblock("bla_fwd_kv_chunk"), h, preserve_unit_loops=True)
-    _vectorize_inner(sch, block, config.vector_lanes)
+    vectorize_inner(sch, block, config.vector_lanes)
     sch.decompose_reduction(block, j)
     return sch
 
@@ -88,10 +88,10 @@ def schedule_per_chunk(sch, anchor: str, spec, config: CpuConfig, inlined=(), tr
         if is_contraction(sch, block):
             *_, row, col, red = sch.get_loops(block)
             sch.reorder(row, red, col)
-            _vectorize_inner(sch, block, config.vector_lanes)
+            vectorize_inner(sch, block, config.vector_lanes)
             sch.decompose_reduction(block, red)
         elif is_elementwise(sch, block):
-            _vectorize_inner(sch, block, config.vector_lanes)
+            vectorize_inner(sch, block, config.vector_lanes)
     return sch
 
 
@@ -124,7 +124,7 @@ def schedule_final_state(func, spec, config: CpuConfig = CpuConfig()):
     s, _, _, f, red = sch.get_loops(block)
     sch.reorder(red, f)
     sch.parallel(s)
-    _vectorize_inner(sch, block, config.vector_lanes)
+    vectorize_inner(sch, block, config.vector_lanes)
     sch.decompose_reduction(block, red)
     return sch
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import tvm
 
 from .common import is_elementwise
-from .cpu import CpuConfig, _vectorize_inner
+from .cpu import CpuConfig, vectorize_inner
 
-#: the decode kernels these rules serve (bla_tvm.spec.DECODE_KERNELS: schedules do not import the package)
-KERNELS = ("decode_step", "decode_step_state_float16", "decode_step_state_bfloat16")
 #: [.., F] = sum_n a[n] S[n, f]: run as rank-1 updates over n, the column axis f vectorised
 RANK_ONE = ("bla_dec_removed", "bla_dec_mix")
 #: stages recomputed where they are read instead of stored
@@ -60,8 +58,8 @@ def schedule_decode_step(func, spec, config: CpuConfig | None = None):
         if name in RANK_ONE:
             *_, col, red = sch.get_loops(block)
             sch.reorder(red, col)
-            _vectorize_inner(sch, block, config.vector_lanes)
+            vectorize_inner(sch, block, config.vector_lanes)
             sch.decompose_reduction(block, red)
         elif is_elementwise(sch, block):
-            _vectorize_inner(sch, block, config.vector_lanes)
+            vectorize_inner(sch, block, config.vector_lanes)
     return sch

@@ -5,7 +5,7 @@ their config.
 A knob is a field of the target's config dataclass (found with ``dataclasses.fields``, so a field added to a
 config later is simply left at its default until it is declared here). The chunk length L is a knob of the whole
 layer, not of one kernel (the forward and backward of one training call share it): ``CHUNK_SIZES`` in
-``bla_tvm.spec``, pruned by shared memory when kernels are built.
+``bla_tvm.layer``, pruned by shared memory when kernels are built.
 
 Invalid points are not listed by hand: the tuner builds each point and rejects it on what the compiler reports
 (see ``bla_tvm.tuning.builder.check_resources``).
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+
+from bla_tvm import kernels
 
 #: knob -> values, per device kind; the default config's value of each knob must be among them
 SPACES: dict[str, dict[str, tuple]] = {
@@ -44,22 +46,10 @@ MATTERS = {
     "tensor_cores": lambda spec: spec.dtype in ("float16", "bfloat16"),  # fp32 / fp64 kernels always stay SIMT
 }
 
-#: kernels whose schedule is searched: the per-chunk ones, where the time goes. The TVMScript scans carry their
-#: own loops and take no config; the final-state and decode kernels keep their default schedule.
-TUNABLE_KERNELS = (
-    "chunk_state",
-    "chunk_output",
-    "chunk_backward",
-    "input_gradient_q",
-    "input_gradient_k",
-    "input_gradient_v",
-)
-
-
 def _config_class(device_kind: str):
-    from . import _CONFIGS
+    from . import CONFIGS
 
-    return _CONFIGS[device_kind]
+    return CONFIGS[device_kind]
 
 
 def config_dict(config) -> dict:
@@ -91,7 +81,7 @@ def candidate_configs(device_kind: str, kernel: str, limit: int | None = None, s
     have one point, the default."""
     cls = _config_class(device_kind)
     default = config_dict(cls())
-    if kernel not in TUNABLE_KERNELS:
+    if not kernels.get(kernel).tunable:  # the scans, final-state and decode kernels keep their default
         return [default]
     knobs = dict(space(device_kind, kernel))
     if spec is not None:

@@ -11,7 +11,6 @@ tests/conftest.py). Everything here is CPU torch and float64 unless a dtype is p
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -219,31 +218,3 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not expected.numel():
         return 0.0
     return max_abs_err(actual, expected) / max(expected.to(F64).abs().max().item(), 1e-300)
-
-
-@contextlib.contextmanager
-def nan_filled_allocations():
-    """Within it, torch.empty, torch.empty_like and Tensor.new_empty return floating tensors full of NaN;
-    yields the list of the poisoned allocations' shapes."""
-    originals = {"empty": torch.empty, "empty_like": torch.empty_like}
-    new_empty = torch.Tensor.new_empty
-    own_new_empty = "new_empty" in vars(torch.Tensor)  # else inherited from torch._C.TensorBase
-    poisoned = []
-
-    def fill(x):
-        if x.dtype.is_floating_point and x.device.type != "meta":
-            x.fill_(float("nan"))
-            poisoned.append(tuple(x.shape))
-        return x
-
-    torch.empty = lambda *a, **kw: fill(originals["empty"](*a, **kw))
-    torch.empty_like = lambda *a, **kw: fill(originals["empty_like"](*a, **kw))
-    torch.Tensor.new_empty = lambda self, *a, **kw: fill(new_empty(self, *a, **kw))
-    try:
-        yield poisoned
-    finally:
-        torch.empty, torch.empty_like = originals["empty"], originals["empty_like"]
-        if own_new_empty:
-            torch.Tensor.new_empty = new_empty
-        else:
-            del torch.Tensor.new_empty

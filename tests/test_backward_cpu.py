@@ -23,13 +23,13 @@ from helpers import (
     make_qkv,
     max_abs_err,
     max_rel_err,
-    nan_filled_allocations,
     pooled_cases,
     swa_reference,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bla_tvm.testing import poisoned_allocations
 from bla_tvm import bla_quadratic, blurry_window_attention
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
@@ -256,7 +256,7 @@ def test_every_gradient_element_is_written(data):
     case = data.draw(pooled_cases(shape, max_T=140, max_B=2, max_H=2), label="case")
     q, k, v = make_qkv(case, dtype)
     do = upstream_gradient(case, dtype)
-    with nan_filled_allocations() as poisoned:
+    with poisoned_allocations() as poisoned:
         _, grads = op_grads(q, k, v, do, case.kwargs())
     assert (case.B, case.T, case.H, case.K) in poisoned, f"dq was not allocated by an empty: {poisoned}"
     check_grads(grads, reference_grads(q, k, v, do, case.kwargs()), (q, k, v), TOL[dtype], str(case))

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from bla_tvm.cuda_toolchain import find_cuda_home
-from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS
+from bla_tvm.kernels import BACKWARD, FORWARD
 
 pytestmark = pytest.mark.skipif(find_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
 
@@ -21,10 +21,11 @@ SPILL_ALLOWANCE = 128  # bytes per thread
 BUILD_AND_REPORT = """
 import json, sys
 from bla_tvm import build
-from bla_tvm.spec import BACKWARD_KERNELS, FORWARD_KERNELS, KernelSpec
+from bla_tvm.kernels import BACKWARD, FORWARD
+from bla_tvm.layer import KernelSpec
 spec = KernelSpec(**json.loads(sys.argv[1]))
 out = {}
-for kernel in FORWARD_KERNELS + BACKWARD_KERNELS:
+for kernel in FORWARD + BACKWARD:
     module = build.compile_kernel(kernel, spec, "cuda", "sm_90")
     module.export_library(sys.argv[2] + f"/{kernel}.so")
     out[kernel] = build.ptxas_report(module, "sm_90")
@@ -51,7 +52,7 @@ def test_cuda_kernels_build_into_sound_machine_code(spec, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for kernel in FORWARD_KERNELS + BACKWARD_KERNELS:
+    for kernel in FORWARD + BACKWARD:
         binary = (tmp_path / f"{kernel}.so").read_bytes()
         assert b"sm_90" in binary, f"{kernel}: no sm_90 machine code embedded (CUDA source kept instead?)"
         # A schedule that maps a per-thread cache wrongly compiles into kilobytes of per-thread stack (a wrong
@@ -70,7 +71,7 @@ TENSOR_CORE_SOURCES = """
 import json, pathlib, subprocess, sys, tempfile
 from bla_tvm import build
 from bla_tvm.cuda_toolchain import find_cuda_home
-from bla_tvm.spec import KernelSpec
+from bla_tvm.layer import KernelSpec
 spec = KernelSpec(**json.loads(sys.argv[1]))
 out = {}
 for kernel in ("chunk_output", "chunk_backward"):
@@ -145,7 +146,7 @@ import json, sys
 import tvm
 from tvm import te
 from bla_tvm import compute
-from bla_tvm.spec import KernelSpec
+from bla_tvm.layer import KernelSpec
 from bla_tvm.schedules import schedule
 from bla_tvm.schedules.common import unguarded_write_backs
 from bla_tvm.schedules.cuda import CudaConfig, _tile_over_threads
@@ -185,3 +186,37 @@ def test_register_write_backs_keep_their_bound_checks():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report.pop("raw write-back"), "the checker missed a write-back past a 33-long output"
     assert all(found == [] for found in report.values()), report
+
+
+BUILD_GPU_TEST_LAYER = """
+import json, sys
+from pathlib import Path
+from bla_tvm.cli import build_kernels
+from bla_tvm.testing import GPU_TEST_LAYERS, gpu_test_kernels
+layer = GPU_TEST_LAYERS[int(sys.argv[1])]
+specs = [(spec, names) for spec, names in gpu_test_kernels() if spec.layer == layer]
+entries = build_kernels(specs, "cuda", "sm_90", Path(sys.argv[2]), jobs=2)
+print(json.dumps({"wanted": [[n, spec.as_dict()] for spec, names in specs for n in names],
+                  "built": [[e["kernel"], e["spec"]] for e in entries]}))
+"""
+
+
+@pytest.mark.parametrize("index", range(5), ids=lambda i: f"layer{i}")
+def test_gpu_test_kernels_build(index, tmp_path):
+    """The kernels tests/test_gpu.py loads on the GPU (``bla-tvm build --gpu-test-layers``, here one layer at a
+    time) compile for sm_90, each into a module with machine code, listed in the manifest the GPU machine reads."""
+    from bla_tvm.testing import GPU_TEST_LAYERS
+
+    assert len(GPU_TEST_LAYERS) == 5, "parametrize this test over every GPU test layer"
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_GPU_TEST_LAYER, str(index), str(tmp_path)], capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(map(json.dumps, report["built"])) == sorted(map(json.dumps, report["wanted"]))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == len(report["wanted"])
+    for entry in manifest["kernels"]:
+        assert entry["target"] == "sm_90" and entry["config"] is None
+        assert b"sm_90" in (tmp_path / entry["file"]).read_bytes(), entry["file"]

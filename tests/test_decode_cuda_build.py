@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bla_tvm.cuda_toolchain import find_cuda_home
-from bla_tvm.spec import DECODE_KERNELS
+from bla_tvm.kernels import DECODE
 
 pytestmark = pytest.mark.skipif(find_cuda_home() is None, reason="no CUDA toolkit (nvcc) on this machine")
 
@@ -17,7 +17,7 @@ SPILL_ALLOWANCE = 128  # bytes per thread: a few spilled registers cost speed; k
 BUILD_AND_REPORT = """
 import json, sys
 from bla_tvm import build
-from bla_tvm.spec import KernelSpec
+from bla_tvm.layer import KernelSpec
 spec = KernelSpec(**json.loads(sys.argv[1]))
 out = {}
 for kernel in json.loads(sys.argv[3]):
@@ -31,7 +31,7 @@ print(json.dumps(out))
 @pytest.mark.parametrize(
     "spec, kernels",
     [
-        (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE_KERNELS),
+        (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE),
         (dict(window=512, resolution=63, num_slots=512, head_k=64, head_v=64, dtype="float32", group_size=4),
          ("decode_step",)),
         (dict(window=16, resolution=16, num_slots=16, head_k=40, head_v=130, dtype="float16", group_size=3),

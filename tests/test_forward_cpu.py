@@ -21,13 +21,13 @@ from helpers import (
     F64,
     make_qkv,
     max_rel_err,
-    nan_filled_allocations,
     pooled_cases,
     swa_reference,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bla_tvm.testing import poisoned_allocations
 from bla_tvm import BLAParams, bla_recurrent, blurry_window_attention
 from bla_tvm.constants import bla_constants
 
@@ -168,7 +168,7 @@ def test_every_output_element_is_written(data):
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     case = data.draw(pooled_cases(shape), label="case")
     q, k, v = make_qkv(case, dtype)
-    with nan_filled_allocations() as poisoned:
+    with poisoned_allocations() as poisoned:
         o = run_op(q, k, v, case)
     assert (case.B, case.T, case.H, case.V) in poisoned, f"the output was not allocated by torch.empty: {poisoned}"
     check_output(o, q, v, case, dtype)

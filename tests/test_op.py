@@ -21,15 +21,14 @@ import torch
 from helpers import KERNEL_POOL, F64, max_rel_err
 
 import bla_tvm
-import bla_tvm.ops
 import bla_tvm.runtime
-from bla_tvm import bla_recurrent, blurry_window_attention
-from bla_tvm.runtime import kernel_key
-from bla_tvm.spec import FINAL_STATE_KERNELS, FORWARD_KERNELS, KernelSpec
+from bla_tvm import bla_recurrent, blurry_window_attention, kernels
+from bla_tvm.layer import KernelSpec
+from bla_tvm.runtime import kernel_key, record_launches
 
 SHAPE = next(s for s in KERNEL_POOL if (s.K, s.V) == (40, 72))  # M > N, K != V, neither a power of two
 ARGS = dict(window=SHAPE.W, resolution=SHAPE.N, num_slots=SHAPE.M)
-CHUNK = 64  # the CPU chunk length (bla_tvm.spec.choose_chunk_size)
+CHUNK = 64  # the CPU chunk length (bla_tvm.dispatch.default_chunk_size)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,7 +52,7 @@ def forget_source_digest() -> None:
     """A fresh process hashes the compute and schedule sources anew for its kernel keys, while this one keeps
     the digest it took first: if the sources were edited since (a live checkout), the keys would differ and a
     subprocess would not find the kernels built here. Called before building kernels a subprocess will load."""
-    bla_tvm.runtime._source_digest.cache_clear()
+    bla_tvm.runtime.source_digest.cache_clear()
 
 
 def run_python(code: str, env: dict | None = None, timeout=300) -> subprocess.CompletedProcess:
@@ -86,7 +85,7 @@ def test_opcheck(dtype, requires_grad):
 
 def test_forward_returns_output_and_chunk_states():
     q, k, v = qkv(B=2, T=70, H=3)
-    o, states, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, states, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.shape == (2, 70, 3, SHAPE.V) and o.dtype == torch.float32
     assert states.shape == (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V) and states.dtype == torch.float32
     assert torch.isfinite(states).all()
@@ -96,13 +95,14 @@ def test_forward_returns_output_and_chunk_states():
 
 
 def backward_args(q, k, v, scale=0.3, seed=1):
-    """The 13 arguments of bla_tvm::backward: states from a forward call, random upstream gradients."""
+    """The 13 arguments of bla_tvm::backward: states and layout from a forward call, random upstream
+    gradients."""
     args = op_args(q, k, v, scale)
-    _, states, final = torch.ops.bla_tvm.forward(*args)
+    _, states, final, layout = torch.ops.bla_tvm.forward(*args)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q.dtype)
     dfinal = torch.randn(final.shape, generator=gen, dtype=final.dtype)
-    return (q, k, v, states, do, dfinal, *args[4:6], *args[7:])
+    return (q, k, v, states, layout, do, dfinal, False, *args[7:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -117,7 +117,7 @@ def test_opcheck_backward_non_contiguous():
     Regression: the fake returned ``torch.empty_like(q)`` (q's transposed strides) while the kernel returns
     contiguous gradients; inductor's stride assertions then failed in training (test_training.py)."""
     args = list(backward_args(*qkv()))
-    for i in (0, 1, 2, 4):  # q, k, v, do
+    for i in (0, 1, 2, 5):  # q, k, v, do
         args[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2)
         assert not args[i].is_contiguous()
     torch.library.opcheck(torch.ops.bla_tvm.backward, tuple(args))
@@ -126,13 +126,14 @@ def test_opcheck_backward_non_contiguous():
 def test_fake_impl_on_meta_tensors():
     q, k, v = (x.to("meta") for x in qkv(B=3, T=1000, H=5))
     args = op_args(q, k, v)
-    o, states, final = torch.ops.bla_tvm.forward(*args)
+    o, states, final, layout = torch.ops.bla_tvm.forward(*args)
     assert o.device.type == "meta" and o.shape == (3, 1000, 5, SHAPE.V) and o.dtype == torch.float32
     assert states.device.type == "meta" and states.dtype == torch.float32
     assert states.shape == (3, num_chunks(1000), 5, SHAPE.N, SHAPE.K + SHAPE.V)
     assert final.shape == (3, 5, SHAPE.N, SHAPE.K + SHAPE.V)
     do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
-    grads = torch.ops.bla_tvm.backward(q, k, v, states, do, final, *args[4:6], *args[7:])
+    assert layout.dtype == torch.int32 and layout.shape == (2 * 3 * num_chunks(1000) + 5 * 3,)
+    grads = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, final, False, *args[7:])
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
         ("meta", x.shape, torch.float32) for x in (q, k, v, final)
     ]
@@ -140,7 +141,7 @@ def test_fake_impl_on_meta_tensors():
 
 def test_fake_states_are_float64_for_float64_inputs():
     q, k, v = (x.to(device="meta", dtype=F64) for x in qkv(B=1, T=64, H=2))
-    o, states, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, states, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.dtype == F64 and states.dtype == F64 and states.shape == (1, 1, 2, SHAPE.N, SHAPE.K + SHAPE.V)
 
 
@@ -177,28 +178,26 @@ def test_torch_compile_dynamic_lengths():
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Record each kernel launch as a list of (is_tensor, data_ptr, is_contiguous) per argument."""
-    calls = []
-    launch = bla_tvm.ops._launch
+def launches():
+    """Every kernel launch of the test (``runtime.Launch``), in order."""
+    with record_launches() as recorded:
+        yield recorded
 
-    def recording(function, *args):
-        calls.append([(a.data_ptr(), a.is_contiguous()) if isinstance(a, torch.Tensor) else None for a in args])
-        return launch(function, *args)
 
-    monkeypatch.setattr(bla_tvm.ops, "_launch", recording)
-    return calls
+def pointers(launch) -> dict:
+    """{argument name: (data_ptr, is_contiguous)} of a recorded launch."""
+    return {name: (a.data_ptr(), a.is_contiguous()) for name, a in zip(launch.kernel.kernel.args, launch.args)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_contiguous_inputs_are_not_copied(dtype, launches):
     q, k, v = qkv(dtype=dtype)
     o, _ = blurry_window_attention(q, k, v, **ARGS)
-    assert len(launches) == len(FORWARD_KERNELS) - 1  # no final state was asked for: no final_state kernel
-    chunk_state, _, chunk_output = launches
-    assert [a[0] for a in chunk_state[:2]] == [k.data_ptr(), v.data_ptr()]
-    assert [a[0] for a in chunk_output[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
-    assert chunk_output[-1][0] == o.data_ptr()  # the kernel writes the returned tensor itself
+    assert len(launches) == len(kernels.FORWARD) - 1  # no final state was asked for: no final_state kernel
+    chunk_state, _, chunk_output = map(pointers, launches)
+    assert [chunk_state[x][0] for x in "kv"] == [k.data_ptr(), v.data_ptr()]
+    assert [chunk_output[x][0] for x in "qkv"] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
+    assert chunk_output["o"][0] == o.data_ptr()  # the kernel writes the returned tensor itself
 
 
 def test_non_contiguous_inputs_give_the_same_result(launches):
@@ -210,9 +209,10 @@ def test_non_contiguous_inputs_give_the_same_result(launches):
     launches.clear()
     o, _ = blurry_window_attention(q_t, k_t, v_t, **ARGS)
     assert torch.equal(o, expected)
-    chunk_output = launches[-1]
-    assert all(contiguous for _, contiguous in chunk_output[:3])
-    assert {ptr for ptr, _ in chunk_output[:3]}.isdisjoint({x.data_ptr() for x in (q_t, k_t, v_t)})
+    chunk_output = pointers(launches[-1])
+    assert launches[-1].kernel.kernel.name == "chunk_output"
+    assert all(chunk_output[x][1] for x in "qkv")
+    assert {chunk_output[x][0] for x in "qkv"}.isdisjoint({x.data_ptr() for x in (q_t, k_t, v_t)})
 
 
 def test_inputs_at_unaligned_addresses():
@@ -383,7 +383,7 @@ def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
-    called = sorted(set(FORWARD_KERNELS) - set(FINAL_STATE_KERNELS))  # no call asks for final states
+    called = sorted(kernels.names("forward", final_state=False))  # no call asks for final states
     assert sorted(builds) == called
     assert len(list(tmp_path.glob("*.so"))) == len(called)
     for i in range(2):

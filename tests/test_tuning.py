@@ -11,16 +11,16 @@ import logging
 import pytest
 import torch
 
-import bla_tvm.runtime
-import bla_tvm.spec
-from bla_tvm import bla_quadratic, blurry_window_attention, tuning_logs
-from bla_tvm.runtime import target_id
+from bla_tvm import bla_quadratic, blurry_window_attention, dispatch, kernels, tuning_logs
+from bla_tvm.layer import KernelSpec, LayerSpec
+from bla_tvm.runtime import record_launches, target_id
 
 #: a small layer, so that its CPU kernels compile in seconds
 LAYER = {"window": 16, "resolution": 7, "num_slots": 9}
 K, V = 8, 8
 PARAMS = dict(LAYER, head_k=K, head_v=V, dtype="float32", group_size=1)
 CPU = torch.device("cpu")
+LAYER_SPEC = LayerSpec(**PARAMS)
 
 
 def cpu_identity() -> dict:
@@ -53,17 +53,31 @@ def log_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def loaded(monkeypatch):
-    """Every (kernel, chunk length, config) the op loads."""
-    calls = []
-    original = bla_tvm.runtime.LIBRARY.function
+def loaded():
+    """Every (kernel, chunk length, config) the op launches."""
+    with record_launches() as launches:
+        yield Launched(launches)
 
-    def spy(kernel, spec, device, config=None):
-        calls.append((kernel, spec.chunk_size, config))
-        return original(kernel, spec, device, config)
 
-    monkeypatch.setattr(bla_tvm.runtime.LIBRARY, "function", spy)
-    return calls
+class Launched:
+    """(kernel, chunk length, config) of each recorded launch."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __iter__(self):
+        return ((x.kernel.kernel.name, x.kernel.spec.chunk_size, x.kernel.config) for x in self.launches)
+
+    def __contains__(self, item):
+        return item in list(self)
+
+    def clear(self):
+        self.launches.clear()
+
+
+def chunk_size(shape, backward=False, params=PARAMS):
+    """The op's chunk length for ``params`` at ``shape`` on the CPU (64 where no log has one)."""
+    return dispatch.chunk_size(CPU, LayerSpec(**params), shape, backward)
 
 
 def run_layer(T=200):
@@ -88,22 +102,23 @@ def test_nearest_bucket_wins(log_dir):
     write(log_dir, "mine.json", [chunk_record(16, T=1024), chunk_record(32, T=16384),
                                  kernel_record("chunk_output", 16, {"vector_lanes": 8}, T=1024),
                                  kernel_record("chunk_output", 16, {"vector_lanes": 4}, T=16384)])  # fmt: skip
-    assert tuning_logs.chunk_size(CPU, PARAMS, (1, 2000, 2, K), False) == 16
-    assert tuning_logs.chunk_size(CPU, PARAMS, (1, 9000, 2, K), False) == 32
-    assert tuning_logs.chunk_size(CPU, PARAMS, (8, 1024, 16, K), False) == 16  # more heads: still nearer 1k
-    assert tuning_logs.chunk_size(CPU, PARAMS, (1, 1024, 2, K), True) is None  # no training record
-    assert tuning_logs.chunk_size(CPU, dict(PARAMS, num_slots=7), (1, 1024, 2, K), False) is None
-    spec = bla_tvm.spec.KernelSpec(chunk_size=16, **PARAMS)
-    assert tuning_logs.kernel_config("chunk_output", spec, CPU, (1, 600, 2, K)) == {"vector_lanes": 8}
-    assert tuning_logs.kernel_config("chunk_output", spec, CPU, (1, 60000, 2, K)) == {"vector_lanes": 4}
+    assert chunk_size((1, 2000, 2, K)) == 16
+    assert chunk_size((1, 9000, 2, K)) == 32
+    assert chunk_size((8, 1024, 16, K)) == 16  # more heads: still nearer 1k
+    assert chunk_size((1, 1024, 2, K), backward=True) == 64  # no training record: the default
+    assert chunk_size((1, 1024, 2, K), params=dict(PARAMS, num_slots=7)) == 64
+    spec = LAYER_SPEC.kernel(16).as_dict()
+    logs = dispatch.log_index(CPU, dispatch.log_folders())
+    assert logs.config("chunk_output", spec, (1, 600, 2, K)) == {"vector_lanes": 8}
+    assert logs.config("chunk_output", spec, (1, 60000, 2, K)) == {"vector_lanes": 4}
 
 
 def test_logged_chunk_length_never_refuses_a_shape_the_default_runs(log_dir):
     """A shorter L means more chunks: where its buffers would pass 32-bit indexing, the default L is used."""
     wide = dict(PARAMS, head_k=128, head_v=128, resolution=63, num_slots=63, window=512)
     write(log_dir, "mine.json", [chunk_record(16, T=16384, params=wide)])
-    assert tuning_logs.chunk_size(CPU, wide, (4, 16384, 16, 128), False) == 16
-    assert tuning_logs.chunk_size(CPU, wide, (4, 65536, 16, 128), False) is None  # 4.2e9 elements at L = 16
+    assert chunk_size((4, 16384, 16, 128), params=wide) == 16
+    assert chunk_size((4, 65536, 16, 128), params=wide) == 64  # 4.2e9 elements at L = 16: the default
 
 
 def test_user_logs_come_before_shipped_ones(log_dir, monkeypatch, tmp_path_factory):
@@ -111,13 +126,24 @@ def test_user_logs_come_before_shipped_ones(log_dir, monkeypatch, tmp_path_facto
     monkeypatch.setattr(tuning_logs, "shipped_dir", lambda: shipped)
     write(shipped, "shipped.json", [chunk_record(16)])
     write(log_dir, "mine.json", [chunk_record(32)])
-    assert tuning_logs.chunk_size(CPU, PARAMS, (1, 256, 2), False) == 32
+    assert chunk_size((1, 256, 2)) == 32
 
 
 def test_no_tuning_variable_ignores_logs(log_dir, monkeypatch):
     write(log_dir, "mine.json", [chunk_record(32)])
+    assert chunk_size((1, 256, 2)) == 32
     monkeypatch.setenv("BLA_TVM_NO_TUNING", "1")
-    assert tuning_logs.chunk_size(CPU, PARAMS, (1, 256, 2), False) is None
+    assert chunk_size((1, 256, 2)) == 64
+
+
+def test_explicit_log_folders_override_the_environment(log_dir, tmp_path_factory):
+    """The tuner's way: folders passed to the dispatch, whatever BLA_TVM_TUNING_DIR says."""
+    other = tmp_path_factory.mktemp("other")
+    write(log_dir, "mine.json", [chunk_record(32)])
+    write(other, "theirs.json", [chunk_record(16)])
+    assert dispatch.chunk_size(CPU, LAYER_SPEC, (1, 256, 2), False, folders=[other]) == 16
+    assert dispatch.chunk_size(CPU, LAYER_SPEC, (1, 256, 2), False, folders=[]) == 64
+    assert chunk_size((1, 256, 2)) == 32
 
 
 @pytest.mark.parametrize(
@@ -169,16 +195,16 @@ def test_search_space_is_declared_over_config_fields():
 
     for kind, cls in (("cpu", cpu.CpuConfig), ("cuda", cuda.CudaConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
-        for kernel in space.TUNABLE_KERNELS:
+        for kernel in kernels.TUNABLE:
             points = space.candidate_configs(kind, kernel)
             assert points[0] == space.config_dict(cls())  # the default first
             assert len(points) == len({json.dumps(p, sort_keys=True) for p in points}) > 1
             assert all(set(p) == fields for p in points)
             cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in points[-1].items()})
         assert space.candidate_configs(kind, "state_scan") == [space.config_dict(cls())]
-    fp32 = bla_tvm.spec.KernelSpec(chunk_size=16, **PARAMS)
+    fp32 = KernelSpec(chunk_size=16, **PARAMS)
     assert all(p["tensor_cores"] for p in space.candidate_configs("cuda", "chunk_output", spec=fp32))
-    bf16 = bla_tvm.spec.KernelSpec(chunk_size=16, **dict(PARAMS, dtype="bfloat16"))
+    bf16 = KernelSpec(chunk_size=16, **dict(PARAMS, dtype="bfloat16"))
     assert any(not p["tensor_cores"] for p in space.candidate_configs("cuda", "chunk_output", spec=bf16))
     one_knob = space.candidate_configs("cuda", "chunk_output", limit=4)[1:]
     default = space.config_dict(cuda.CudaConfig())

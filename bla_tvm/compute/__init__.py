@@ -1,6 +1,7 @@
 """BLA as TVM compute definitions (imports tvm): what each kernel computes, with no schedule.
 
-``prim_func(kernel, spec)`` returns the unscheduled PrimFunc of one named kernel.
+``prim_func(kernel, spec)`` returns the unscheduled PrimFunc of one kernel of ``kernels.TABLE``, whose
+parameters are the table's arguments, in order.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import functools
 
 from tvm import te
 
-from ..spec import BACKWARD_KERNELS, DECODE_KERNELS, FORWARD_KERNELS, KernelSpec, entry_symbol
+from .. import kernels
+from ..layer import KernelSpec
 from .backward import chunk_backward, input_gradient
 from .decode import decode_step
 from .final_state import final_state, final_state_backward
@@ -30,16 +32,17 @@ _SCANS = {"state_scan": False, "state_scan_reverse": True}
 
 
 def prim_func(kernel: str, spec: KernelSpec, device_kind: str = "cpu"):
-    """The PrimFunc of ``kernel`` (one of FORWARD_KERNELS + BACKWARD_KERNELS + DECODE_KERNELS), exported under
-    ``entry_symbol(kernel)``.
+    """The PrimFunc of ``kernel`` (a name of ``kernels.TABLE``), exported under its symbol, with one parameter
+    per argument of the table (ValueError where they disagree).
 
     TE kernels are the same for every target; the TVMScript scans come in one version per ``device_kind``.
     """
-    kernels = FORWARD_KERNELS + BACKWARD_KERNELS + DECODE_KERNELS
-    if kernel not in kernels:
-        raise ValueError(f"kernel must be one of {kernels}, got {kernel!r}")
+    entry = kernels.get(kernel)
     if kernel in _SCANS:
         func = state_scan(spec, device_kind, reverse=_SCANS[kernel])
     else:
         func = te.create_prim_func(_TE_KERNELS[kernel](spec))
-    return func.with_attr("global_symbol", entry_symbol(kernel))
+    if len(func.params) != len(entry.args):
+        raise ValueError(f"{kernel}: the compute takes {len(func.params)} tensors, the kernel table names "
+                         f"{len(entry.args)} arguments {entry.args}")  # fmt: skip
+    return func.with_attr("global_symbol", entry.symbol)

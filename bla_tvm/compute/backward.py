@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..spec import KernelSpec
-from .forward import _partner, _symbolic_sizes, chunk_forward_stages, chunk_inputs
+from ..layer import KernelSpec
+from .forward import partner, symbolic_sizes, chunk_forward_stages, chunk_inputs
 
 
 def chunk_backward(spec: KernelSpec):
@@ -92,7 +92,7 @@ def chunk_backward(spec: KernelSpec):
         (B, NC, H, L, N),
         lambda b, c, h, j, n: dw_lag[b, c, h, j, n]
         + rot_diag[j, n] * dmix[b, c, h, j, L + n]
-        - rot_off[j, _partner(n, N)] * dmix[b, c, h, j, L + _partner(n, N)],
+        - rot_off[j, partner(n, N)] * dmix[b, c, h, j, L + partner(n, N)],
         name="bla_bwd_dw",
     )
     n1 = te.reduce_axis((0, N), name="n1")
@@ -128,7 +128,7 @@ def chunk_backward(spec: KernelSpec):
     )
 
     def dqx_state(b, c, h, j, m):  # z[j, n] += rd[j, n] qx[L + n] + ro[j, n] qx[L + p(n)]
-        p = _partner(m, N)
+        p = partner(m, N)
         return rot_diag[j, m] * dz[b, c, h, j, m] + rot_off[j, p] * dz[b, c, h, j, p]
 
     dqx = te.compute(
@@ -184,7 +184,7 @@ def input_gradient(spec: KernelSpec, part: str):
     Inputs: grads [B, NC, HQ, L + N, F + K], G [B, NC, H, N, F] (the reverse scan's), starts [B, NC] int32,
     state_in [N, L]; output: d<part>.
     """
-    B, T, H, NC = _symbolic_sizes(spec.chunk_size)
+    B, T, H, NC = symbolic_sizes(spec.chunk_size)
     Gq = spec.group_size
     HQ = te.var("HQ") if Gq > 1 else H
     N, L, K, V, F = spec.resolution, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width

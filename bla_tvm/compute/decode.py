@@ -21,12 +21,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ..spec import KernelSpec
-
-
-def _partner(n, N):
-    """The other row of n's (cos, sin) pair; n itself for phi_0 and the Nyquist row (rot_off is 0 there)."""
-    return te.if_then_else(n == 0, 0, te.if_then_else((n - 1) % 2 == 0, te.min(n + 1, N - 1), n - 1))
+from ..layer import KernelSpec
+from .forward import partner
 
 
 def decode_step(spec: KernelSpec, state_dtype: str | None = None):
@@ -71,7 +67,7 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
     )
     rotated = te.compute(  # R S
         (B, H, N, F),
-        lambda b, h, n, f: rot_diag[n] * loaded[b, h, n, f] + rot_off[n] * loaded[b, h, _partner(n, N), f],
+        lambda b, h, n, f: rot_diag[n] * loaded[b, h, n, f] + rot_off[n] * loaded[b, h, partner(n, N), f],
         name="bla_dec_rotated",
     )
     n1 = te.reduce_axis((0, N), name="n1")

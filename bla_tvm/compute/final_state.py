@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from tvm import te
 
-from ..spec import KernelSpec
-from .forward import _symbolic_sizes
+from ..layer import KernelSpec
+from .forward import symbolic_sizes
 
 
 def _sequence_ends(spec: KernelSpec):
@@ -35,7 +35,7 @@ def final_state(spec: KernelSpec):
     Inputs: states [B, NC, H, N, F], k [B, T, H, K], v [B, T, H, V], end_row, end_chunk, end_length [S],
     final_map [L + 1, N, N + L]. Output: final [S, H, N, F] in the accumulation dtype.
     """
-    B, T, H, NC = _symbolic_sizes(spec.chunk_size)
+    B, T, H, NC = symbolic_sizes(spec.chunk_size)
     L, N, K, F, acc = spec.chunk_size, spec.resolution, spec.head_k, spec.state_width, spec.acc_dtype
     states = te.placeholder((B, NC, H, N, F), acc, name="states")
     k = te.placeholder((B, T, H, K), spec.dtype, name="k")

@@ -23,10 +23,10 @@ from typing import NamedTuple
 
 from tvm import te, tirx
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec
 
 
-def _symbolic_sizes(L: int):
+def symbolic_sizes(L: int):
     """B, T, H and the chunk count NC = ceil(T / L).
 
     NC is written (T - 1) // L + 1, the exact form of the last chunk read by o[t] (chunk t // L): the
@@ -61,7 +61,7 @@ def _q_chunks(q, spec: KernelSpec, B, T, H, NC):
     return te.compute((B, NC, H, L, spec.head_k), load, name="bla_fwd_q_chunk")
 
 
-def _partner(n, N):
+def partner(n, N):
     """Index of the other row of n's (cos, sin) pair; n itself for phi_0 (rot_off is 0 there)."""
     return te.if_then_else(n == 0, 0, te.if_then_else((n - 1) % 2 == 0, te.min(n + 1, N - 1), n - 1))
 
@@ -72,7 +72,7 @@ def chunk_state_contribution(spec: KernelSpec):
     k [B, T, H, K], v [B, T, H, V], state_in [N, L] = Bm^T Inv  ->  U [B, NC, H, N, F] (accumulation dtype).
     Returns the tensors in argument order (inputs, then output).
     """
-    B, T, H, NC = _symbolic_sizes(spec.chunk_size)
+    B, T, H, NC = symbolic_sizes(spec.chunk_size)
     L, N, F, acc = spec.chunk_size, spec.resolution, spec.state_width, spec.acc_dtype
     k = te.placeholder((B, T, H, spec.head_k), spec.dtype, name="k")
     v = te.placeholder((B, T, H, spec.head_v), spec.dtype, name="v")
@@ -135,7 +135,7 @@ class ChunkInputs(NamedTuple):
 
 def chunk_inputs(spec: KernelSpec) -> ChunkInputs:
     """Placeholders of ``ChunkInputs`` over symbolic B, T, H (and HQ = H G with GQA)."""
-    B, T, H, NC = _symbolic_sizes(spec.chunk_size)
+    B, T, H, NC = symbolic_sizes(spec.chunk_size)
     HQ = te.var("HQ") if spec.group_size > 1 else H
     N, M, L, K, V, F = spec.resolution, spec.num_slots, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width
     acc, dt = spec.acc_dtype, spec.dtype
@@ -203,7 +203,7 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
         (B, NC, H, L, N),
         lambda b, c, h, j, n: z_intra[b, c, h, j, n]
         + rot_diag[j, n] * qx[b, c, h, j, L + n]
-        + rot_off[j, n] * qx[b, c, h, j, L + _partner(n, N)],
+        + rot_off[j, n] * qx[b, c, h, j, L + partner(n, N)],
         name="bla_fwd_z",
     )
     n1 = te.reduce_axis((0, N), name="n1")
@@ -256,7 +256,7 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
             r < L,
             te.if_then_else(r <= j, g[b, c, h, j, te.max(j - r, 0)], zero),
             rot_diag[j, te.max(r - L, 0)] * w[b, c, h, j, te.max(r - L, 0)]
-            - rot_off[j, te.max(r - L, 0)] * w[b, c, h, j, _partner(te.max(r - L, 0), N)],
+            - rot_off[j, te.max(r - L, 0)] * w[b, c, h, j, partner(te.max(r - L, 0), N)],
         ),
         name="bla_fwd_mix",
     )

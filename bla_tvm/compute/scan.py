@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec
 
 
 def state_scan(spec: KernelSpec, device_kind: str = "cpu", reverse: bool = False):

@@ -4,7 +4,7 @@
 Work folder layout::
 
     WORK/tasks.json             what to measure: per problem, the chunk lengths and each kernel's candidates
-    WORK/kernels/manifest.json  the runtime's prebuilt manifest (``runtime._find_prebuilt``), configs included
+    WORK/kernels/manifest.json  a prebuilt manifest (``runtime.KernelLibrary``), configs included
     WORK/kernels/*.so           one module per (kernel, spec, config)
 
 A candidate is rejected here, never at run time, when its block needs more shared memory than the target has,
@@ -21,21 +21,15 @@ import datetime
 import hashlib
 import json
 import multiprocessing
-import re
 import subprocess
 import time
 import types
 from pathlib import Path
 
-from ..runtime import MANIFEST, _source_digest
-from ..spec import (
-    BACKWARD_KERNELS,
-    FINAL_STATE_KERNELS,
-    CHUNK_SIZES,
-    CUDA_SHARED_MEMORY_LIMIT,
-    FORWARD_KERNELS,
-    KernelSpec,
-)
+from .. import kernels
+from ..dispatch import CUDA_SHARED_MEMORY_LIMIT, phase_kernels
+from ..layer import CHUNK_SIZES, KernelSpec
+from ..runtime import MANIFEST, source_digest
 from .problems import TuningProblem
 
 WORK_FORMAT = "bla_tvm.tuning_work"
@@ -64,44 +58,6 @@ def _capture_ptxas() -> None:
     shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in ("PIPE", "STDOUT", "run", "check_output")})
     shim.Popen = RecordingPopen
     nvcc.subprocess = shim
-
-
-def _parse_ptxas(text: str) -> dict:
-    numbers = {
-        "registers": r"Used (\d+) registers",
-        "stack_frame": r"(\d+) bytes stack frame",
-        "spill_stores": r"(\d+) bytes spill stores",
-        "spill_loads": r"(\d+) bytes spill loads",
-    }
-    return {key: max(map(int, re.findall(pattern, text)), default=0) for key, pattern in numbers.items()}
-
-
-def _config_object(device_kind: str, config: dict | None):
-    from bla_tvm import schedules
-
-    default = schedules.default_config(device_kind)
-    if config is None:
-        return default
-    return type(default)(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-
-
-def shared_memory(kernel: str, spec: KernelSpec, arch: str, config: dict | None) -> int:
-    """Bytes of dynamic shared memory one block of ``kernel`` scheduled with ``config`` allocates."""
-    import tvm
-
-    from bla_tvm import compute, schedules
-
-    from ..build import target_for
-
-    target = target_for("cuda", arch)
-    func = compute.prim_func(kernel, spec, "cuda")
-    mod = schedules.schedule(kernel, func, spec, "cuda", _config_object("cuda", config))
-    lower = tvm.s_tir.pipeline.default_s_tir_pipeline()[0]
-    with target:
-        mod = lower(tvm.tirx.transform.BindTarget(target)(mod))
-    return max(
-        (int(s.get("shared.dyn", 0)) for s in tvm.s_tir.analysis.calculate_allocated_bytes(mod).values()), default=0
-    )
 
 
 def check_resources(report: dict, threads: int) -> str | None:
@@ -141,10 +97,10 @@ def _build(kernel, spec, device_kind, target, config, out, name, result) -> dict
 
     arch = target if device_kind == "cuda" else None
     if device_kind == "cuda":
-        threads = getattr(_config_object("cuda", config), "threads", MAX_THREADS)
+        threads = getattr(build.config_object("cuda", config), "threads", MAX_THREADS)
         if threads > MAX_THREADS:
             return dict(result, rejected=f"{threads} threads per block (at most {MAX_THREADS})")
-        smem = shared_memory(kernel, spec, arch, config)
+        smem = build.cuda_shared_memory(spec, arch, (kernel,), config)
         if smem > CUDA_SHARED_MEMORY_LIMIT:
             return dict(result, rejected=f"{smem} B of shared memory (at most {CUDA_SHARED_MEMORY_LIMIT})")
     _PTXAS_OUTPUT.clear()
@@ -154,7 +110,7 @@ def _build(kernel, spec, device_kind, target, config, out, name, result) -> dict
         return dict(result, rejected=f"does not compile: {type(error).__name__}: {str(error)[-300:]}")
     if device_kind == "cuda":
         text = b"".join(_PTXAS_OUTPUT).decode(errors="replace")
-        report = _parse_ptxas(text) if "registers" in text else build.ptxas_report(module, arch)
+        report = build.parse_ptxas(text) if "registers" in text else build.ptxas_report(module, arch)
         report["shared_memory"] = smem
         reason = check_resources(report, threads)
         result["resources"] = report
@@ -170,10 +126,12 @@ def chunk_sizes(problem: TuningProblem, device_kind: str, arch: str | None) -> d
     allowed = [L for L in CHUNK_SIZES if problem.chunk_sizes is None or L in problem.chunk_sizes]
     if device_kind == "cpu":
         return {mode: allowed for mode in problem.modes}
+    from .. import build
+
     fits = {}
     for L in allowed:
         spec = problem.spec(L)
-        fits[L] = {k: shared_memory(k, spec, arch, None) <= CUDA_SHARED_MEMORY_LIMIT
+        fits[L] = {k: build.cuda_shared_memory(spec, arch, (k,)) <= CUDA_SHARED_MEMORY_LIMIT
                    for k in ("chunk_output", "chunk_backward")}  # fmt: skip
     sizes = {"inference": [L for L in allowed if fits[L]["chunk_output"]],
              "training": [L for L in allowed if fits[L]["chunk_output"] and fits[L]["chunk_backward"]]}  # fmt: skip
@@ -183,21 +141,21 @@ def chunk_sizes(problem: TuningProblem, device_kind: str, arch: str | None) -> d
 def plan(problems: list[TuningProblem], device_kind: str, arch: str | None, limit: int | None) -> list[dict]:
     """Per problem: chunk lengths per mode, and per L every kernel's candidate configs (default first)."""
     from .. import build  # noqa: F401, I001 - prepares the CUDA compiler before tvm loads (the schedules import it)
-    from bla_tvm.schedules.space import TUNABLE_KERNELS, candidate_configs
+    from bla_tvm.schedules.space import candidate_configs
 
     plans = []
     for problem in problems:
         sizes = chunk_sizes(problem, device_kind, arch)
-        kernels = {}
+        by_L = {}
         for L in sorted({L for Ls in sizes.values() for L in Ls}, reverse=True):
-            names = FORWARD_KERNELS + (BACKWARD_KERNELS if L in sizes.get("training", ()) else ())
-            names = tuple(name for name in names if name not in FINAL_STATE_KERNELS)  # launched on request only
+            # the final-state kernels are launched on request only: no timed call runs them
+            names = phase_kernels(L in sizes.get("training", ()), final_state=False)
             spec = problem.spec(L)
-            kernels[str(L)] = {name: candidate_configs(device_kind, name, limit, spec) for name in names}
+            by_L[str(L)] = {name: candidate_configs(device_kind, name, limit, spec) for name in names}
         plans.append({
             "problem": problem.as_dict(), "chunk_sizes": sizes,
-            "default_chunk_size": {mode: Ls[0] for mode, Ls in sizes.items()}, "kernels": kernels,
-            "tunable": [k for k in FORWARD_KERNELS + BACKWARD_KERNELS if k in TUNABLE_KERNELS],
+            "default_chunk_size": {mode: Ls[0] for mode, Ls in sizes.items()}, "kernels": by_L,
+            "tunable": list(kernels.TUNABLE),
         })  # fmt: skip
     return plans
 
@@ -224,7 +182,7 @@ def build_work(
                 for i, config in enumerate(configs):
                     jobs_list.append((kernel, problem.spec(int(L)).as_dict(), None if i == 0 else config))
     results = {}
-    bar = _progress(len(jobs_list), "build", progress)
+    bar = progress_bar(len(jobs_list), "build", progress)
     initializer = _capture_ptxas if device_kind == "cuda" else None
     # fork is fast, but not after this process has initialised CUDA (tune() on a GPU machine): then spawn
     context = multiprocessing.get_context("spawn" if torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -269,7 +227,7 @@ def build_work(
         "format": WORK_FORMAT, "device_kind": device_kind, "target": target,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "build_seconds": round(time.time() - start, 1),
-        "sources": _source_digest(),  # the compute and schedules the candidates were built from
+        "sources": source_digest(),  # the compute and schedules the candidates were built from
         "counts": {"candidates": len(jobs_list), "built": len(jobs_list) - len(rejected), "rejected": len(rejected)},
         "problems": plans, "rejected": rejected,
     }  # fmt: skip
@@ -281,7 +239,7 @@ def _job_key(kernel, spec, config) -> str:
     return json.dumps([kernel, spec, config], sort_keys=True)
 
 
-def _progress(total: int, what: str, enabled: bool):
+def progress_bar(total: int, what: str, enabled: bool):
     """A tqdm bar (tqdm is a dependency; a plain counter where it is missing, as on a bare GPU machine)."""
     try:
         from tqdm import tqdm

@@ -6,12 +6,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..spec import KernelSpec
+from ..layer import KernelSpec, LayerSpec
 
 
 @dataclass(frozen=True)
 class TuningProblem:
-    """One layer to tune: KernelSpec's fields but the chunk length (which is tuned), the shape buckets (B, T, H)
+    """One layer to tune: LayerSpec's fields (the chunk length is tuned), the shape buckets (B, T, H)
     to measure at (the first is where every candidate is screened; the best few are re-measured at the others),
     and the modes: "inference" (forward kernels, L may be longer) and "training" (forward + backward, one L)."""
 
@@ -42,11 +42,15 @@ class TuningProblem:
 
     @property
     def params(self) -> dict:
-        """KernelSpec's fields but chunk_size: how tuning logs name the layer."""
+        """LayerSpec's fields: how tuning logs name the layer."""
         return {k: v for k, v in asdict(self).items() if k not in ("buckets", "modes", "chunk_sizes")}
 
+    @property
+    def layer(self) -> LayerSpec:
+        return LayerSpec(**self.params)
+
     def spec(self, chunk_size: int) -> KernelSpec:
-        return KernelSpec(chunk_size=chunk_size, **self.params)
+        return self.layer.kernel(chunk_size)
 
     def tag(self) -> str:
         return self.spec(16).tag().replace("_L16", "")

@@ -1,8 +1,13 @@
 """The tuner's runner: measures the candidates a builder compiled (``builder.py``) and writes the tuning log.
 Imports only torch, tvm_ffi and the package's runtime, so it runs on a GPU machine that has no TVM.
 
+It runs the layer through the ops' launchers (``ops.launch_forward``, ``ops.launch_backward``) with a
+``dispatch.CallPlan`` it builds itself, from an explicit ``runtime.KernelLibrary`` over the work folder's kernels
+(building forbidden) and explicit tuning-log folders: nothing in the environment is read or changed.
+
 For each problem and each chunk length L it can use:
-1. runs the op once per bucket with default schedules, recording every kernel's arguments (``ops._launch``);
+1. runs the layer once per bucket with default schedules, recording every kernel's arguments
+   (``runtime.record_launches``);
 2. verifies each candidate: the forward (and, for a backward kernel, the backward) with that kernel's candidate
    schedule, on fresh random inputs and NaN-poisoned outputs, against the float64 reference
    (``reference.bla_quadratic``, on the same device); a candidate over tolerance, or leaving a NaN, is out;
@@ -11,27 +16,28 @@ For each problem and each chunk length L it can use:
    the other buckets;
 4. per (kernel, L, bucket) keeps the fastest, unless it beats the default by less than ``MARGIN``; per (mode,
    bucket) picks the L with the least total over the mode's kernels (each with its kept schedule);
-5. writes the log (``tuning_logs`` format) after each problem, and, with ``evidence``, times the public op
-   end to end, tuned against ``BLA_TVM_NO_TUNING=1``, forward and forward + backward, through the log just
-   written (which proves the op's lookup picks it). Where the tuned op is slower than the default in a
-   (mode, bucket), that bucket's L record falls back to the default and is timed again.
+5. writes the log (``tuning_logs`` format) after each problem, and, with ``evidence``, times the layer end to
+   end, planned from the log just written (the op's own lookup, ``dispatch.chunk_size`` and ``plan_call``)
+   against planned from no log, forward and forward + backward. Where the tuned layer is slower than the default
+   in a (mode, bucket), that bucket's L record falls back to the default and is timed again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from .. import env, ops, runtime, tuning_logs
+from .. import dispatch, env, kernels, tuning_logs
+from ..layout import batch_layout
+from ..ops import launch_backward, launch_forward
 from ..reference import bla_quadratic
-from ..spec import BACKWARD_KERNELS, FINAL_STATE_KERNELS, FORWARD_KERNELS
-from .builder import TASKS, WORK_FORMAT, _progress
+from ..runtime import KernelLibrary, call, device_identity, record_launches
+from ..testing import poisoned_allocations
+from .builder import TASKS, WORK_FORMAT, progress_bar
 from .problems import TuningProblem
 
 #: relative error each input dtype must stay under against the float64 reference (bench script's tolerances)
@@ -72,34 +78,6 @@ def time_call(fn, device: torch.device, budget_ms: float = 60.0, min_reps: int =
     return statistics.median(timed(reps))
 
 
-def _launch_in(x, function, args):
-    if x.is_cuda:
-        import tvm_ffi
-
-        with tvm_ffi.use_torch_stream():
-            function(*args)
-    else:
-        function(*args)
-
-
-@contextlib.contextmanager
-def _recording():
-    """Record (function, args) of every kernel launch of ``ops`` in the block, in launch order (``ops._launch``
-    is looked up at each call, so replacing it reaches every launcher)."""
-    calls = []
-    original = ops._launch
-
-    def record(function, *args):
-        calls.append((function, args))
-        original(function, *args)
-
-    ops._launch = record
-    try:
-        yield calls
-    finally:
-        ops._launch = original
-
-
 def _inputs(problem: TuningProblem, shape, device, seed: int):
     """q [B, T, H G, K], k [B, T, H, K], v [B, T, H, V] and an upstream gradient dO, random, in the problem's dtype."""
     B, T, H = shape
@@ -114,69 +92,50 @@ def _inputs(problem: TuningProblem, shape, device, seed: int):
         randn(B, T, HQ, problem.head_v)
 
 
-def _run_op(problem, q, k, v, do, backward: bool):
-    """The public op on (q, k, v), and with ``backward`` its backward from ``do``: (o, [dq, dk, dv] or None)."""
-    from ..api import blurry_window_attention
-
-    W, N, M = problem.window, problem.resolution, problem.num_slots
+def run_layer(problem: TuningProblem, spec, q, k, v, do, backward: bool, library: KernelLibrary, folders=(),
+              configs: dict | None = None):  # fmt: skip
+    """The layer at L = spec.chunk_size on (q, k, v) from a fresh start, through the launchers, and with
+    ``backward`` its backward from ``do``: (o, [dq, dk, dv] or None). Kernels from ``library``, each with the
+    config ``configs`` names, else the one the logs in ``folders`` give (none: the default schedule)."""
+    B, T, HQ, K = q.shape
+    H = k.shape[2]
+    plan = dispatch.plan_call(q.device, spec, q.shape, dispatch.phase_kernels(backward, final_state=False),
+                              K**-0.5, library, folders, configs)  # fmt: skip
+    seen = torch.zeros(B, dtype=torch.int64, device=q.device)
+    layout = batch_layout(B, T, spec.chunk_size, spec.window, seen)
+    initial = torch.zeros(B, H, spec.resolution, spec.state_width, dtype=getattr(torch, spec.acc_dtype),
+                          device=q.device)  # fmt: skip
+    o = q.new_empty(B, T, HQ, spec.head_v)
+    states, _ = launch_forward(plan, q, k, v, initial, o, layout, final_state=False)
     if not backward:
-        with torch.no_grad():
-            return blurry_window_attention(q, k, v, W, N, M)[0], None
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o = blurry_window_attention(q, k, v, W, N, M)[0]
-    o.backward(do)
-    return o.detach(), [x.grad for x in (q, k, v)]
+        return o, None
+    grads = [x.new_empty(x.shape) for x in (q, k, v)]
+    launch_backward(plan, q, k, v, states, do, None, *grads, layout)
+    return o, grads
 
 
-@contextlib.contextmanager
-def _poisoned_allocations():
-    """Within it, torch.empty, torch.empty_like and Tensor.new_empty return floating tensors full of NaN, so an
-    output element a kernel never writes shows up (as in tests/helpers.py)."""
-    originals = {"empty": torch.empty, "empty_like": torch.empty_like}
-    new_empty = torch.Tensor.new_empty
-    own = "new_empty" in vars(torch.Tensor)
-
-    def fill(x):
-        if x.dtype.is_floating_point and x.device.type != "meta":
-            x.fill_(float("nan"))
-        return x
-
-    torch.empty = lambda *a, **kw: fill(originals["empty"](*a, **kw))
-    torch.empty_like = lambda *a, **kw: fill(originals["empty_like"](*a, **kw))
-    torch.Tensor.new_empty = lambda self, *a, **kw: fill(new_empty(self, *a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = originals["empty"], originals["empty_like"]
-        if own:
-            torch.Tensor.new_empty = new_empty
-        else:
-            del torch.Tensor.new_empty
-
-
-def record_arguments(problem, spec, shape, device, backward: bool) -> dict:
-    """Each kernel's launch arguments at ``shape``, from one run of the public op at L = spec.chunk_size with
+def record_arguments(problem, spec, shape, device, backward: bool, library: KernelLibrary) -> dict:
+    """Each kernel's launch arguments at ``shape``, from one run of the layer at L = spec.chunk_size with
     default schedules: kernel name -> args."""
     q, k, v, do = _inputs(problem, shape, device, seed=1)
-    names = _mode_kernels("training" if backward else "inference")
-    with tuning_logs.forced({name: None for name in names}, spec.chunk_size), _recording() as calls:
-        _run_op(problem, q, k, v, do, backward)
-    by_function = {id(runtime.LIBRARY.function(name, spec, device)): name for name in names}
-    arguments = {by_function[id(f)]: args for f, args in calls if id(f) in by_function}
+    names = dispatch.phase_kernels(backward, final_state=False)
+    with record_launches() as launches:
+        run_layer(problem, spec, q, k, v, do, backward, library)
+    arguments = {launch.kernel.kernel.name: launch.args for launch in launches}
     missing = set(names) - set(arguments)
     if missing:
         raise RuntimeError(f"the op launched none of {sorted(missing)} at L = {spec.chunk_size}")
     return arguments
 
 
-def verify(problem, spec, kernel: str, config, device, seed: int, backward: bool) -> float:
+def verify(problem, spec, kernel: str, config, device, seed: int, backward: bool, library: KernelLibrary) -> float:
     """Largest relative error (NaN counts as infinite) of the op with ``kernel`` scheduled by ``config``,
     against the float64 reference, on a small random problem whose length is no multiple of L; outputs and
     temporaries start as NaN."""
     shape = (2, 3 * spec.chunk_size + 5, 2)
     q, k, v, do = _inputs(problem, shape, device, seed)
-    with tuning_logs.forced({kernel: config}, spec.chunk_size), _poisoned_allocations():
-        o, grads = _run_op(problem, q, k, v, do, backward)
+    with poisoned_allocations():
+        o, grads = run_layer(problem, spec, q, k, v, do, backward, library, configs={kernel: config})
     qr, kr, vr = (x.detach().cpu().double().requires_grad_(backward) for x in (q, k, v))
     ref = bla_quadratic(qr, kr, vr, problem.window, problem.resolution, problem.num_slots, problem.head_k**-0.5)
     errors = [_relative(o, ref.detach())]
@@ -201,7 +160,7 @@ class _Deadline:
         return self.end is not None and time.time() > self.end
 
 
-def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> dict:
+def tune_problem(entry: dict, device, library: KernelLibrary, deadline: _Deadline, bar, log_measure) -> dict:
     """Measure one problem's candidates (see the module docstring); returns its records and measurements."""
     problem = TuningProblem(**entry["problem"])
     buckets = [tuple(b) for b in problem.buckets]
@@ -215,11 +174,11 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
         arguments = {}
         for bucket in buckets:
             try:
-                arguments[bucket] = record_arguments(problem, spec, bucket, device, backward)
+                arguments[bucket] = record_arguments(problem, spec, bucket, device, backward, library)
             except Exception as error:  # noqa: BLE001 - e.g. past 32-bit indexing: no bucket at this L
                 result["skipped"].append({"L": L, "bucket": bucket, "why": f"{type(error).__name__}: {error}"})
         for kernel, candidates in by_kernel.items():
-            if kernel in FINAL_STATE_KERNELS:  # planned by older builders; no timed call launches them
+            if kernels.get(kernel).final_state:  # planned by older builders; no timed call launches them
                 continue
             rows = []
             for index, candidate in enumerate(candidates):
@@ -228,18 +187,17 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
                 config = None if candidate["default"] else candidate["config"]
                 row = {"config": candidate["config"], "default": candidate["default"], "ms": {}}
                 try:
-                    functions = runtime.LIBRARY.function(kernel, spec, device, config)
+                    function = library.function(kernel, spec, device, config)
                     if len(candidates) > 1:
                         row["error"] = verify(problem, spec, kernel, config, device, seed=1000 + index,
-                                              backward=kernel in BACKWARD_KERNELS)  # fmt: skip
+                                              backward=kernels.get(kernel).phase == "backward", library=library)
                         row["verified"] = row["error"] <= tol
                     else:
                         row["verified"] = True  # the one default (a scan): checked by every other candidate's run
                     first = next((b for b in buckets if b in arguments), None)
                     if row["verified"] and first is not None:
                         args = arguments[first][kernel]
-                        row["ms"][first] = time_call(
-                            lambda args=args, functions=functions: _launch_in(args[0], functions, args), device)
+                        row["ms"][first] = time_call(lambda args=args, f=function: call(f, args), device)
                 except Exception as error:  # noqa: BLE001 - a candidate that fails to load or run is out
                     row.update(verified=False, failed=f"{type(error).__name__}: {str(error)[:300]}")
                     if device.type == "cuda":
@@ -256,9 +214,8 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
                     if not row["ms"]:
                         continue  # the default failed: nothing to compare with
                     config = None if row["default"] else row["config"]
-                    functions = runtime.LIBRARY.function(kernel, spec, device, config)
-                    row["ms"][bucket] = time_call(
-                        lambda args=args, functions=functions: _launch_in(args[0], functions, args), device)
+                    function = library.function(kernel, spec, device, config)
+                    row["ms"][bucket] = time_call(lambda args=args, f=function: call(f, args), device)
             default = next((r for r in rows if r["default"]), None)
             for bucket in arguments:
                 if default is None or bucket not in default["ms"]:
@@ -280,9 +237,8 @@ def tune_problem(entry: dict, device, deadline: _Deadline, bar, log_measure) -> 
 
 
 def _mode_kernels(mode: str) -> tuple[str, ...]:
-    """The kernels a call launches in ``mode`` (the op run by the tuner asks for no final states)."""
-    names = FORWARD_KERNELS + (BACKWARD_KERNELS if mode == "training" else ())
-    return tuple(name for name in names if name not in FINAL_STATE_KERNELS)
+    """The kernels a call launches in ``mode`` (the layer run by the tuner asks for no final states)."""
+    return dispatch.phase_kernels(mode == "training", final_state=False)
 
 
 def _records(problem, entry, best, result) -> list[dict]:
@@ -319,69 +275,35 @@ def _records(problem, entry, best, result) -> list[dict]:
     return records
 
 
-def evidence(problem: TuningProblem, modes, tunable, device, shapes, log_dir: Path, deadline: _Deadline) -> list[dict]:
-    """The public op, default (BLA_TVM_NO_TUNING=1) against tuned (the logs in ``log_dir``), forward and
-    forward + backward, at ``shapes``; each row also says which L and schedules the tuned op picked."""
-    from ..api import blurry_window_attention
-
+def evidence(problem: TuningProblem, modes, tunable, device, shapes, folders: tuple, library: KernelLibrary,
+             deadline: _Deadline) -> list[dict]:  # fmt: skip
+    """The layer planned from no log (default) against planned from the logs in ``folders`` (tuned), forward and
+    forward + backward, at ``shapes``; each row also says which L and schedules the tuned plan picked."""
     rows = []
-    W, N, M = problem.window, problem.resolution, problem.num_slots
+    layer = problem.layer
     for shape in shapes:
         q, k, v, do = _inputs(problem, shape, device, seed=7)
-        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-
-        def forward(q=q, k=k, v=v):
-            with torch.no_grad():
-                blurry_window_attention(q, k, v, W, N, M)
-
-        def training(qg=qg, kg=kg, vg=vg, do=do):
-            for x in (qg, kg, vg):
-                x.grad = None
-            blurry_window_attention(qg, kg, vg, W, N, M)[0].backward(do)
-
         row = {"shape": list(shape)}
-        for mode, fn in (("inference", forward), ("training", training)):
-            if mode not in modes:
-                continue
-            for setting in ("default", "tuned"):
+        for mode in (m for m in ("inference", "training") if m in modes):
+            backward = mode == "training"
+            for setting, logs in (("default", ()), ("tuned", folders)):
                 if deadline.passed():
                     raise TimeoutError
-                with _tuning(setting == "tuned", log_dir):
-                    try:
-                        row[f"{mode} {setting} ms"] = time_call(fn, device, budget_ms=100.0)
-                    except Exception as error:  # noqa: BLE001 - e.g. past 32-bit indexing
-                        row[f"{mode} refused"] = f"{type(error).__name__}: {str(error)[:300]}"
-                        break
-                    if setting == "tuned":
-                        row[f"{mode} picked"] = picked(problem, shape, device, mode == "training", tunable)
+                spec = layer.kernel(dispatch.chunk_size(device, layer, q.shape, backward, logs))
+                try:
+                    row[f"{mode} {setting} ms"] = time_call(
+                        lambda spec=spec, logs=logs: run_layer(problem, spec, q, k, v, do, backward, library, logs),
+                        device, budget_ms=100.0)  # fmt: skip
+                except Exception as error:  # noqa: BLE001 - e.g. past 32-bit indexing
+                    row[f"{mode} refused"] = f"{type(error).__name__}: {str(error)[:300]}"
+                    break
+                if setting == "tuned":
+                    configs = dispatch.log_index(device, logs)
+                    row[f"{mode} picked"] = {"L": spec.chunk_size, "configs": {
+                        name: configs.config(name, spec.as_dict(), shape) for name in _mode_kernels(mode)
+                        if name in tunable}}  # fmt: skip
         rows.append(row)
     return rows
-
-
-def picked(problem, shape, device, backward: bool, tunable) -> dict:
-    """The chunk length and kernel configs the op uses for this layer and shape, as the lookup gives them."""
-    L = runtime.chunk_size_for(device, problem.window, problem.resolution, problem.num_slots, problem.head_k,
-                               problem.head_v, problem.dtype, backward, shape=shape)  # fmt: skip
-    spec = problem.spec(L)
-    return {"L": L, "configs": {k: tuning_logs.kernel_config(k, spec, device, shape) for k in _mode_kernels(
-        "training" if backward else "inference") if k in tunable}}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _tuning(enabled: bool, log_dir: Path):
-    saved = {k: os.environ.get(k) for k in ("BLA_TVM_NO_TUNING", "BLA_TVM_TUNING_DIR")}
-    os.environ["BLA_TVM_NO_TUNING"] = "0" if enabled else "1"
-    os.environ["BLA_TVM_TUNING_DIR"] = str(log_dir)
-    tuning_logs.reload()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        tuning_logs.reload()
 
 
 def _revert_slower(results: list[dict], rows_by_problem: dict, margin: float = 0.03) -> list[tuple]:
@@ -420,31 +342,30 @@ def measure_work(
     if tasks.get("format") != WORK_FORMAT:
         raise ValueError(f"{work / TASKS} is not a tuning work folder")
     device = torch.device(device or ("cuda" if tasks["device_kind"] == "cuda" else "cpu"))
-    identity = tuning_logs.device_identity(device)
+    identity = device_identity(device)
     if identity["target"] != tasks["target"]:
         raise ValueError(f"the candidates were built for {tasks['target']}, this device is {identity['target']}")
     log_dir = Path(log_dir) if log_dir else env.tuning_dir()
     report = Path(report) if report else work / "measurements.json"
-    saved = {k: os.environ.get(k) for k in ("BLA_TVM_PREBUILT_DIR", "BLA_TVM_NO_BUILD")}
-    os.environ["BLA_TVM_PREBUILT_DIR"] = str(work / "kernels")
-    os.environ["BLA_TVM_NO_BUILD"] = "1"  # every candidate is in the work folder; never compile behind a miss
-    runtime.cuda_chunk_size.cache_clear()
-    try:
-        return _measure(tasks, work, device, identity, log_dir, report, _Deadline(deadline_s), with_evidence,
-                        extra_shapes, progress, label, start)  # fmt: skip
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        runtime.cuda_chunk_size.cache_clear()
+    library = work_library(work / "kernels")
+    return _measure(tasks, device, identity, library, log_dir, report, _Deadline(deadline_s), with_evidence,
+                    extra_shapes, progress, label, start)  # fmt: skip
 
 
-def _measure(tasks, work, device, identity, log_dir, report, deadline, with_evidence, extra_shapes, progress,
+def work_library(kernels_dir: Path) -> KernelLibrary:
+    """The kernels of a work folder: every candidate is there, so nothing is ever compiled behind a miss."""
+    return KernelLibrary(kernels_dir, env.cache_dir(), build_allowed=False)
+
+
+def _tuned_folders(log_dir: Path) -> tuple[str, ...]:
+    """Where the tuned plan reads logs: the new log's folder, then the shipped logs (as a user's would be)."""
+    return (str(log_dir), str(tuning_logs.shipped_dir()))
+
+
+def _measure(tasks, device, identity, library, log_dir, report, deadline, with_evidence, extra_shapes, progress,
              label, start) -> dict:  # fmt: skip
     total = sum(len(c) for p in tasks["problems"] for by_kernel in p["kernels"].values() for c in by_kernel.values())
-    bar = _progress(total, "measure", progress)
+    bar = progress_bar(total, "measure", progress)
     lines = []
 
     def log_measure(line):
@@ -459,19 +380,20 @@ def _measure(tasks, work, device, identity, log_dir, report, deadline, with_evid
         try:
             if deadline.passed():
                 raise TimeoutError
-            result = tune_problem(entry, device, deadline, bar, log_measure)
+            result = tune_problem(entry, device, library, deadline, bar, log_measure)
             results.append(result)
             path = _write(log_dir, identity, results, tasks, start, label)
             if with_evidence:
                 shapes = list(map(tuple, problem.buckets)) + [tuple(s) for s in extra_shapes]
                 modes = list(entry["chunk_sizes"])
-                rows = evidence(problem, modes, entry["tunable"], device, shapes, log_dir, deadline)
+                folders = _tuned_folders(log_dir)
+                rows = evidence(problem, modes, entry["tunable"], device, shapes, folders, library, deadline)
                 out["evidence"][problem.tag()] = rows
                 reverted = _revert_slower([result], out["evidence"])
                 if reverted:
                     path = _write(log_dir, identity, results, tasks, start, label)
-                    again = evidence(problem, modes, entry["tunable"], device, sorted({r[2] for r in reverted}), log_dir,
-                                     deadline)
+                    again = evidence(problem, modes, entry["tunable"], device, sorted({r[2] for r in reverted}),
+                                     folders, library, deadline)  # fmt: skip
                     out["evidence"][problem.tag()] += [dict(r, after_revert=True) for r in again]
                     result["reverted"] = reverted
                 for row in rows:
@@ -505,31 +427,20 @@ def evidence_work(work: Path, log_dir: Path | None = None, report: Path | None =
     device = torch.device("cuda" if tasks["device_kind"] == "cuda" else "cpu")
     log_dir = Path(log_dir) if log_dir else env.tuning_dir()
     report = Path(report) if report else Path(work) / "evidence.json"
-    saved = {k: os.environ.get(k) for k in ("BLA_TVM_PREBUILT_DIR", "BLA_TVM_NO_BUILD")}
-    os.environ["BLA_TVM_PREBUILT_DIR"] = str(kernels or Path(work) / "kernels")
-    os.environ["BLA_TVM_NO_BUILD"] = "1"
-    runtime.cuda_chunk_size.cache_clear()
+    library = work_library(kernels or Path(work) / "kernels")
     deadline = _Deadline(deadline_s)
-    out = {"device": tuning_logs.device_identity(device), "evidence": {}, "unfinished": []}
-    try:
-        for entry in tasks["problems"]:
-            problem = TuningProblem(**entry["problem"])
-            wanted = [tuple(x) for x in shapes] or [tuple(b) for b in problem.buckets]
-            try:
-                rows = evidence(problem, list(entry["chunk_sizes"]), entry["tunable"], device, wanted, log_dir,
-                                deadline)  # fmt: skip
-                out["evidence"][problem.tag()] = rows
-                for row in rows:
-                    print(f"{problem.tag()} {row}", flush=True)
-            except TimeoutError:
-                out["unfinished"].append(problem.tag())
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        runtime.cuda_chunk_size.cache_clear()
+    out = {"device": device_identity(device), "evidence": {}, "unfinished": []}
+    for entry in tasks["problems"]:
+        problem = TuningProblem(**entry["problem"])
+        wanted = [tuple(x) for x in shapes] or [tuple(b) for b in problem.buckets]
+        try:
+            rows = evidence(problem, list(entry["chunk_sizes"]), entry["tunable"], device, wanted,
+                            _tuned_folders(log_dir), library, deadline)  # fmt: skip
+            out["evidence"][problem.tag()] = rows
+            for row in rows:
+                print(f"{problem.tag()} {row}", flush=True)
+        except TimeoutError:
+            out["unfinished"].append(problem.tag())
     out["seconds"] = round(time.time() - start, 1)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(out, indent=1, default=str))

@@ -1,0 +1,89 @@
+"""The kernel table: every compiled BLA kernel, its ordered argument names, its phase and whether it is tuned.
+
+The one contract between the compute (``compute/``: the PrimFunc's parameters, in this order), the schedules
+(``schedules/``: one rule per name), the build (``build.py``), the tuner and the ops (``runtime.launch`` passes
+arguments by these names). Imports neither tvm nor torch.
+
+Argument names are those of the tensors the ops hold: ``q, k, v`` ([B, T, HQ | H, K | V]), ``states``
+(X | Y at chunk starts [B, NC, H, N, F]), the layout's tables (``positions``, ``starts``, ``end_*``), the chunk
+constants (``dispatch.device_constants``: ``state_in``, ``state_decay``, ``input_map``, ...) and the outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PHASES = ("forward", "backward", "decode")
+
+#: the inputs every per-chunk kernel (forward output, backward) reads, in order (``compute.forward.ChunkInputs``)
+CHUNK_INPUTS = (
+    "q", "k", "v", "states", "positions", "scale", "input_map", "lag_basis", "slot_readout", "rot_diag", "rot_off",
+)  # fmt: skip
+#: the decode step's arguments less its state dtype (``compute.decode.decode_step``)
+DECODE_ARGS = (
+    "q", "k", "v", "key_state", "value_state", "seen", "scale", "rot_diag", "rot_off", "basis", "removal",
+    "slot_readout", "slot_readout_t", "o", "key_out", "value_out",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One compiled kernel: ``name`` (exported as ``bla_<name>``), ``args`` (its parameters in order, outputs
+    last), ``phase`` (one of PHASES), ``final_state`` (runs only for calls that return or differentiate the final
+    states) and ``tunable`` (its schedule takes a searched config; ``schedules/space.py``)."""
+
+    name: str
+    args: tuple[str, ...]
+    phase: str
+    final_state: bool = False
+    tunable: bool = False
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if len(set(self.args)) != len(self.args):
+            raise ValueError(f"{self.name}: argument names must be distinct, got {self.args}")
+
+    @property
+    def symbol(self) -> str:
+        """Name of the function a compiled module of this kernel exports."""
+        return f"bla_{self.name}"
+
+
+TABLE = (
+    Kernel("chunk_state", ("k", "v", "state_in", "contributions"), "forward", tunable=True),
+    Kernel("state_scan", ("contributions", "state_decay", "initial", "starts", "states"), "forward"),
+    Kernel("chunk_output", (*CHUNK_INPUTS, "o"), "forward", tunable=True),
+    Kernel("final_state", ("states", "k", "v", "end_row", "end_chunk", "end_length", "final_map", "final"), "forward",
+           final_state=True),  # fmt: skip
+    Kernel("final_state_backward", ("dfinal", "end_length", "final_map", "final_grads"), "backward", final_state=True),
+    Kernel("chunk_backward", (*CHUNK_INPUTS, "do", "grads"), "backward", tunable=True),
+    Kernel("state_scan_reverse", ("grads", "state_decay_t", "starts", "state_grads"), "backward"),
+    *(Kernel(f"input_gradient_{x}", ("grads", "state_grads", "starts", "state_in", f"d{x}"), "backward", tunable=True)
+      for x in "qkv"),  # fmt: skip
+    # one decode kernel per stored state dtype: the accumulation dtype, or float16 / bfloat16
+    *(Kernel(name, DECODE_ARGS, "decode")
+      for name in ("decode_step", "decode_step_state_float16", "decode_step_state_bfloat16")),  # fmt: skip
+)
+
+by_name: dict[str, Kernel] = {kernel.name: kernel for kernel in TABLE}
+
+
+def names(phase: str, final_state: bool = True) -> tuple[str, ...]:
+    """The kernels of ``phase``, in table order; without ``final_state``, less the final-state ones."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    return tuple(k.name for k in TABLE if k.phase == phase and (final_state or not k.final_state))
+
+
+def get(name: str) -> Kernel:
+    """The table entry of ``name``; ValueError naming the known kernels otherwise."""
+    if name not in by_name:
+        raise ValueError(f"kernel must be one of {sorted(by_name)}, got {name!r}")
+    return by_name[name]
+
+
+FORWARD = names("forward")
+BACKWARD = names("backward")
+DECODE = names("decode")
+TUNABLE = tuple(k.name for k in TABLE if k.tunable)

@@ -1,0 +1,115 @@
+"""What a BLA layer is, and what one compiled kernel is specialised on.
+
+``LayerSpec`` (W, N, M, K, V, dtype, GQA group size G) is built and validated once, where a call enters the
+package (``api``, ``decode``); ``LayerSpec.kernel(L)`` gives the ``KernelSpec`` of the kernels at chunk length L
+(never B, T or H). Imported by the build layer (to compile), the runtime (to name and find compiled modules),
+the dispatch and the tuner, so it imports neither tvm, tvm_ffi nor torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+
+from .params import BLAParams, check_chunk_size, check_int
+
+#: dtypes the kernels accept as inputs, and the dtype they accumulate in (and keep the state in)
+ACCUMULATOR = {"float32": "float32", "float16": "float32", "bfloat16": "float32", "float64": "float64"}
+#: chunk lengths the kernels are built for, preferred first
+CHUNK_SIZES = (64, 32, 16)
+#: decode kernels have no chunks; their KernelSpec carries this chunk length
+DECODE_CHUNK = 1
+#: the kernels index with 32-bit integers: no buffer may hold more elements
+MAX_ELEMENTS = 2**31 - 1
+
+
+def num_chunks(tokens: int, chunk_size: int) -> int:
+    """NC: chunks of L tokens covering ``tokens`` (the batch layout; ``layout.packed_chunks`` for packed rows)."""
+    return -(-tokens // chunk_size)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A BLA layer: window W, resolution N, slots M, head dims K (queries, keys) and V (values), input dtype and
+    GQA group size G (query heads per key/value head). Validated on construction: W >= 1, 1 <= N <= W with N odd
+    or N == W, M >= 1, K, V, G >= 1, dtype one of ACCUMULATOR's keys."""
+
+    window: int
+    resolution: int
+    num_slots: int
+    head_k: int
+    head_v: int
+    dtype: str
+    group_size: int = 1
+
+    @classmethod
+    def make(cls, window, resolution, num_slots, head_k, head_v, dtype, group_size=1) -> "LayerSpec":
+        """Validated (once, on construction), with ``num_slots`` None meaning N."""
+        return cls(window, resolution, resolution if num_slots is None else num_slots, head_k, head_v, dtype,
+                   group_size)  # fmt: skip
+
+    def __post_init__(self):
+        BLAParams.make(self.window, self.resolution, self.num_slots)
+        for name in ("head_k", "head_v", "group_size"):
+            check_int(name, getattr(self, name), 1)
+        if self.dtype not in ACCUMULATOR:
+            raise ValueError(f"dtype must be one of {sorted(ACCUMULATOR)}, got {self.dtype!r}")
+
+    @property
+    def params(self) -> BLAParams:
+        """(W, N, M): what the constant matrices depend on."""
+        return BLAParams(self.window, self.resolution, self.num_slots)
+
+    @property
+    def acc_dtype(self) -> str:
+        return ACCUMULATOR[self.dtype]
+
+    @property
+    def state_width(self) -> int:
+        """Key and value states are scanned together: F = K + V columns."""
+        return self.head_k + self.head_v
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - frozen and hashable; a handful of layers per process
+    def kernel(self, chunk_size: int) -> KernelSpec:
+        """The KernelSpec of this layer's kernels at chunk length ``chunk_size``."""
+        return KernelSpec(**self.as_dict(), chunk_size=chunk_size)
+
+    def largest_buffer(self, shape, chunk_size: int, backward: bool) -> int:
+        """Elements of the op's largest per-chunk buffer for q of ``shape`` (B, T, HQ, ...) at chunk length L:
+        the states [B, NC, H, N, K + V], and with ``backward`` the gradients [B, NC, HQ, L + N, K + V + K]."""
+        B, T, HQ = (int(x) for x in shape[:3])
+        chunks = num_chunks(T, chunk_size)
+        largest = B * chunks * max(HQ // self.group_size, 1) * self.resolution * self.state_width
+        if backward:
+            largest = max(largest, B * chunks * HQ * (chunk_size + self.resolution) * (self.state_width + self.head_k))
+        return largest
+
+
+@functools.lru_cache(maxsize=256)
+def layer_spec(window, resolution, num_slots, head_k, head_v, dtype, group_size) -> LayerSpec:
+    """``LayerSpec(...)``, once per distinct layer: for the ops, whose arguments the entry point validated."""
+    return LayerSpec(window, resolution, num_slots, head_k, head_v, dtype, group_size)
+
+
+@dataclass(frozen=True)
+class KernelSpec(LayerSpec):
+    """A layer's kernels at one chunk length L: LayerSpec's fields and ``chunk_size`` (keyword only)."""
+
+    chunk_size: int = field(kw_only=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_chunk_size(self.chunk_size)
+
+    @property
+    def layer(self) -> LayerSpec:
+        return LayerSpec(**{k: v for k, v in self.as_dict().items() if k != "chunk_size"})
+
+    def tag(self) -> str:
+        return (
+            f"W{self.window}_N{self.resolution}_M{self.num_slots}_L{self.chunk_size}"
+            f"_K{self.head_k}_V{self.head_v}_G{self.group_size}_{self.dtype}"
+        )

@@ -1,0 +1,76 @@
+"""What the tests and the tuner share: NaN-poisoned allocation (an output element a kernel never writes shows up
+as NaN), and the layers of the GPU tests with the kernels they load.
+
+    with poisoned_allocations() as shapes:
+        o, _ = blurry_window_attention(q, k, v, 64, 15)
+    assert torch.isfinite(o).all()
+
+Imports only torch, tvm_ffi and the package's runtime (never tvm): it runs on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import dispatch
+from .layer import DECODE_CHUNK, KernelSpec, LayerSpec
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within it, torch.empty, torch.empty_like and Tensor.new_empty return floating tensors full of NaN (meta
+    tensors aside); yields the list of the poisoned allocations' shapes, in allocation order. Not thread safe:
+    it replaces the three functions for the whole process while it is open."""
+    originals = {"empty": torch.empty, "empty_like": torch.empty_like}
+    new_empty = torch.Tensor.new_empty
+    own_new_empty = "new_empty" in vars(torch.Tensor)  # else inherited from torch._C.TensorBase
+    shapes: list[tuple[int, ...]] = []
+
+    def fill(x):
+        if x.dtype.is_floating_point and x.device.type != "meta":
+            x.fill_(float("nan"))
+            shapes.append(tuple(x.shape))
+        return x
+
+    torch.empty = lambda *a, **kw: fill(originals["empty"](*a, **kw))
+    torch.empty_like = lambda *a, **kw: fill(originals["empty_like"](*a, **kw))
+    torch.Tensor.new_empty = lambda self, *a, **kw: fill(new_empty(self, *a, **kw))
+    try:
+        yield shapes
+    finally:
+        torch.empty, torch.empty_like = originals["empty"], originals["empty_like"]
+        if own_new_empty:
+            torch.Tensor.new_empty = new_empty
+        else:
+            del torch.Tensor.new_empty
+
+
+# --- the layers of the GPU tests (tests/test_gpu.py) and the kernels they load ------------------------------
+
+#: fp32 and bf16, M > N and M < N, N == W (sliding-window attention), GQA groups of 2 and 4, K != V
+GPU_TEST_LAYERS = (
+    LayerSpec(64, 15, 20, 32, 48, "float32"),
+    LayerSpec(64, 15, 20, 32, 48, "bfloat16"),
+    LayerSpec(16, 16, 16, 16, 16, "float32"),
+    LayerSpec(33, 9, 7, 16, 24, "bfloat16", 2),
+    LayerSpec(100, 31, 31, 64, 64, "float32", 4),
+)
+#: the layers the GPU tests also decode with, token by token
+GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:2]
+
+
+def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
+    """Every (spec, kernels) the GPU tests load on CUDA without tuning logs (``BLA_TVM_NO_TUNING=1``): the
+    forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
+    included), and the decode step of ``GPU_DECODE_LAYERS``. Read by ``bla-tvm build --gpu-test-layers``."""
+    cuda = torch.device("cuda")  # only its kind is read: no GPU needed
+    wanted: dict[KernelSpec, set[str]] = {}
+    for layer in GPU_TEST_LAYERS:
+        for backward in (False, True):
+            spec = layer.kernel(dispatch.default_chunk_size(cuda, layer, backward))
+            wanted.setdefault(spec, set()).update(dispatch.phase_kernels(backward, final_state=True))
+    for layer in GPU_DECODE_LAYERS:
+        wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).add("decode_step")
+    return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]

@@ -1,0 +1,131 @@
+"""Every CUDA kernel of the GPU-test layers (``bla_tvm.testing.GPU_TEST_LAYERS``: fp32 and bf16, N == W, GQA)
+against the float64 recurrent definition, on NaN-poisoned outputs: T not a multiple of L, a carried state,
+packed sequences, the final state and every gradient; and the decode step over 512 tokens.
+
+The "cuda" cases are marked ``gpu`` and skipped without a GPU; on a GPU machine they run from prebuilt kernels
+(README, "GPU tests"). The same code runs on the CPU for the first layers (the "cpu" cases), so its logic is
+checked wherever the suite runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bla_tvm import BLAState, bla_recurrent, blurry_window_attention, decode_step
+from bla_tvm.testing import GPU_DECODE_LAYERS, GPU_TEST_LAYERS, poisoned_allocations
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+CPU_LAYERS = 2  # the CPU variant runs the first layers only (their kernels compile in seconds)
+
+gpu = pytest.mark.gpu
+no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def devices_and_layers(layers, cpu_count):
+    cases = [pytest.param("cuda", layer, marks=(gpu, no_gpu), id=f"cuda-{tag(layer)}") for layer in layers]
+    return cases + [pytest.param("cpu", layer, id=f"cpu-{tag(layer)}") for layer in layers[:cpu_count]]
+
+
+def tag(layer) -> str:
+    return f"W{layer.window}N{layer.resolution}M{layer.num_slots}K{layer.head_k}V{layer.head_v}G{layer.group_size}" \
+        f"-{layer.dtype}"
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||out - ref|| / max(||ref||, floor), infinite where out holds a NaN or an infinity."""
+    out = out.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref.detach()).norm() / max(ref.norm().item(), floor, 1e-300)).item()
+
+
+def inputs(layer, B, T, H, device, seed):
+    """q [B, T, H G, K], k [B, T, H, K], v [B, T, H, V] in the layer's dtype, a carried state (X0, Y0, seen) in
+    float32 and an upstream gradient of o, on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, layer.dtype)
+    HQ = H * layer.group_size
+    q, k = torch.randn(B, T, HQ, layer.head_k, generator=g), torch.randn(B, T, H, layer.head_k, generator=g)
+    v, do = torch.randn(B, T, H, layer.head_v, generator=g), torch.randn(B, T, HQ, layer.head_v, generator=g)
+    X0, Y0 = (torch.randn(B, H, layer.resolution, d, generator=g) for d in (layer.head_k, layer.head_v))
+    seen = torch.tensor([3, 2 * layer.window][:B])
+    tensors = [x.to(dtype) for x in (q, k, v)] + [X0, Y0]
+    return [x.to(device).requires_grad_() for x in tensors], seen.to(device), do.to(device)
+
+
+def layer_args(layer) -> dict:
+    return dict(window=layer.window, resolution=layer.resolution, num_slots=layer.num_slots)
+
+
+@pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS, CPU_LAYERS))
+def test_carried_state_forward_and_gradients(device, layer):
+    """One call from a carried state, T = 130 (no multiple of any L): o, the final state and the gradients of
+    q, k, v and the initial state against the float64 definition; every kernel output poisoned."""
+    (q, k, v, X0, Y0), seen, do = inputs(layer, 2, 130, 2, device, seed=0)
+    with poisoned_allocations() as poisoned:
+        o, final = blurry_window_attention(q, k, v, **layer_args(layer), initial_state=BLAState(X0, Y0, seen),
+                                           output_final_state=True)  # fmt: skip
+        loss = (o.float() * do.float()).sum() + final.key_state.square().sum() + final.value_state.sum()
+        grads = torch.autograd.grad(loss, (q, k, v, X0, Y0))
+    assert poisoned, "no allocation was poisoned"
+    refs = [x.detach().double().cpu().requires_grad_() for x in (q, k, v, X0, Y0)]
+    o_ref, (X, Y, _) = bla_recurrent(*refs[:3], **layer_args(layer), initial_state=(refs[3], refs[4], seen.cpu()),
+                                     output_final_state=True)  # fmt: skip
+    G = layer.group_size
+    ref_loss = (o_ref * do.double().cpu()).sum() + X[:, ::G].square().sum() + Y[:, ::G].sum()
+    ref_grads = torch.autograd.grad(ref_loss, refs)
+    tol = TOLERANCE[layer.dtype]
+    assert relative_error(o, o_ref) <= tol
+    with torch.no_grad(), poisoned_allocations():  # inference: its own chunk length, no final-state kernel
+        o_inference, _ = blurry_window_attention(q, k, v, **layer_args(layer), initial_state=BLAState(X0, Y0, seen))
+    assert relative_error(o_inference, o_ref) <= tol
+    assert relative_error(final.key_state, X[:, ::G]) <= tol and relative_error(final.value_state, Y[:, ::G]) <= tol
+    assert final.seen.tolist() == (seen + 130).tolist()
+    floor = do.double().norm().item()
+    for name, grad, ref in zip(("dq", "dk", "dv", "dX0", "dY0"), grads, ref_grads):
+        assert relative_error(grad, ref, floor) <= tol, name
+
+
+@pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS, CPU_LAYERS))
+def test_packed_sequences_forward_and_gradients(device, layer):
+    """Packed sequences (empty and one-token ones among them) from fresh starts: o, each final state and the
+    gradients of q, k, v against the definition run on each sequence alone."""
+    lengths = [0, 37, 1, 70, 0, 5]
+    (q, k, v, _, _), _, do = inputs(layer, 1, sum(lengths), 2, device, seed=1)
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cu = bounds.to(device=device, dtype=torch.int32)
+    with poisoned_allocations():
+        o, final = blurry_window_attention(q, k, v, **layer_args(layer), output_final_state=True, cu_seqlens=cu)
+        grads = torch.autograd.grad((o.float() * do.float()).sum() + final.key_state.sum(), (q, k, v))
+    refs = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    G, tol, floor = layer.group_size, TOLERANCE[layer.dtype], do.double().norm().item()
+    pieces, loss = [], 0.0
+    for s, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        o_s, (X, _, _) = bla_recurrent(*(x[:, a:b] for x in refs), **layer_args(layer), output_final_state=True)
+        pieces.append(o_s)
+        loss = loss + (o_s * do[:, a:b].double().cpu()).sum() + X[:, ::G].sum()
+        assert relative_error(final.key_state[s], X[0, ::G]) <= tol, f"sequence {s}"
+    ref_grads = torch.autograd.grad(loss, refs)
+    assert relative_error(o, torch.cat(pieces, dim=1)) <= tol
+    for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert relative_error(grad, ref, floor) <= tol, name
+
+
+@pytest.mark.parametrize("device, layer", devices_and_layers(GPU_DECODE_LAYERS, 1))
+def test_decode_512_tokens(device, layer):
+    """512 decode steps from a fresh state equal the definition over the same tokens, outputs and state."""
+    T = 512
+    (q, k, v, _, _), _, _ = inputs(layer, 2, T, 2, device, seed=2)
+    q, k, v = (x.detach() for x in (q, k, v))
+    state, outputs = None, []
+    with torch.no_grad():
+        for t in range(T):
+            o, state = decode_step(q[:, t], k[:, t], v[:, t], state, **layer_args(layer))
+            outputs.append(o)
+    o_ref, (X, _, _) = bla_recurrent(*(x.double().cpu() for x in (q, k, v)), **layer_args(layer),
+                                     output_final_state=True)  # fmt: skip
+    tol = TOLERANCE[layer.dtype]
+    assert relative_error(torch.stack(outputs, dim=1), o_ref) <= tol
+    assert relative_error(state.key_state, X[:, :: layer.group_size]) <= tol
+    assert state.seen.tolist() == [T, T]
