@@ -40,30 +40,20 @@ def tag(layer) -> str:
 
 
 def build(out: Path) -> None:
-    from bla_tvm.cuda_toolchain import prepare_cuda_compiler
-
-    prepare_cuda_compiler()
-    import tvm
-
     from bla_tvm.build import compile_kernel, ptxas_report
-    from bla_tvm.schedules.cuda_tile_forward import TileConfig, chunk_output_tile
-    from bla_tvm.spec import KernelSpec
+    from bla_tvm.layer import KernelSpec
 
     out.mkdir(parents=True, exist_ok=True)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
     report = {}
     for layer in CHECK_LAYERS:
         W, N, M, K, V, G, dtype = layer
-        spec = KernelSpec(W, N, M, L, K, V, dtype, G)
         start = time.time()
-        with target, tvm.transform.PassContext(config={"tirx.UnrollLoop": {"auto_max_step": 512, "explicit_unroll": True}}):
-            module = tvm.compile(tvm.IRModule({"bla_chunk_output": chunk_output_tile(spec, TileConfig())}),
-                                 target=target, tir_pipeline="tirx")  # fmt: skip
+        module = compile_kernel("chunk_output_tile", KernelSpec(W, N, M, K, V, dtype, G, chunk_size=L), "cuda", "sm_90")
         module.export_library(str(out / f"tile_{tag(layer)}.so"))
         report[tag(layer)] = dict(ptxas_report(module, "sm_90"), seconds=round(time.time() - start, 1))
         print(tag(layer), report[tag(layer)], flush=True)
     W, N, M, K, V, G, dtype = BENCH_LAYER
-    module = compile_kernel("chunk_output", KernelSpec(W, N, M, L, K, V, dtype, G), "cuda", "sm_90")
+    module = compile_kernel("chunk_output", KernelSpec(W, N, M, K, V, dtype, G, chunk_size=L), "cuda", "sm_90")
     module.export_library(str(out / f"te_{tag(BENCH_LAYER)}.so"))
     (out / "build.json").write_text(json.dumps(report, indent=1))
 
@@ -129,7 +119,8 @@ def run(bundle: Path, out: Path) -> None:
     device = torch.device("cuda")
 
     def load(name):
-        return tvm_ffi.load_module(str(bundle / "tile" / name))["bla_chunk_output"]
+        module = tvm_ffi.load_module(str(bundle / "tile" / name))
+        return module["bla_chunk_output_tile" if name.startswith("tile_") else "bla_chunk_output"]
 
     def call(fn, *args):
         with tvm_ffi.use_torch_stream():
@@ -241,7 +232,7 @@ def profile(bundle: Path) -> None:
     NC = states.shape[1]
     positions = (torch.arange(NC, device=device) * L).clamp(max=W).to(torch.int32)[None].expand(B, NC).contiguous()
     o = torch.empty(B, T, H, V, dtype=dt, device=device)
-    fn = tvm_ffi.load_module(str(bundle / "tile" / f"tile_{tag(BENCH_LAYER)}.so"))["bla_chunk_output"]
+    fn = tvm_ffi.load_module(str(bundle / "tile" / f"tile_{tag(BENCH_LAYER)}.so"))["bla_chunk_output_tile"]
     with tvm_ffi.use_torch_stream():
         for _ in range(2):
             fn(q, k, v, states, positions, torch.tensor([K**-0.5], device=device), *tile_tables(params, 64, device), o)

@@ -30,7 +30,8 @@ from . import compute, kernels  # noqa: E402
 from .layer import KernelSpec  # noqa: E402
 
 #: builder(kernel, spec, device_kind, config) -> the IRModule to compile (``config``: the schedule's config
-#: object, None for the default), and the keyword arguments of ``tvm.compile`` it needs
+#: object, None for the default), and the keyword arguments of ``tvm.compile`` it needs (``pass_config``, if
+#: given, is the PassContext configuration the compile runs under)
 Builder = Callable[..., tuple]
 _BUILDERS: dict[tuple[str, str], list[tuple[Callable[[KernelSpec], bool], Builder]]] = {}
 
@@ -63,6 +64,19 @@ def register_builder(kernel: str, device_kind: str, applies: Callable[[KernelSpe
     _BUILDERS.setdefault((kernel, device_kind), []).insert(0, (applies, builder))
 
 
+def tile_program_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
+    """The builder of the tile programs (``schedules/cuda_tile_forward.py``): TVMScript TIRx, compiled with the
+    tirx pipeline, every loop over register fragments unrolled (a fragment indexed at run time would live in
+    local memory)."""
+    from bla_tvm.schedules import cuda_tile_forward
+
+    if device_kind != "cuda":
+        raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
+    func = cuda_tile_forward.chunk_output_tile(spec)
+    options = {"tir_pipeline": "tirx", "pass_config": {"tirx.UnrollLoop": {"auto_max_step": 512, "explicit_unroll": True}}}
+    return tvm.IRModule({kernels.get(kernel).symbol: func}), options
+
+
 def builder(kernel: str, spec: KernelSpec, device_kind: str) -> Builder:
     """The builder that compiles ``kernel`` for ``spec`` on ``device_kind`` (see the module docstring)."""
     for applies, registered in _BUILDERS.get((kernel, device_kind), ()):
@@ -85,7 +99,8 @@ def compile_kernel(kernel: str, spec: KernelSpec, device_kind: str, arch: str | 
     """Compile one kernel; returns the runtime module (not yet exported)."""
     target = target_for(device_kind, arch)
     mod, options = builder(kernel, spec, device_kind)(kernel, spec, device_kind, config_object(device_kind, config))
-    with target:
+    pass_config = options.pop("pass_config", {})
+    with target, tvm.transform.PassContext(config=pass_config):
         return tvm.compile(mod, target=target, **options)
 
 
@@ -152,3 +167,6 @@ def build_to_path(
             if os.path.exists(staging):
                 os.unlink(staging)
     return path
+
+
+register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_module)

@@ -6,7 +6,9 @@ Chunk length: the tuning log's record for this device, layer and mode (inference
 backward of one call must agree on L) nearest the running shape (``tuning_logs``); else 64 on the CPU and, on
 CUDA, the longest L whose per-chunk blocks fit in shared memory by ``cuda_shared_memory_bound`` (an upper bound,
 as if no buffer reused another's space: no kernel is lowered to measure it), the shortest where none does. A
-logged L that would take a buffer past 32-bit indexing is refused for the default.
+logged L that would take a buffer past 32-bit indexing is refused for the default. Inference on CUDA takes
+L = 64 wherever the tile-program forward serves the layer (16-bit inputs; ``implementation``), which then runs
+in place of ``chunk_output``.
 
 Which logs: ``log_folders()``, the user's (``BLA_TVM_TUNING_DIR``) then the shipped ones, none with
 ``BLA_TVM_NO_TUNING=1``; a caller (the tuner) may pass its own folders and kernel library instead.
@@ -26,6 +28,7 @@ from .constants import chunk_constants
 from .layer import CHUNK_SIZES, MAX_ELEMENTS, KernelSpec, LayerSpec
 from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
+from .tile_constants import SLOT_TILE, TILE_CHUNK, tile_constants, tile_forward_serves
 
 #: shared memory one CUDA thread block may use on sm_90 (227 KB)
 CUDA_SHARED_MEMORY_LIMIT = 232448
@@ -50,10 +53,12 @@ def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: b
 
 
 def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool) -> int:
-    """L where no log has one: 64 on the CPU; on CUDA the longest that fits ``cuda_shared_memory_bound``, else
-    the shortest."""
+    """L where no log has one: 64 on the CPU; on CUDA, for inference the tile forward's where it serves the layer,
+    else the longest that fits ``cuda_shared_memory_bound``, else the shortest."""
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
+    if not backward and tile_forward_serves(layer.kernel(TILE_CHUNK)):
+        return TILE_CHUNK
     N, M, K, V = layer.resolution, layer.num_slots, layer.head_k, layer.head_v
     fits = [L for L in CHUNK_SIZES if cuda_shared_memory_bound(L, N, M, K, V, backward) <= CUDA_SHARED_MEMORY_LIMIT]
     return fits[0] if fits else CHUNK_SIZES[-1]
@@ -131,6 +136,8 @@ def chunk_size(device: torch.device, layer: LayerSpec, shape, backward: bool, fo
     the shape is read only where the records disagree between buckets (which then specialises a dynamic-shape
     graph on B, T, H)."""
     folders = None if folders is None else tuple(map(str, folders))
+    if not backward and device_kind(device) == "cuda" and tile_forward_serves(layer.kernel(TILE_CHUNK)):
+        return TILE_CHUNK  # the tile forward has one chunk length (the logs measured the TE kernels)
     if not _any_logged(str(device), bool(backward), folders):
         return default_chunk_size(device, layer, backward)
     found = _logged_chunk_sizes(str(device), _layer_key(layer), bool(backward), folders)
@@ -199,14 +206,42 @@ def _acc(spec: KernelSpec) -> torch.dtype:
     return getattr(torch, spec.acc_dtype)
 
 
+def implementation(name: str, spec: KernelSpec, device: torch.device) -> str:
+    """The kernel that runs ``name`` for ``spec`` on ``device``: the tile-program forward (``chunk_output_tile``)
+    for ``chunk_output`` on CUDA where it serves the spec (``tile_constants.tile_forward_serves``), else ``name``."""
+    if name == "chunk_output" and device_kind(device) == "cuda" and tile_forward_serves(spec):
+        return "chunk_output_tile"
+    return name
+
+
+@functools.lru_cache(maxsize=32)
+def tile_device_constants(params: BLAParams, chunk_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tile forward's tables by argument name: float16 operands, float32 rotations, on ``device``."""
+    tc = tile_constants(params, chunk_size, SLOT_TILE)
+    half = {"tile_input_map": tc.input_map, "tile_lag": tc.lag, "tile_lag_t": tc.lag_t, "tile_slots": tc.slots,
+            "tile_slots_t": tc.slots_t}  # fmt: skip
+    single = {"tile_rot_diag": tc.rot_diag, "tile_rot_pair": tc.rot_pair, "tile_rot_pair_t": tc.rot_pair_t}
+    return {
+        **{name: x.to(device=device, dtype=torch.float16).contiguous() for name, x in half.items()},
+        **{name: x.to(device=device, dtype=torch.float32).contiguous() for name, x in single.items()},
+    }
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(device, spec, shape, names, scale, library, logs) -> CallPlan:
     """The plan, once per (device, spec, shape, kernels, scale, library, logs read): ``tuning_logs.reload``
-    gives a new index, hence new plans."""
+    gives a new index, hence new plans. A kernel run by another implementation (``implementation``) takes that
+    implementation's default schedule: the logs measured ``name``'s."""
     loaded = {}
+    constants = dict(device_constants(spec.params, spec.chunk_size, _acc(spec), device, scale))
     for name in names:
-        loaded[name] = _tuned_or_default(library, name, spec, device, logs.config(name, spec.as_dict(), shape))
-    return CallPlan(spec, loaded, device_constants(spec.params, spec.chunk_size, _acc(spec), device, scale))
+        runs = implementation(name, spec, device)
+        if runs != name:
+            loaded[name] = library.function(runs, spec, device)
+            constants.update(tile_device_constants(spec.params, spec.chunk_size, device))
+        else:
+            loaded[name] = _tuned_or_default(library, name, spec, device, logs.config(name, spec.as_dict(), shape))
+    return CallPlan(spec, loaded, constants)
 
 
 def _tuned_or_default(library: KernelLibrary, name: str, spec: KernelSpec, device, config) -> CompiledKernel:

@@ -19,6 +19,11 @@ PHASES = ("forward", "backward", "decode")
 CHUNK_INPUTS = (
     "q", "k", "v", "states", "positions", "scale", "input_map", "lag_basis", "slot_readout", "rot_diag", "rot_off",
 )  # fmt: skip
+#: the constant tables of the tile-program forward (``tile_constants.TileConstants``, ``dispatch.tile_device_constants``)
+TILE_CONSTANTS = (
+    "tile_input_map", "tile_lag", "tile_lag_t", "tile_slots", "tile_slots_t", "tile_rot_diag", "tile_rot_pair",
+    "tile_rot_pair_t",
+)  # fmt: skip
 #: the decode step's arguments less its state dtype (``compute.decode.decode_step``)
 DECODE_ARGS = (
     "q", "k", "v", "key_state", "value_state", "seen", "scale", "rot_diag", "rot_off", "basis", "removal",
@@ -30,13 +35,16 @@ DECODE_ARGS = (
 class Kernel:
     """One compiled kernel: ``name`` (exported as ``bla_<name>``), ``args`` (its parameters in order, outputs
     last), ``phase`` (one of PHASES), ``final_state`` (runs only for calls that return or differentiate the final
-    states) and ``tunable`` (its schedule takes a searched config; ``schedules/space.py``)."""
+    states), ``tunable`` (its schedule takes a searched config; ``schedules/space.py``) and ``implements`` (the
+    kernel it can stand in for where ``dispatch`` picks it: same outputs, its own constants; None for the
+    kernels every call names)."""
 
     name: str
     args: tuple[str, ...]
     phase: str
     final_state: bool = False
     tunable: bool = False
+    implements: str | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -54,6 +62,9 @@ TABLE = (
     Kernel("chunk_state", ("k", "v", "state_in", "contributions"), "forward", tunable=True),
     Kernel("state_scan", ("contributions", "state_decay", "initial", "starts", "states"), "forward"),
     Kernel("chunk_output", (*CHUNK_INPUTS, "o"), "forward", tunable=True),
+    # the CUDA forward's per-chunk output as a tile program, for 16-bit inputs (schedules/cuda_tile_forward.py)
+    Kernel("chunk_output_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS, "o"), "forward",
+           implements="chunk_output"),  # fmt: skip
     Kernel("final_state", ("states", "k", "v", "end_row", "end_chunk", "end_length", "final_map", "final"), "forward",
            final_state=True),  # fmt: skip
     Kernel("final_state_backward", ("dfinal", "end_length", "final_map", "final_grads"), "backward", final_state=True),
@@ -73,7 +84,9 @@ def names(phase: str, final_state: bool = True) -> tuple[str, ...]:
     """The kernels of ``phase``, in table order; without ``final_state``, less the final-state ones."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    return tuple(k.name for k in TABLE if k.phase == phase and (final_state or not k.final_state))
+    return tuple(
+        k.name for k in TABLE if k.phase == phase and k.implements is None and (final_state or not k.final_state)
+    )
 
 
 def get(name: str) -> Kernel:

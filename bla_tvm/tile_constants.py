@@ -66,6 +66,23 @@ class TileConstants:
     rot_pair_t: torch.Tensor
 
 
+#: the tile forward's chunk length (four warps of 16 rows) and slots per online-softmax step
+TILE_CHUNK = 64
+SLOT_TILE = 64
+
+
+def tile_forward_serves(spec) -> bool:
+    """Whether the tile-program forward computes ``spec`` (a KernelSpec) on CUDA: 16-bit inputs, L = 64, K and V
+    multiples of 16 up to 128, N up to 127 (its fragments stay in registers)."""
+    return (
+        spec.dtype in ("float16", "bfloat16")
+        and spec.chunk_size == TILE_CHUNK
+        and spec.head_k % 16 == 0 and 16 <= spec.head_k <= 128
+        and spec.head_v % 16 == 0 and 16 <= spec.head_v <= 128
+        and spec.resolution <= 127
+    )  # fmt: skip
+
+
 def padded_resolution(resolution: int) -> int:
     """NP: N rounded up to the mma's reduction length 16."""
     return round_up(resolution, 16)

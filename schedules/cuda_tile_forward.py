@@ -30,16 +30,15 @@ from tvm.script import tirx as T
 from tvm.script.tirx import tile as Tx
 from tvm.tirx.layout import S, TileLayout, laneid
 
-from bla_tvm.spec import KernelSpec
-from bla_tvm.tile_constants import padded_resolution, round_up
+from bla_tvm.layer import KernelSpec
+from bla_tvm.tile_constants import SLOT_TILE, TILE_CHUNK, padded_resolution, round_up, tile_forward_serves
 
 # one m16n8 accumulator tile and the k16 operand tiles (PTX ISA, mma.m16n8k16 fragments)
 _D_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)])
 _A_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)]).tile_to([16, 16], [16, 8])
 _B_TILE = TileLayout(S[(4, 2, 8) : (1 @ laneid, 1, 4 @ laneid)]).tile_to([16, 8], [8, 8])
 
-#: rows of a chunk (the kernel's chunk length) and warps per block
-CHUNK = 64
+CHUNK = TILE_CHUNK
 WARPS = CHUNK // 16
 THREADS = 32 * WARPS
 
@@ -58,29 +57,18 @@ def operand_b_layout(depth: int, columns: int) -> TileLayout:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Knobs of the tile forward. slot_tile: slots per online-softmax step (a multiple of 16)."""
+    """Knobs of the tile forward. slot_tile: slots per online-softmax step (a multiple of 16; the constant
+    tables' MP is a multiple of it)."""
 
-    slot_tile: int = 64
-
-
-def supports(spec: KernelSpec) -> bool:
-    """Whether the tile program serves ``spec``: 16-bit inputs, L = 64, K and V multiples of 16 up to 128,
-    N up to 127."""
-    return (
-        spec.dtype in ("float16", "bfloat16")
-        and spec.chunk_size == CHUNK
-        and spec.head_k % 16 == 0 and 16 <= spec.head_k <= 128
-        and spec.head_v % 16 == 0 and 16 <= spec.head_v <= 128
-        and spec.resolution <= 127
-    )  # fmt: skip
+    slot_tile: int = SLOT_TILE
 
 
 def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
-    """The PrimFunc ``bla_chunk_output``: o [B, T, HQ, V] from q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V],
+    """The PrimFunc ``bla_chunk_output_tile``: o [B, T, HQ, V] from q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V],
     states [B, NC, H, N, K + V] (float32, X | Y at each chunk start), positions [B, NC] int32, scale [1] and
     the float16 tables of ``bla_tvm.tile_constants.TileConstants`` (input_map, lag, lag_t, slots, slots_t)
     and float32 rotations (rot_diag, rot_pair, rot_pair_t)."""
-    if not supports(spec):
+    if not tile_forward_serves(spec):
         raise ValueError(f"the tile forward does not serve {spec}")
     L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,
                            spec.window, spec.group_size)  # fmt: skip
@@ -106,7 +94,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         input_map_h: T.handle, lag_h: T.handle, lag_t_h: T.handle, slots_h: T.handle, slots_t_h: T.handle,
         rot_diag_h: T.handle, rot_pair_h: T.handle, rot_pair_t_h: T.handle, o_h: T.handle,
     ):  # fmt: skip
-        T.func_attr({"global_symbol": "bla_chunk_output"})
+        T.func_attr({"global_symbol": "bla_chunk_output_tile"})
         B = T.int32()
         TT = T.int32()
         H = T.int32()

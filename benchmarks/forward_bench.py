@@ -1,0 +1,57 @@
+"""Inference forward of the public op on CUDA at the shape of record, against FlexAttention SWA and SDPA timed in
+the same run (one call on the GPU machine; kernels prebuilt: see README "GPU tests" for the bundle).
+
+    BLA_TVM_PREBUILT_DIR=.bundle/kernels BLA_TVM_RUNTIME_DIR=.bundle/lib BLA_TVM_NO_BUILD=1 \\
+        python benchmarks/forward_bench.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton.testing
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from bla_tvm import blurry_window_attention
+from bla_tvm.reference import bla_chunked
+
+SHAPE = dict(B=4, T=4096, H=16, K=64, V=64)
+WINDOW = 512
+LAYERS = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
+
+
+def main(out: Path) -> None:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, d, generator=gen).to(device, dtype) for d in (K, K, V))
+    results = {"device": torch.cuda.get_device_name(), "shape": dict(SHAPE, W=WINDOW, dtype="bfloat16"), "ms": {},
+               "check": {}}  # fmt: skip
+    for name, (N, M) in LAYERS.items():
+        small = [x[:1, :300, :2] for x in (q, k, v)]
+        o = blurry_window_attention(*small, WINDOW, N, M)[0]
+        ref = bla_chunked(*(x.double().cpu() for x in small), WINDOW, N, M)
+        results["check"][name] = ((o.double().cpu() - ref).norm() / ref.norm()).item()
+        with torch.no_grad():
+            results["ms"][name] = triton.testing.do_bench(lambda: blurry_window_attention(q, k, v, WINDOW, N, M),
+                                                          return_mode="median")  # fmt: skip
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    mask = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < WINDOW), None, None, T, T, device=device)
+    flex = torch.compile(flex_attention)
+    results["ms"]["Flex SWA-512"] = triton.testing.do_bench(lambda: flex(qt, kt, vt, block_mask=mask),
+                                                            return_mode="median")  # fmt: skip
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    results["ms"]["SDPA causal"] = triton.testing.do_bench(lambda: sdpa(qt, kt, vt, is_causal=True),
+                                                           return_mode="median")  # fmt: skip
+    print(json.dumps(results, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "forward_bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    main(parser.parse_args().out)
