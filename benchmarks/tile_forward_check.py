@@ -51,7 +51,10 @@ def build(out: Path) -> None:
         module = compile_kernel("chunk_output_tile", KernelSpec(W, N, M, K, V, dtype, G, chunk_size=L), "cuda", "sm_90")
         module.export_library(str(out / f"tile_{tag(layer)}.so"))
         report[tag(layer)] = dict(ptxas_report(module, "sm_90"), seconds=round(time.time() - start, 1))
-        print(tag(layer), report[tag(layer)], flush=True)
+        scan = compile_kernel("state_scan_tile", KernelSpec(W, N, M, K, V, dtype, G, chunk_size=L), "cuda", "sm_90")
+        scan.export_library(str(out / f"scan_{tag(layer)}.so"))
+        report["scan_" + tag(layer)] = ptxas_report(scan, "sm_90")
+        print(tag(layer), report[tag(layer)], report["scan_" + tag(layer)], flush=True)
     W, N, M, K, V, G, dtype = BENCH_LAYER
     module = compile_kernel("chunk_output", KernelSpec(W, N, M, K, V, dtype, G, chunk_size=L), "cuda", "sm_90")
     module.export_library(str(out / f"te_{tag(BENCH_LAYER)}.so"))
@@ -137,10 +140,25 @@ def run(bundle: Path, out: Path) -> None:
         positions = (torch.arange(NC, device=device) * L).clamp(max=W).to(torch.int32)[None].expand(B, NC).contiguous()
         return params, q, k, v, states, positions
 
+    def scan_tables_on(params):
+        from bla_tvm.tile_constants import scan_tables
+
+        return [x.to(device, torch.float16).contiguous() for x in scan_tables(params, L).values()]
+
     for seed, layer in enumerate(CHECK_LAYERS):
         W, N, M, K, V, G, dtype = layer
         B, T, H = 2, 200, 2
         params, q, k, v, states, positions = inputs(layer, B, T, H, seed)
+        scan = tvm_ffi.load_module(str(bundle / "tile" / f"scan_{tag(layer)}.so"))["bla_state_scan_tile"]
+        initial = torch.zeros(B, H, N, K + V, device=device)
+        starts = torch.full((B, states.shape[1]), -1, dtype=torch.int32, device=device)
+        starts[:, 0] = torch.arange(B, dtype=torch.int32, device=device)
+        scanned = torch.full_like(states, float("nan"))
+        call(scan, k, v, *scan_tables_on(params), initial, starts, scanned)
+        torch.cuda.synchronize()
+        scan_err = ((scanned.double() - states.double()).norm() / states.double().norm()).item()
+        results["checks"].append(dict(layer="scan_" + tag(layer), rel_err=scan_err, passed=scan_err < 1e-4))
+        print("check scan", tag(layer), f"rel_err={scan_err:.2e}", flush=True)
         scale = K**-0.5
         o = torch.full((B, T, H * G, V), float("nan"), dtype=q.dtype, device=device)
         tables = tile_tables(params, 64, device)
@@ -165,6 +183,12 @@ def run(bundle: Path, out: Path) -> None:
     tile = load(f"tile_{tag(layer)}.so")
     tables = tile_tables(params, 64, device)
     ms_tile = triton.testing.do_bench(lambda: call(tile, q, k, v, states, positions, scale, *tables, o), return_mode="median")
+    previous = {}
+    for folder in sorted(bundle.glob("tile_v*")):  # earlier versions of the kernel, kept to time them beside
+        fn = tvm_ffi.load_module(str(folder / f"tile_{tag(layer)}.so"))["bla_chunk_output"]
+        previous[folder.name] = triton.testing.do_bench(
+            lambda: call(fn, q, k, v, states, positions, scale, *tables, o), return_mode="median"
+        )
     o_tile = o.clone()
     fine = CHECK_LAYERS[1]  # M = W = 512
     fine_params = BLAParams.make(*fine[:3])
@@ -186,7 +210,7 @@ def run(bundle: Path, out: Path) -> None:
     flex = torch.compile(flex_attention)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     ms_flex = triton.testing.do_bench(lambda: flex(qt, kt, vt, block_mask=mask), return_mode="median")
-    results["timing"] = dict(shape=dict(BENCH_SHAPE, K=K, V=V, dtype=dtype), layer=tag(layer), tile_ms=ms_tile, tile_fine_slots_ms=ms_fine,
+    results["timing"] = dict(shape=dict(BENCH_SHAPE, K=K, V=V, dtype=dtype), layer=tag(layer), tile_ms=ms_tile, previous_versions_ms=previous, tile_fine_slots_ms=ms_fine,
                              te_chunk_output_ms=ms_te, flex_swa_ms=ms_flex, tile_vs_te_rel_diff=agree)  # fmt: skip
     print(json.dumps(results["timing"]), flush=True)
     scans = {}
@@ -204,8 +228,13 @@ def run(bundle: Path, out: Path) -> None:
         ms_f = triton.testing.do_bench(lambda: call(forward, U, decay, initial, starts, X), return_mode="median")
         ms_r = triton.testing.do_bench(lambda: call(reverse, grads, decay.T.contiguous(), starts, Gs), return_mode="median")
         scans[version] = dict(forward_ms=ms_f, reverse_ms=ms_r, X=X, G=Gs)
+    tile_scan = tvm_ffi.load_module(str(bundle / "tile" / f"scan_{tag(layer)}.so"))["bla_state_scan_tile"]
+    scan_tables_bench = scan_tables_on(params)
+    X = torch.empty_like(states)
+    scans["tile"] = dict(forward_ms=triton.testing.do_bench(
+        lambda: call(tile_scan, k, v, *scan_tables_bench, initial, starts, X), return_mode="median"))
     scan_diff = max(((scans["new"][key] - scans["old"][key]).norm() / scans["old"][key].norm()).item() for key in "XG")
-    results["scan"] = {version: {k: v for k, v in scans[version].items() if k.endswith("ms")} for version in scans}
+    results["scan"] = {version: {k_: v_ for k_, v_ in scans[version].items() if k_.endswith("ms")} for version in scans}
     results["scan"]["new_vs_old_rel_diff"] = scan_diff
     print("scan", json.dumps(results["scan"]), flush=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,14 +65,15 @@ def register_builder(kernel: str, device_kind: str, applies: Callable[[KernelSpe
 
 
 def tile_program_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
-    """The builder of the tile programs (``schedules/cuda_tile_forward.py``): TVMScript TIRx, compiled with the
+    """The builder of the tile programs (``schedules/cuda_tile_*.py``): TVMScript TIRx, compiled with the
     tirx pipeline, every loop over register fragments unrolled (a fragment indexed at run time would live in
     local memory)."""
-    from bla_tvm.schedules import cuda_tile_forward
+    from bla_tvm.schedules import cuda_tile_forward, cuda_tile_scan
 
     if device_kind != "cuda":
         raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
-    func = cuda_tile_forward.chunk_output_tile(spec)
+    programs = {"chunk_output_tile": cuda_tile_forward.chunk_output_tile, "state_scan_tile": cuda_tile_scan.state_scan_tile}
+    func = programs[kernel](spec)
     options = {"tir_pipeline": "tirx", "pass_config": {"tirx.UnrollLoop": {"auto_max_step": 512, "explicit_unroll": True}}}
     return tvm.IRModule({kernels.get(kernel).symbol: func}), options
 
@@ -170,3 +171,4 @@ def build_to_path(
 
 
 register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_module)
+register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)

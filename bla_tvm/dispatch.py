@@ -8,7 +8,7 @@ CUDA, the longest L whose per-chunk blocks fit in shared memory by ``cuda_shared
 as if no buffer reused another's space: no kernel is lowered to measure it), the shortest where none does. A
 logged L that would take a buffer past 32-bit indexing is refused for the default. Inference on CUDA takes
 L = 64 wherever the tile-program forward serves the layer (16-bit inputs; ``implementation``), which then runs
-in place of ``chunk_output``.
+in place of ``chunk_output``; the tile-program scan runs in place of ``state_scan`` and ``chunk_state``.
 
 Which logs: ``log_folders()``, the user's (``BLA_TVM_TUNING_DIR``) then the shipped ones, none with
 ``BLA_TVM_NO_TUNING=1``; a caller (the tuner) may pass its own folders and kernel library instead.
@@ -28,7 +28,7 @@ from .constants import chunk_constants
 from .layer import CHUNK_SIZES, MAX_ELEMENTS, KernelSpec, LayerSpec
 from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
-from .tile_constants import SLOT_TILE, TILE_CHUNK, tile_constants, tile_forward_serves
+from .tile_constants import SLOT_TILE, TILE_CHUNK, scan_tables, tile_constants, tile_forward_serves, tile_scan_serves
 
 #: shared memory one CUDA thread block may use on sm_90 (227 KB)
 CUDA_SHARED_MEMORY_LIMIT = 232448
@@ -206,17 +206,34 @@ def _acc(spec: KernelSpec) -> torch.dtype:
     return getattr(torch, spec.acc_dtype)
 
 
+#: the tile programs that stand in for a kernel on CUDA, and the specs each serves (``tile_constants``)
+TILE_PROGRAMS = {"chunk_output": ("chunk_output_tile", tile_forward_serves),
+                 "state_scan": ("state_scan_tile", tile_scan_serves)}  # fmt: skip
+
+
 def implementation(name: str, spec: KernelSpec, device: torch.device) -> str:
-    """The kernel that runs ``name`` for ``spec`` on ``device``: the tile-program forward (``chunk_output_tile``)
-    for ``chunk_output`` on CUDA where it serves the spec (``tile_constants.tile_forward_serves``), else ``name``."""
-    if name == "chunk_output" and device_kind(device) == "cuda" and tile_forward_serves(spec):
-        return "chunk_output_tile"
+    """The kernel that runs ``name`` for ``spec`` on ``device``: on CUDA the tile program of ``TILE_PROGRAMS``
+    where it serves the spec, else ``name``."""
+    if name in TILE_PROGRAMS and device_kind(device) == "cuda" and TILE_PROGRAMS[name][1](spec):
+        return TILE_PROGRAMS[name][0]
     return name
 
 
+def implementations(names, spec: KernelSpec, device: torch.device) -> dict[str, str]:
+    """{kernel a call names: the kernel that runs it} for ``names``, less the kernels an implementation absorbs
+    (``kernels.Kernel.absorbs``)."""
+    chosen = {name: implementation(name, spec, device) for name in names}
+    absorbed = {gone for runs in chosen.values() for gone in kernels.get(runs).absorbs}
+    return {name: runs for name, runs in chosen.items() if name not in absorbed}
+
+
 @functools.lru_cache(maxsize=32)
-def tile_device_constants(params: BLAParams, chunk_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The tile forward's tables by argument name: float16 operands, float32 rotations, on ``device``."""
+def tile_device_constants(runs: str, params: BLAParams, chunk_size: int, device: torch.device) -> dict:
+    """The tables of the tile program ``runs`` by argument name, on ``device``: float16 operands, float32
+    rotations."""
+    if runs == "state_scan_tile":
+        tables = scan_tables(params, chunk_size)
+        return {name: x.to(device=device, dtype=torch.float16).contiguous() for name, x in tables.items()}
     tc = tile_constants(params, chunk_size, SLOT_TILE)
     half = {"tile_input_map": tc.input_map, "tile_lag": tc.lag, "tile_lag_t": tc.lag_t, "tile_slots": tc.slots,
             "tile_slots_t": tc.slots_t}  # fmt: skip
@@ -234,11 +251,10 @@ def _plan(device, spec, shape, names, scale, library, logs) -> CallPlan:
     implementation's default schedule: the logs measured ``name``'s."""
     loaded = {}
     constants = dict(device_constants(spec.params, spec.chunk_size, _acc(spec), device, scale))
-    for name in names:
-        runs = implementation(name, spec, device)
+    for name, runs in implementations(names, spec, device).items():
         if runs != name:
             loaded[name] = library.function(runs, spec, device)
-            constants.update(tile_device_constants(spec.params, spec.chunk_size, device))
+            constants.update(tile_device_constants(runs, spec.params, spec.chunk_size, device))
         else:
             loaded[name] = _tuned_or_default(library, name, spec, device, logs.config(name, spec.as_dict(), shape))
     return CallPlan(spec, loaded, constants)

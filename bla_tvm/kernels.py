@@ -24,6 +24,8 @@ TILE_CONSTANTS = (
     "tile_input_map", "tile_lag", "tile_lag_t", "tile_slots", "tile_slots_t", "tile_rot_diag", "tile_rot_pair",
     "tile_rot_pair_t",
 )  # fmt: skip
+#: the tables of the tile-program scan (``tile_constants.scan_tables``)
+TILE_SCAN_CONSTANTS = ("tile_state_in_hi", "tile_state_in_lo", "tile_decay_hi", "tile_decay_lo")
 #: the decode step's arguments less its state dtype (``compute.decode.decode_step``)
 DECODE_ARGS = (
     "q", "k", "v", "key_state", "value_state", "seen", "scale", "rot_diag", "rot_off", "basis", "removal",
@@ -37,7 +39,7 @@ class Kernel:
     last), ``phase`` (one of PHASES), ``final_state`` (runs only for calls that return or differentiate the final
     states), ``tunable`` (its schedule takes a searched config; ``schedules/space.py``) and ``implements`` (the
     kernel it can stand in for where ``dispatch`` picks it: same outputs, its own constants; None for the
-    kernels every call names)."""
+    kernels every call names), ``absorbs`` (kernels whose work it does as well, which then do not run)."""
 
     name: str
     args: tuple[str, ...]
@@ -45,6 +47,7 @@ class Kernel:
     final_state: bool = False
     tunable: bool = False
     implements: str | None = None
+    absorbs: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -62,6 +65,9 @@ TABLE = (
     Kernel("chunk_state", ("k", "v", "state_in", "contributions"), "forward", tunable=True),
     Kernel("state_scan", ("contributions", "state_decay", "initial", "starts", "states"), "forward"),
     Kernel("chunk_output", (*CHUNK_INPUTS, "o"), "forward", tunable=True),
+    # the CUDA forward's scan fused with the chunk-local contributions, a tile program (schedules/cuda_tile_scan.py)
+    Kernel("state_scan_tile", ("k", "v", *TILE_SCAN_CONSTANTS, "initial", "starts", "states"), "forward",
+           implements="state_scan", absorbs=("chunk_state",)),  # fmt: skip
     # the CUDA forward's per-chunk output as a tile program, for 16-bit inputs (schedules/cuda_tile_forward.py)
     Kernel("chunk_output_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS, "o"), "forward",
            implements="chunk_output"),  # fmt: skip

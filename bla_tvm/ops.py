@@ -40,16 +40,17 @@ def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, fin
     initial [S, H, N, F]: each sequence's state before its first token (accumulation dtype).
     Returns (states, final): X | Y at every chunk start [B, NC, H, N, F] (what the backward needs), and, with
     ``final_state``, each sequence's state after its last token [S, H, N, F] (else None). The chunk-local state
-    contributions are a temporary.
+    contributions are a temporary (none where the plan's scan computes them).
     """
     spec, run = plan.spec, plan.kernels
     states = chunk_tensors(k, spec, spec.resolution, spec.state_width)
     if states.numel() == 0:
         return states, initial.clone() if final_state else None
     shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v}
-    contributions = torch.empty_like(states)
-    launch(run["chunk_state"], shared, contributions=contributions)
-    launch(run["state_scan"], shared, contributions=contributions, initial=initial, states=states)
+    if "chunk_state" in run:  # else the scan computes the contributions itself (``kernels.Kernel.absorbs``)
+        shared["contributions"] = torch.empty_like(states)
+        launch(run["chunk_state"], shared, contributions=shared["contributions"])
+    launch(run["state_scan"], shared, initial=initial, states=states)
     launch(run["chunk_output"], shared, states=states, o=o)
     if not final_state:
         return states, None

@@ -71,7 +71,7 @@ def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
         for backward in (False, True):
             spec = layer.kernel(dispatch.default_chunk_size(cuda, layer, backward))
             names = dispatch.phase_kernels(backward, final_state=True)
-            wanted.setdefault(spec, set()).update(dispatch.implementation(name, spec, cuda) for name in names)
+            wanted.setdefault(spec, set()).update(dispatch.implementations(names, spec, cuda).values())
     for layer in GPU_DECODE_LAYERS:
         wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).add("decode_step")
     return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]

@@ -83,6 +83,33 @@ def tile_forward_serves(spec) -> bool:
     )  # fmt: skip
 
 
+def tile_scan_serves(spec) -> bool:
+    """Whether the tile-program scan (``schedules/cuda_tile_scan.py``) runs ``spec`` on CUDA: 16-bit inputs,
+    N up to 127 (eight warps of 16 state rows), F = K + V a multiple of 16, L a multiple of 16."""
+    F = spec.head_k + spec.head_v
+    return spec.dtype in ("float16", "bfloat16") and spec.resolution <= 127 and F % 16 == 0 and spec.chunk_size % 16 == 0
+
+
+def split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (float64) as hi + lo, each float16 (returned as float64 values): |x - hi - lo| ~ 2^-22 |x|."""
+    hi = x.to(torch.float16).to(F64)
+    return hi, (x - hi).to(torch.float16).to(F64)
+
+
+@functools.lru_cache(maxsize=32)
+def scan_tables(params: BLAParams, chunk_size: int) -> dict[str, torch.Tensor]:
+    """The tile scan's tables (float64 values exact in float16): state_in = Bm^T Inv [NP, L] and the decay
+    A^L [NP, NP], each split hi + lo, padded with zeros to NP rows (and columns)."""
+    cc = chunk_constants(params, chunk_size)
+    N, NP = params.resolution, padded_resolution(params.resolution)
+    state_in = torch.zeros(NP, chunk_size, dtype=F64)
+    state_in[:N] = cc.state_in
+    decay = torch.zeros(NP, NP, dtype=F64)
+    decay[:N, :N] = cc.state_decay
+    (in_hi, in_lo), (decay_hi, decay_lo) = split_half(state_in), split_half(decay)
+    return {"tile_state_in_hi": in_hi, "tile_state_in_lo": in_lo, "tile_decay_hi": decay_hi, "tile_decay_lo": decay_lo}
+
+
 def padded_resolution(resolution: int) -> int:
     """NP: N rounded up to the mma's reduction length 16."""
     return round_up(resolution, 16)

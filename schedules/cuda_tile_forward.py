@@ -84,7 +84,12 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     KV_STRIDE, KX_STRIDE, VY_STRIDE = LR + 8, K + 8, LR + 8
     FB = 64 if F % 64 == 0 else 16  # column block of the [k'|v'] product
     KV_BLOCKS = F // FB
-    KEYS_AT = F * KV_STRIDE
+    # after stage 2 the raw chunk's region holds the constant B operands of stages 3-5 (padded rows)
+    LAG_T_AT, SLOTS_AT = 0, NP * (L + 8)
+    SLOTS_T_AT = SLOTS_AT + MT * (NP + 8)
+    LAG_AT = SLOTS_T_AT + NP * (MT + 8)
+    RAW_REGION = max(F * KV_STRIDE, LAG_AT + L * (NP + 8))
+    KEYS_AT = RAW_REGION
     VALUES_AT = KEYS_AT + LR * KX_STRIDE
     SHARED_HALVES = VALUES_AT + V * VY_STRIDE
 
@@ -125,6 +130,10 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         kv_raw = T.decl_buffer((F, KV_STRIDE), h16, data=pool.data, elem_offset=0, scope="shared.dyn")  # [k|v; X|Y]^T
         keys = T.decl_buffer((LR, KX_STRIDE), h16, data=pool.data, elem_offset=KEYS_AT, scope="shared.dyn")  # [k'; X]
         values = T.decl_buffer((V, VY_STRIDE), h16, data=pool.data, elem_offset=VALUES_AT, scope="shared.dyn")  # [v'; Y]^T
+        lag_t_s = T.decl_buffer((NP, L + 8), h16, data=pool.data, elem_offset=LAG_T_AT, scope="shared.dyn")
+        slots_s = T.decl_buffer((MT, NP + 8), h16, data=pool.data, elem_offset=SLOTS_AT, scope="shared.dyn")
+        slots_t_s = T.decl_buffer((NP, MT + 8), h16, data=pool.data, elem_offset=SLOTS_T_AT, scope="shared.dyn")
+        lag_s = T.decl_buffer((L, NP + 8), h16, data=pool.data, elem_offset=LAG_AT, scope="shared.dyn")
         # 32-bit views: fragment loads move two adjacent reduction elements at once
         kv_raw_w = kv_raw.view("uint32")
         keys_w = keys.view("uint32")
@@ -134,6 +143,10 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         lag_t_w = lag_t.view("uint32")
         slots_w = slots.view("uint32")
         slots_t_w = slots_t.view("uint32")
+        lag_t_sw = lag_t_s.view("uint32")
+        slots_sw = slots_s.view("uint32")
+        slots_t_sw = slots_t_s.view("uint32")
+        lag_sw = lag_s.view("uint32")
 
         hq = block % HQ
         c = block // HQ % NC
@@ -194,6 +207,14 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
                 else:
                     values[T.max(f - K, 0), j] = T.Cast(h16, kv_eff_r[nt, rM, rN])
         T.cuda.cta_sync()
+        # the constant B operands of stages 3 and 5 (the slot tables: per slot tile, in stage 4), once per block
+        for it in T.serial((NP * L // 2 + THREADS - 1) // THREADS):
+            if it * THREADS + tid < NP * L // 2:
+                lag_t_sw[(it * THREADS + tid) // (L // 2), (it * THREADS + tid) % (L // 2)] = lag_t_w[
+                    (it * THREADS + tid) // (L // 2), (it * THREADS + tid) % (L // 2)]
+                lag_sw[(it * THREADS + tid) // (NP // 2), (it * THREADS + tid) % (NP // 2)] = lag_w[
+                    (it * THREADS + tid) // (NP // 2), (it * THREADS + tid) % (NP // 2)]
+        T.cuda.cta_sync()
 
         # ---- 3. z = scale R^{j+1} (q X^T + (q k'^T masked) lag) ---------------------------------------------
         q_a = T.alloc_buffer((16, K), h16, scope="local", layout=operand_a_layout(K))
@@ -237,7 +258,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         b_lag_w = b_lag.local(NP // 8 * 4).view("uint32")
         for kt in T.unroll(L // 16):
             for nt, kHi in T.grid(NP // 8, 2):
-                b_lag_w[nt * 2 + kHi] = lag_t_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
+                b_lag_w[nt * 2 + kHi] = lag_t_sw[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = qx_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(z, a_slice, b_lag, z, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -273,11 +294,19 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
             w_r[nt, rM, rN] = T.float32(0)
         seen_before = T.Cast("int64", positions[b, c])
         for st in T.serial(MP // MT):
+            T.cuda.cta_sync()  # every warp is done with the previous slot tile
+            for it in T.serial((MT * NP // 2 + THREADS - 1) // THREADS):
+                if it * THREADS + tid < MT * NP // 2:
+                    slots_sw[(it * THREADS + tid) // (NP // 2), (it * THREADS + tid) % (NP // 2)] = slots_w[
+                        st * MT + (it * THREADS + tid) // (NP // 2), (it * THREADS + tid) % (NP // 2)]
+                    slots_t_sw[(it * THREADS + tid) // (MT // 2), (it * THREADS + tid) % (MT // 2)] = slots_t_w[
+                        (it * THREADS + tid) // (MT // 2), st * MT // 2 + (it * THREADS + tid) % (MT // 2)]
+            T.cuda.cta_sync()
             for nt, rM, rN in T.grid(MT // 8, 2, 2):
                 logits_r[nt, rM, rN] = T.float32(0)
             for kt in T.unroll(NP // 16):
                 for nt, kHi in T.grid(MT // 8, 2):
-                    b_slots_w[nt * 2 + kHi] = slots_w[st * MT + nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
+                    b_slots_w[nt * 2 + kHi] = slots_sw[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
                 for kHi, rM, kp in T.grid(2, 2, 2):
                     a_slice_r[0, kHi, rM, kp] = z_a_r[kt, kHi, rM, kp]
                 Tx.warp.gemm(logits, a_slice, b_slots, logits, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -309,7 +338,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
                 row_sum[rM] = row_sum[rM] + T.cuda.warp_sum(tile_sum[rM], width=4)
             for kt in T.unroll(MT // 16):
                 for nt, kHi in T.grid(NP // 8, 2):
-                    b_slots_t_w[nt * 2 + kHi] = slots_t_w[nt * 8 + g, (st * MT + kt * 16 + kHi * 8) // 2 + tq]
+                    b_slots_t_w[nt * 2 + kHi] = slots_t_sw[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
                 for kHi, rM, kp in T.grid(2, 2, 2):
                     a_slice_r[0, kHi, rM, kp] = probs_r[kt, kHi, rM, kp]
                 Tx.warp.gemm(w, a_slice, b_slots_t, w, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
@@ -332,7 +361,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
             mix_r[nt, rM, rN] = T.float32(0)
         for kt in T.unroll(NP // 16):
             for nt, kHi in T.grid(L // 8, 2):
-                b_lag_rows_w[nt * 2 + kHi] = lag_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
+                b_lag_rows_w[nt * 2 + kHi] = lag_sw[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
             for kHi, rM, kp in T.grid(2, 2, 2):
                 a_slice_r[0, kHi, rM, kp] = w_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(mix, a_slice, b_lag_rows, mix, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)

@@ -112,3 +112,36 @@ def test_rotations_mix_only_adjacent_column_pairs(window, resolution):
         rebuilt = torch.diag(tc.rot_diag[j]).index_put((p, p ^ 1), tc.rot_pair[j], accumulate=True)
         assert torch.allclose(P, rebuilt, atol=1e-12)
         assert torch.allclose(tc.rot_pair_t[j], P[p ^ 1, p], atol=1e-12)
+
+
+def test_scan_tables_split_into_float16_parts_that_sum_to_the_constants():
+    """The tile scan multiplies float16 hi and lo parts: together they carry A^L and state_in to ~2^-22."""
+    from bla_tvm.tile_constants import scan_tables
+
+    params = BLAParams.make(512, 63, 63)
+    tables = scan_tables(params, 64)
+    cc = chunk_constants(params, 64)
+    for name, exact in (("decay", cc.state_decay), ("state_in", cc.state_in)):
+        prefix = "tile_decay" if name == "decay" else "tile_state_in"
+        hi, lo = tables[f"{prefix}_hi"], tables[f"{prefix}_lo"]
+        assert torch.equal(hi, hi.to(torch.float16).to(F64)) and torch.equal(lo, lo.to(torch.float16).to(F64))
+        rows, cols = exact.shape
+        assert (hi[:rows, :cols] + lo[:rows, :cols] - exact).abs().max() <= 2**-20 * exact.abs().max()
+        assert hi[rows:].abs().sum() == 0 and hi[:, cols:].abs().sum() == 0
+
+
+def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
+    """dispatch: on CUDA the tile scan stands in for the scan and absorbs chunk_state; the tile forward stands in
+    for chunk_output at L = 64; float32 and the CPU keep the TE kernels."""
+    from bla_tvm import dispatch
+    from bla_tvm.layer import LayerSpec
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    names = dispatch.phase_kernels(False, final_state=False)
+    bf16 = LayerSpec(512, 63, 63, 64, 64, "bfloat16").kernel(64)
+    assert dispatch.implementations(names, bf16, cuda) == {"state_scan": "state_scan_tile",
+                                                           "chunk_output": "chunk_output_tile"}
+    assert dispatch.implementations(names, bf16, cpu) == {name: name for name in names}
+    fp32 = LayerSpec(512, 63, 63, 64, 64, "float32").kernel(64)
+    assert dispatch.implementations(names, fp32, cuda) == {name: name for name in names}
+    assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), False) == 64

@@ -1,0 +1,170 @@
+"""The CUDA forward's chunk-to-chunk state scan, fused with the chunk-local contributions, as a tile program.
+
+bla-math.md's decomposition, kernels 1 and 2 in one: X_{c+1} = A^L X_c + state_in [k_c | v_c], sequential over
+the chunks c of a row, parallel over (b, h) and column blocks of F = K + V. One block of NP / 16 warps per
+(b, h, column block); warp w owns state rows 16 w .. 16 w + 15 and keeps them in float32 registers from chunk
+to chunk. Per chunk:
+
+  1. [k | v] of the chunk -> shared memory (float16, transposed); X_c -> states (float32, the kernel's output)
+     and, split into float16 hi + lo parts, -> shared memory (the next product's B operand)
+  2. X_{c+1} = A_hi X_hi + A_hi X_lo + A_lo X_hi + (S_hi + S_lo) [k | v]          (mma.sync, fp32 accumulation)
+
+with A^L = A_hi + A_lo and state_in = S_hi + S_lo split into float16 parts: the recurrence keeps ~1e-6 relative
+precision (the dropped A_lo X_lo term is ~2^-22 of A X) while every product runs on the tensor cores; 16-bit
+[k | v] is exact in float16 within its range. A chunk that starts a sequence (starts[b, c] = s >= 0) takes X_c = initial[s] instead.
+Rows are in bla-math.md's basis order, N padded to NP (zero rows and columns).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+from tvm.script.tirx import tile as Tx
+
+from bla_tvm.layer import KernelSpec
+from bla_tvm.tile_constants import TILE_CHUNK, padded_resolution, tile_scan_serves
+
+from .cuda_tile_forward import accumulator_layout, operand_a_layout, operand_b_layout
+
+
+def column_block(F: int) -> int:
+    """Columns of the state one block scans: 64 where they divide F, else 32, else 16."""
+    return next(width for width in (64, 32, 16) if F % width == 0)
+
+
+def state_scan_tile(spec: KernelSpec):
+    """The PrimFunc ``bla_state_scan_tile``: states [B, NC, H, N, F] (float32, X | Y before each chunk) from
+    k [B, T, H, K], v [B, T, H, V], initial [S, H, N, F] (float32), starts [B, NC] int32 and the float16 tables
+    state_in_hi, state_in_lo [NP, L] and decay_hi, decay_lo [NP, NP] (``tile_constants.scan_tables``)."""
+    if not tile_scan_serves(spec):
+        raise ValueError(f"the tile scan does not serve {spec}")
+    L, K, V, N = spec.chunk_size, spec.head_k, spec.head_v, spec.resolution
+    F = K + V
+    NP = padded_resolution(N)
+    FB = column_block(F)
+    WARPS = NP // 16
+    THREADS = 32 * WARPS
+    dt, h16 = spec.dtype, "float16"
+    X_STRIDE, KV_STRIDE = NP + 8, L + 8
+    XLO_AT = FB * X_STRIDE
+    KV_AT = 2 * FB * X_STRIDE
+    SHARED_HALVES = KV_AT + FB * KV_STRIDE
+
+    @T.prim_func
+    def state_scan(
+        k_h: T.handle, v_h: T.handle, state_in_hi_h: T.handle, state_in_lo_h: T.handle, decay_hi_h: T.handle,
+        decay_lo_h: T.handle, initial_h: T.handle, starts_h: T.handle, states_h: T.handle,
+    ):  # fmt: skip
+        T.func_attr({"global_symbol": "bla_state_scan_tile"})
+        B = T.int32()
+        TT = T.int32()
+        H = T.int32()
+        S = T.int32()
+        NC = T.int32()
+        k = T.match_buffer(k_h, (B, TT, H, K), dt)
+        v = T.match_buffer(v_h, (B, TT, H, V), dt)
+        state_in_hi = T.match_buffer(state_in_hi_h, (NP, L), h16)
+        state_in_lo = T.match_buffer(state_in_lo_h, (NP, L), h16)
+        decay_hi = T.match_buffer(decay_hi_h, (NP, NP), h16)
+        decay_lo = T.match_buffer(decay_lo_h, (NP, NP), h16)
+        initial = T.match_buffer(initial_h, (S, H, N, F), "float32")
+        starts = T.match_buffer(starts_h, (B, NC), "int32")
+        states = T.match_buffer(states_h, (B, NC, H, N, F), "float32")
+
+        T.device_entry()
+        block = T.cta_id([B * H * (F // FB)])
+        warp = T.warp_id([WARPS])
+        lane = T.lane_id([32])
+
+        pool = T.alloc_buffer((SHARED_HALVES,), h16, scope="shared.dyn")
+        x_hi = T.decl_buffer((FB, X_STRIDE), h16, data=pool.data, elem_offset=0, scope="shared.dyn")  # X^T
+        x_lo = T.decl_buffer((FB, X_STRIDE), h16, data=pool.data, elem_offset=XLO_AT, scope="shared.dyn")
+        kv = T.decl_buffer((FB, KV_STRIDE), h16, data=pool.data, elem_offset=KV_AT, scope="shared.dyn")  # [k|v]^T
+        x_hi_w = x_hi.view("uint32")
+        x_lo_w = x_lo.view("uint32")
+        kv_w = kv.view("uint32")
+        state_in_hi_w = state_in_hi.view("uint32")
+        state_in_lo_w = state_in_lo.view("uint32")
+        decay_hi_w = decay_hi.view("uint32")
+        decay_lo_w = decay_lo.view("uint32")
+
+        fb = block % (F // FB)
+        h = block // (F // FB) % H
+        b = block // (F // FB * H)
+        tid = warp * 32 + lane
+        g = lane // 4
+        tq = lane % 4
+
+        # this warp's rows of the constant left operands, in registers for the whole scan
+        a_hi = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
+        a_lo = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
+        a_in_hi = T.alloc_buffer((16, L), h16, scope="local", layout=operand_a_layout(L))
+        a_in_lo = T.alloc_buffer((16, L), h16, scope="local", layout=operand_a_layout(L))
+        a_hi_w = a_hi.local(NP // 16 * 8).view("uint32")
+        a_lo_w = a_lo.local(NP // 16 * 8).view("uint32")
+        a_in_hi_w = a_in_hi.local(L // 16 * 8).view("uint32")
+        a_in_lo_w = a_in_lo.local(L // 16 * 8).view("uint32")
+        for kt, kHi, rM in T.grid(NP // 16, 2, 2):
+            a_hi_w[kt * 4 + kHi * 2 + rM] = decay_hi_w[warp * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+            a_lo_w[kt * 4 + kHi * 2 + rM] = decay_lo_w[warp * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+        for kt, kHi, rM in T.grid(L // 16, 2, 2):
+            a_in_hi_w[kt * 4 + kHi * 2 + rM] = state_in_hi_w[warp * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+            a_in_lo_w[kt * 4 + kHi * 2 + rM] = state_in_lo_w[warp * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+        a_slice = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
+        a_slice_w = a_slice.local(8).view("uint32")
+        b_tile = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
+        b_tile_w = b_tile.local(FB // 8 * 4).view("uint32")
+        x = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
+        x_r = x.local(FB // 8, 2, 2)
+        for nt, rM, rN in T.grid(FB // 8, 2, 2):
+            x_r[nt, rM, rN] = T.float32(0)
+
+        for c in T.serial(NC):
+            # 1. the chunk's [k | v] columns, and X_c: from the sequence's initial state where c starts one
+            for it in T.serial(L * FB // THREADS):
+                j = (it * THREADS + tid) // FB
+                f = fb * FB + (it * THREADS + tid) % FB
+                t = T.min(c * L + j, TT - 1)
+                value = T.if_then_else(f < K, k[b, t, h, T.min(f, K - 1)], v[b, t, h, T.max(f - K, 0)])
+                kv[(it * THREADS + tid) % FB, j] = T.if_then_else(c * L + j < TT, T.Cast(h16, value), T.float16(0))
+            start = starts[b, c]
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                p = warp * 16 + g + 8 * rM
+                f = fb * FB + nt * 8 + 2 * tq + rN
+                if start >= 0:
+                    x_r[nt, rM, rN] = T.if_then_else(p < N, initial[T.max(start, 0), h, T.min(p, N - 1), f],
+                                                     T.float32(0))  # fmt: skip
+                if p < N:
+                    states[b, c, h, p, f] = x_r[nt, rM, rN]
+                hi = T.Cast(h16, x_r[nt, rM, rN])
+                x_hi[nt * 8 + 2 * tq + rN, p] = hi
+                x_lo[nt * 8 + 2 * tq + rN, p] = T.Cast(h16, x_r[nt, rM, rN] - T.Cast("float32", hi))
+            T.cuda.cta_sync()
+            # 2. X_{c+1} = A_hi X_hi + A_hi X_lo + A_lo X_hi + state_in [k | v]
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                x_r[nt, rM, rN] = T.float32(0)
+            for kt in T.unroll(NP // 16):
+                for nt, kHi in T.grid(FB // 8, 2):
+                    b_tile_w[nt * 2 + kHi] = x_hi_w[nt * 8 + g, kt * 8 + kHi * 4 + tq]
+                for word in T.unroll(4):
+                    a_slice_w[word] = a_hi_w[kt * 4 + word]
+                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                for word in T.unroll(4):
+                    a_slice_w[word] = a_lo_w[kt * 4 + word]
+                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                for nt, kHi in T.grid(FB // 8, 2):
+                    b_tile_w[nt * 2 + kHi] = x_lo_w[nt * 8 + g, kt * 8 + kHi * 4 + tq]
+                for word in T.unroll(4):
+                    a_slice_w[word] = a_hi_w[kt * 4 + word]
+                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            for kt in T.unroll(L // 16):
+                for nt, kHi in T.grid(FB // 8, 2):
+                    b_tile_w[nt * 2 + kHi] = kv_w[nt * 8 + g, kt * 8 + kHi * 4 + tq]
+                for word in T.unroll(4):
+                    a_slice_w[word] = a_in_hi_w[kt * 4 + word]
+                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                for word in T.unroll(4):
+                    a_slice_w[word] = a_in_lo_w[kt * 4 + word]
+                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            T.cuda.cta_sync()  # every warp has read X_c and the chunk before they are overwritten
+
+    return state_scan
