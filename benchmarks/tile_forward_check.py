@@ -262,8 +262,16 @@ def profile(bundle: Path) -> None:
     positions = (torch.arange(NC, device=device) * L).clamp(max=W).to(torch.int32)[None].expand(B, NC).contiguous()
     o = torch.empty(B, T, H, V, dtype=dt, device=device)
     fn = tvm_ffi.load_module(str(bundle / "tile" / f"tile_{tag(BENCH_LAYER)}.so"))["bla_chunk_output_tile"]
+    scan = tvm_ffi.load_module(str(bundle / "tile" / f"scan_{tag(BENCH_LAYER)}.so"))["bla_state_scan_tile"]
+    from bla_tvm.tile_constants import scan_tables
+
+    tables = [x.to(device, torch.float16).contiguous() for x in scan_tables(params, L).values()]
+    initial = torch.zeros(B, H, N, K + V, device=device)
+    starts = torch.full((B, NC), -1, dtype=torch.int32, device=device)
+    starts[:, 0] = torch.arange(B, dtype=torch.int32, device=device)
     with tvm_ffi.use_torch_stream():
         for _ in range(2):
+            scan(k, v, *tables, initial, starts, states)
             fn(q, k, v, states, positions, torch.tensor([K**-0.5], device=device), *tile_tables(params, 64, device), o)
     torch.cuda.synchronize()
 

@@ -7,7 +7,7 @@ import torch
 from . import dispatch, ops  # noqa: F401 - ops registers torch.ops.bla_tvm
 from .layer import LayerSpec
 from .params import check_qkv, check_scale, dtype_name
-from .state import BLAState, check_state
+from .state import BLAState, check_seen, check_state
 
 
 def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,8 @@ def blurry_window_attention(
         seen = torch.zeros(sequences, dtype=torch.int64, device=q.device)
     else:
         state = check_state(initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device)
+        if state.seen.is_cuda and not torch.compiler.is_compiling():
+            check_seen(state.seen)  # one wait for the device, only for a user's state (``layout.batch_layout``)
         initial = torch.cat([state.key_state, state.value_state], dim=-1)
         seen = state.seen.to(torch.int64)
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))

@@ -80,12 +80,15 @@ def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int
 
 
 def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
-    """Row b holds sequence b, which saw seen[b] tokens before this call; ``tokens`` of its own."""
-    check_seen(seen)
+    """Row b holds sequence b, which saw seen[b] tokens before this call; ``tokens`` of its own. seen >= 0 is
+    checked here for CPU tensors; on CUDA the caller checks a user's state (``api``) so that a call from a
+    fresh state never waits for the device (positions are clipped to [0, W] either way)."""
+    if not seen.is_cuda:
+        check_seen(seen)
     L, device = chunk_size, seen.device
     num_chunks = (tokens + L - 1) // L
     offsets = torch.arange(num_chunks, device=device, dtype=torch.int64) * L
-    positions = (seen[:, None].to(torch.int64) + offsets).clamp(max=window).to(torch.int32)
+    positions = (seen[:, None].to(torch.int64) + offsets).clamp(min=0, max=window).to(torch.int32)
     starts = torch.full((batch, num_chunks), -1, dtype=torch.int32, device=device)
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     if num_chunks:

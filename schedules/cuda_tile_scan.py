@@ -26,9 +26,9 @@ from bla_tvm.tile_constants import TILE_CHUNK, padded_resolution, tile_scan_serv
 from .cuda_tile_forward import accumulator_layout, operand_a_layout, operand_b_layout
 
 
-def column_block(F: int) -> int:
-    """Columns of the state one block scans: 64 where they divide F, else 32, else 16."""
-    return next(width for width in (64, 32, 16) if F % width == 0)
+#: columns of the state one block scans: the scan is a chain of NC dependent steps, so the more (narrower)
+#: blocks run at once, the better its latency is hidden (16: 4 blocks per SM at B H = 64, K = V = 64)
+COLUMN_BLOCK = 16
 
 
 def state_scan_tile(spec: KernelSpec):
@@ -40,9 +40,10 @@ def state_scan_tile(spec: KernelSpec):
     L, K, V, N = spec.chunk_size, spec.head_k, spec.head_v, spec.resolution
     F = K + V
     NP = padded_resolution(N)
-    FB = column_block(F)
+    FB = COLUMN_BLOCK
     WARPS = NP // 16
     THREADS = 32 * WARPS
+    LOADS = L * FB // THREADS  # elements of a chunk's [k | v] columns each thread loads
     dt, h16 = spec.dtype, "float16"
     X_STRIDE, KV_STRIDE = NP + 8, L + 8
     XLO_AT = FB * X_STRIDE
@@ -118,14 +119,25 @@ def state_scan_tile(spec: KernelSpec):
         for nt, rM, rN in T.grid(FB // 8, 2, 2):
             x_r[nt, rM, rN] = T.float32(0)
 
+        # [k | v] of the next chunk is loaded into registers while this chunk's products run
+        ahead = T.alloc_buffer((LOADS,), h16, scope="local")
+        for it in T.unroll(LOADS):
+            j = (it * THREADS + tid) // FB
+            f = fb * FB + (it * THREADS + tid) % FB
+            value = T.if_then_else(f < K, k[b, T.min(j, TT - 1), h, T.min(f, K - 1)],
+                                   v[b, T.min(j, TT - 1), h, T.max(f - K, 0)])  # fmt: skip
+            ahead[it] = T.if_then_else(j < TT, T.Cast(h16, value), T.float16(0))
+
         for c in T.serial(NC):
             # 1. the chunk's [k | v] columns, and X_c: from the sequence's initial state where c starts one
-            for it in T.serial(L * FB // THREADS):
-                j = (it * THREADS + tid) // FB
+            for it in T.unroll(LOADS):
+                kv[(it * THREADS + tid) % FB, (it * THREADS + tid) // FB] = ahead[it]
+            for it in T.unroll(LOADS):
+                j = (c + 1) * L + (it * THREADS + tid) // FB
                 f = fb * FB + (it * THREADS + tid) % FB
-                t = T.min(c * L + j, TT - 1)
-                value = T.if_then_else(f < K, k[b, t, h, T.min(f, K - 1)], v[b, t, h, T.max(f - K, 0)])
-                kv[(it * THREADS + tid) % FB, j] = T.if_then_else(c * L + j < TT, T.Cast(h16, value), T.float16(0))
+                value = T.if_then_else(f < K, k[b, T.min(j, TT - 1), h, T.min(f, K - 1)],
+                                       v[b, T.min(j, TT - 1), h, T.max(f - K, 0)])  # fmt: skip
+                ahead[it] = T.if_then_else(j < TT, T.Cast(h16, value), T.float16(0))
             start = starts[b, c]
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
