@@ -38,6 +38,13 @@ def main(out: Path) -> None:
         with torch.no_grad():
             results["ms"][name] = triton.testing.do_bench(lambda: blurry_window_attention(q, k, v, WINDOW, N, M),
                                                           return_mode="median")  # fmt: skip
+    results["per_token_ns"] = {}  # time per token from T = 1k to 64k (N = M = 63)
+    for length in (1024, 4096, 16384, 65536):
+        ql, kl, vl = (torch.randn(B, length, H, d, generator=gen).to(device, dtype) for d in (K, K, V))
+        with torch.no_grad():
+            ms = triton.testing.do_bench(lambda: blurry_window_attention(ql, kl, vl, WINDOW, 63, 63), return_mode="median")
+        results["per_token_ns"][length] = ms * 1e6 / (B * length)
+        del ql, kl, vl
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     mask = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < WINDOW), None, None, T, T, device=device)
     flex = torch.compile(flex_attention)

@@ -185,7 +185,8 @@ def run(bundle: Path, out: Path) -> None:
     ms_tile = triton.testing.do_bench(lambda: call(tile, q, k, v, states, positions, scale, *tables, o), return_mode="median")
     previous = {}
     for folder in sorted(bundle.glob("tile_v*")):  # earlier versions of the kernel, kept to time them beside
-        fn = tvm_ffi.load_module(str(folder / f"tile_{tag(layer)}.so"))["bla_chunk_output"]
+        module = tvm_ffi.load_module(str(folder / f"tile_{tag(layer)}.so"))
+        fn = module["bla_chunk_output_tile" if folder.name >= "tile_v3" else "bla_chunk_output"]
         previous[folder.name] = triton.testing.do_bench(
             lambda: call(fn, q, k, v, states, positions, scale, *tables, o), return_mode="median"
         )

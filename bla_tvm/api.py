@@ -82,7 +82,7 @@ def blurry_window_attention(
         sequences, lengths = B, torch.full((B,), T, dtype=torch.int64, device=q.device)
     if initial_state is None:
         initial = torch.zeros(sequences, H, layer.resolution, K + V, dtype=state_dtype, device=q.device)
-        seen = torch.zeros(sequences, dtype=torch.int64, device=q.device)
+        seen = None  # fresh sequences: the op's layout depends on the shapes alone
     else:
         state = check_state(initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device)
         if state.seen.is_cuda and not torch.compiler.is_compiling():
@@ -97,4 +97,4 @@ def blurry_window_attention(
     )
     if not output_final_state:
         return o, None
-    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), seen + lengths)
+    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), lengths if seen is None else seen + lengths)

@@ -66,6 +66,11 @@ def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool) -
 
 def log_folders() -> tuple[str, ...]:
     """The tuning-log folders the environment configures, in search order (none with BLA_TVM_NO_TUNING=1)."""
+    return _log_folders(env.snapshot())
+
+
+@functools.lru_cache(maxsize=16)
+def _log_folders(_environment: tuple) -> tuple[str, ...]:
     if not env.tuning_enabled():
         return ()
     return (str(env.tuning_dir()), str(tuning_logs.shipped_dir()))

@@ -50,3 +50,9 @@ def tuning_dir() -> Path:
 
 def tuning_enabled() -> bool:
     return os.environ.get("BLA_TVM_NO_TUNING", "0") != "1"
+
+
+def snapshot() -> tuple:
+    """The values of every variable this table reads (and the folders they default from), to key what is built
+    from them: reading them costs a few dictionary lookups, building paths from them far more."""
+    return tuple(os.environ.get(name) for name in (*VARIABLES, "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HOME"))

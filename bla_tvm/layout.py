@@ -15,6 +15,7 @@ Sequences of length 0 own no chunk: their final state is their initial state.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -79,12 +80,27 @@ def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int
     return total_tokens // chunk_size + num_sequences
 
 
-def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
-    """Row b holds sequence b, which saw seen[b] tokens before this call; ``tokens`` of its own. seen >= 0 is
-    checked here for CPU tensors; on CUDA the caller checks a user's state (``api``) so that a call from a
-    fresh state never waits for the device (positions are clipped to [0, W] either way)."""
+def batch_layout(
+    batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor | None, device: torch.device | None = None
+) -> ChunkLayout:  # fmt: skip
+    """Row b holds sequence b, which saw seen[b] tokens before this call (None: none, on ``device``); ``tokens``
+    of its own. seen >= 0 is checked here for CPU tensors; on CUDA the caller checks a user's state (``api``) so
+    that a call never waits for the device (positions are clipped to [0, W] either way). The layout of fresh
+    sequences depends on the shapes alone and is built once per shape."""
+    if seen is None:
+        return fresh_batch_layout(batch, tokens, chunk_size, window, torch.device(device))
     if not seen.is_cuda:
         check_seen(seen)
+    return _batch_layout(batch, tokens, chunk_size, window, seen)
+
+
+@functools.lru_cache(maxsize=64)
+def fresh_batch_layout(batch: int, tokens: int, chunk_size: int, window: int, device: torch.device) -> ChunkLayout:
+    """``batch_layout`` of sequences that saw no token before (its tables are shared: kernels only read them)."""
+    return _batch_layout(batch, tokens, chunk_size, window, torch.zeros(batch, dtype=torch.int64, device=device))
+
+
+def _batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
     L, device = chunk_size, seen.device
     num_chunks = (tokens + L - 1) // L
     offsets = torch.arange(num_chunks, device=device, dtype=torch.int64) * L
@@ -108,12 +124,13 @@ def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: to
 
 
 def packed_layout(
-    cu_seqlens: torch.Tensor, tokens: int, chunk_size: int, window: int, seen: torch.Tensor
+    cu_seqlens: torch.Tensor, tokens: int, chunk_size: int, window: int, seen: torch.Tensor | None
 ) -> ChunkLayout:
     """Sequences s = 0..S-1 are tokens cu_seqlens[s]:cu_seqlens[s+1] of one row of ``tokens`` (see the module
     docstring); the offsets must run from 0 to ``tokens``, non-decreasing."""
-    check_seen(seen)
-    L, device = chunk_size, seen.device
+    if seen is not None:
+        check_seen(seen)
+    L, device = chunk_size, cu_seqlens.device
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != tokens:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {tokens}, got {bounds[0]} ... {bounds[-1]}")
@@ -121,7 +138,7 @@ def packed_layout(
         raise ValueError(f"cu_seqlens must be non-decreasing (sorted offsets), got {bounds}")
     S, T = len(bounds) - 1, tokens
     num_chunks = packed_chunks(T, S, L)
-    seen_host = seen.tolist()
+    seen_host = [0] * (len(bounds) - 1) if seen is None else seen.tolist()
     positions = [window] * num_chunks
     starts = [0] * num_chunks  # spare chunks each start the throwaway sequence 0
     first, last, lengths = [0] * S, [0] * S, [0] * S

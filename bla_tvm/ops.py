@@ -95,10 +95,10 @@ def layout_tables(layout: ChunkLayout) -> dict[str, torch.Tensor]:
     return {name: getattr(layout, name) for name in ("positions", "starts", "end_row", "end_chunk", "end_length")}
 
 
-def chunk_layout(k, seen, cu_seqlens, chunk_size: int, window: int) -> ChunkLayout:
+def chunk_layout(k, seen: torch.Tensor | None, cu_seqlens, chunk_size: int, window: int) -> ChunkLayout:
     """The layout of k [B, T, H, K]'s sequences: the batch's rows, or those of ``cu_seqlens`` packed (B = 1)."""
     if cu_seqlens is None:
-        return batch_layout(k.shape[0], k.shape[1], chunk_size, window, seen)
+        return batch_layout(k.shape[0], k.shape[1], chunk_size, window, seen, k.device)
     return packed_layout(cu_seqlens, k.shape[1], chunk_size, window, seen)
 
 
@@ -122,7 +122,7 @@ def forward(
     k: torch.Tensor,
     v: torch.Tensor,
     initial: torch.Tensor,
-    seen: torch.Tensor,
+    seen: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     output_final_state: bool,
     window: int,
@@ -133,7 +133,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [B, T, HQ, V] in q's dtype, states [rows, NC, H, N, K + V], final [S, H, N, K + V], layout) = BLA(q
     [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S]
-    tokens; S = B, or the sequences of ``cu_seqlens`` (B = 1). Without ``output_final_state`` final is empty,
+    tokens (None: fresh sequences); S = B, or the sequences of ``cu_seqlens`` (B = 1). Without ``output_final_state`` final is empty,
     [0, H, N, K + V], and not computed. layout: the chunk layout's tables (``ChunkLayout.as_tensor``), for the
     backward. Arguments validated by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
@@ -152,7 +152,7 @@ def _(q, k, v, initial, seen, cu_seqlens, output_final_state, window, resolution
     states = k.new_empty(rows, chunks, k.shape[2], resolution, k.shape[3] + v.shape[3], dtype=initial.dtype)
     final = torch.empty_like(initial) if output_final_state else initial.new_empty(0, *initial.shape[1:])
     packed = None if cu_seqlens is None else k.shape[1]
-    tables = seen.new_empty(ChunkLayout.tensor_size(rows, chunks, seen.shape[0], packed), dtype=torch.int32)
+    tables = q.new_empty(ChunkLayout.tensor_size(rows, chunks, initial.shape[0], packed), dtype=torch.int32)
     return q.new_empty(*q.shape[:3], v.shape[-1]), states, final, tables
 
 

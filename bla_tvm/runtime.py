@@ -223,15 +223,21 @@ class KernelLibrary:
 
 _LIBRARIES: dict[tuple, KernelLibrary] = {}
 _LIBRARIES_LOCK = threading.Lock()
+#: the library of each environment snapshot (``env.snapshot``)
+_CONFIGURED: dict[tuple, KernelLibrary] = {}
 
 
 def default_library() -> KernelLibrary:
     """The library the environment configures (``bla_tvm.env``), one per configuration (thread safe: threads
     share it, hence its lock against building a kernel twice)."""
+    configured = _CONFIGURED.get(env.snapshot())  # building the paths costs more than a call's launches
+    if configured is not None:
+        return configured
     key = (env.prebuilt_dir(), env.cache_dir(), env.build_allowed())
     with _LIBRARIES_LOCK:
         if key not in _LIBRARIES:
             _LIBRARIES[key] = KernelLibrary(*key)
+        _CONFIGURED[env.snapshot()] = _LIBRARIES[key]
         return _LIBRARIES[key]
 
 
