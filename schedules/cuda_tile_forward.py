@@ -163,23 +163,30 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         a_slice_r = a_slice.local(1, 2, 2, 2)
 
         # ---- 1. the raw chunk and its start state, float16, transposed: kv_raw[f, r] -------------------------
-        for it in T.serial(L * F // THREADS):
-            j = (it * THREADS + tid) // F
-            f = (it * THREADS + tid) % F
-            t = T.min(first + j, TT - 1)
-            x = T.if_then_else(f < K, k[b, t, hk, T.min(f, K - 1)], v[b, t, hk, T.max(f - K, 0)])
-            kv_raw[f, j] = T.if_then_else(first + j < TT, T.Cast(h16, x), T.float16(0))
-        for it in T.serial((NP * F + THREADS - 1) // THREADS):
-            p = (it * THREADS + tid) // F
-            f = (it * THREADS + tid) % F
-            if p < NP:
-                n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
-                x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), f]), T.float16(0))
-                kv_raw[f, L + p] = x
-                if f < K:
-                    keys[L + p, f] = x
-                else:
-                    values[f - K, L + p] = x
+        for it in T.serial(L * K // THREADS):
+            j = (it * THREADS + tid) // K
+            f = (it * THREADS + tid) % K
+            x = T.Cast(h16, k[b, T.min(first + j, TT - 1), hk, f])
+            kv_raw[f, j] = T.if_then_else(first + j < TT, x, T.float16(0))
+        for it in T.serial(L * V // THREADS):
+            j = (it * THREADS + tid) // V
+            f = (it * THREADS + tid) % V
+            x = T.Cast(h16, v[b, T.min(first + j, TT - 1), hk, f])
+            kv_raw[K + f, j] = T.if_then_else(first + j < TT, x, T.float16(0))
+        for it in T.serial(NP * K // THREADS):
+            p = (it * THREADS + tid) // K
+            f = (it * THREADS + tid) % K
+            n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
+            x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), f]), T.float16(0))
+            kv_raw[f, L + p] = x
+            keys[L + p, f] = x
+        for it in T.serial(NP * V // THREADS):
+            p = (it * THREADS + tid) // V
+            f = (it * THREADS + tid) % V
+            n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
+            x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), K + f]), T.float16(0))
+            kv_raw[K + f, L + p] = x
+            values[f, L + p] = x
         T.cuda.cta_sync()
 
         # ---- 2. k', v' of this warp's rows: input_map[rows] [k|v; X|Y] ---------------------------------------
