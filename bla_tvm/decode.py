@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .constants import bla_constants, partner_index
-from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, layer_spec
+from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, check_index_range, layer_spec
 from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
 from .runtime import default_library, kernel_ready, launch
 from .state import BLAState, check_seen, check_state
@@ -74,6 +74,8 @@ def _decode_step_impl(
     H, V = k.shape[1], v.shape[-1]
     spec = layer_spec(window, resolution, num_slots, K, V, dtype_name(q.dtype), HQ // H).kernel(DECODE_CHUNK)
     acc = getattr(torch, spec.acc_dtype)
+    check_index_range({"q": q.shape, "k": k.shape, "v": v.shape, "key_state": key_state.shape,
+                       "value_state": value_state.shape, "o": (B, HQ, V)})  # fmt: skip
     kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device, default_library())
     q, k, v, key_state, value_state, seen = (kernel_ready(x) for x in (q, k, v, key_state, value_state, seen))
     o = q.new_empty(B, H, HQ // H, V)

@@ -9,6 +9,7 @@ the dispatch and the tuner, so it imports neither tvm, tvm_ffi nor torch.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 
 from .params import BLAParams, check_chunk_size, check_int
@@ -21,6 +22,18 @@ CHUNK_SIZES = (64, 32, 16)
 DECODE_CHUNK = 1
 #: the kernels index with 32-bit integers: no buffer may hold more elements
 MAX_ELEMENTS = 2**31 - 1
+
+
+def check_index_range(shapes: dict[str, tuple[int, ...]]) -> None:
+    """ValueError naming every buffer of ``shapes`` (name -> shape) past MAX_ELEMENTS elements: the kernels
+    index with 32-bit integers, so a larger buffer would be read and written out of place."""
+    too_large = {name: shape for name, shape in shapes.items() if math.prod(shape) > MAX_ELEMENTS}
+    if too_large:
+        listed = ", ".join(f"{name} {list(shape)} ({math.prod(shape)} elements)" for name, shape in too_large.items())
+        raise ValueError(
+            f"the kernels index with 32-bit integers (at most {MAX_ELEMENTS} elements per buffer), but this call "
+            f"needs {listed}: split the batch, the sequence or the heads"
+        )
 
 
 def num_chunks(tokens: int, chunk_size: int) -> int:
@@ -77,15 +90,28 @@ class LayerSpec:
         """The KernelSpec of this layer's kernels at chunk length ``chunk_size``."""
         return KernelSpec(**self.as_dict(), chunk_size=chunk_size)
 
-    def largest_buffer(self, shape, chunk_size: int, backward: bool) -> int:
-        """Elements of the op's largest per-chunk buffer for q of ``shape`` (B, T, HQ, ...) at chunk length L:
-        the states [B, NC, H, N, K + V], and with ``backward`` the gradients [B, NC, HQ, L + N, K + V + K]."""
-        B, T, HQ = (int(x) for x in shape[:3])
-        chunks = num_chunks(T, chunk_size)
-        largest = B * chunks * max(HQ // self.group_size, 1) * self.resolution * self.state_width
+    def buffers(self, rows: int, tokens: int, query_heads: int, sequences: int, chunk_size: int,
+                backward: bool) -> dict[str, tuple[int, ...]]:  # fmt: skip
+        """Shape of every buffer the kernels of a call index, by argument name, for a chunk grid of ``rows`` x
+        ``tokens`` (B x T; 1 x NC L when packed), HQ = ``query_heads``, S = ``sequences``, L = ``chunk_size``:
+        q, o [rows, tokens, HQ, K | V], k, v [rows, tokens, H, K | V], states [rows, NC, H, N, F], final
+        [S, H, N, F]; with ``backward`` also their gradients, grads [rows, NC, HQ, L + N, F + K] and
+        final_grads [S, H, L + N, F]."""
+        HQ, H, NC = query_heads, max(query_heads // self.group_size, 1), num_chunks(tokens, chunk_size)
+        N, K, V, F = self.resolution, self.head_k, self.head_v, self.state_width
+        shapes = {
+            "q": (rows, tokens, HQ, K), "k": (rows, tokens, H, K), "v": (rows, tokens, H, V),
+            "o": (rows, tokens, HQ, V), "states": (rows, NC, H, N, F), "final": (sequences, H, N, F),
+        }  # fmt: skip
         if backward:
-            largest = max(largest, B * chunks * HQ * (chunk_size + self.resolution) * (self.state_width + self.head_k))
-        return largest
+            shapes.update({f"d{name}": shapes[name] for name in ("q", "k", "v", "o")})
+            shapes.update(grads=(rows, NC, HQ, chunk_size + N, F + K), final_grads=(sequences, H, chunk_size + N, F))
+        return shapes
+
+    def largest_buffer(self, shape, chunk_size: int, backward: bool) -> int:
+        """Elements of the largest of ``buffers`` for q of ``shape`` (B, T, HQ, ...) at chunk length L."""
+        B, T, HQ = (int(x) for x in shape[:3])
+        return max(math.prod(s) for s in self.buffers(B, T, HQ, B, chunk_size, backward).values())
 
 
 @functools.lru_cache(maxsize=256)

@@ -13,24 +13,27 @@ import torch
 
 from . import kernels
 from .dispatch import CallPlan, phase_kernels, plan_call
-from .layer import MAX_ELEMENTS, KernelSpec, layer_spec, num_chunks
+from .layer import KernelSpec, check_index_range, layer_spec, num_chunks
 from .layout import ChunkLayout, batch_layout, pack, packed_chunks, packed_layout, unpack
 from .params import dtype_name
 from .runtime import kernel_ready, launch
 
 
 def chunk_tensors(q: torch.Tensor, spec: KernelSpec, rows: int, columns: int) -> torch.Tensor:
-    """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype, for q [B, T, H, ...]; ValueError past
-    32-bit indexing."""
+    """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype, for q [B, T, H, ...] (sizes checked
+    by ``check_call``)."""
     B, T, H, _ = q.shape
     chunks = num_chunks(T, spec.chunk_size)
-    elements = B * chunks * H * rows * columns
-    if max(elements, q.numel()) > MAX_ELEMENTS:
-        raise ValueError(
-            f"q of shape {tuple(q.shape)} needs a [B, NC, H, {rows}, {columns}] buffer of {elements} elements; the "
-            f"kernels index with 32 bits (at most {MAX_ELEMENTS}): split the batch or the sequence"
-        )
     return torch.empty(B, chunks, H, rows, columns, dtype=getattr(torch, spec.acc_dtype), device=q.device)
+
+
+def check_call(spec: KernelSpec, q, grid: tuple[int, int], packed: bool, sequences: int, backward: bool) -> None:
+    """ValueError naming every buffer the call's kernels would index past 32 bits (``layer.check_index_range``)
+    for q [B, T, HQ, K] on a chunk ``grid`` (rows, NC) of S = ``sequences``, from shapes alone: before anything
+    is packed, allocated or compiled."""
+    rows, chunks = grid
+    tokens = chunks * spec.chunk_size if packed else q.shape[1]
+    check_index_range(spec.buffers(rows, tokens, q.shape[2], sequences, spec.chunk_size, backward))
 
 
 def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, final_state=True):
@@ -136,6 +139,7 @@ def forward(
     [0, H, N, K + V], and not computed. layout: the chunk layout's tables (``ChunkLayout.as_tensor``), for the
     backward. Arguments validated by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
+    check_call(spec, q, _grid(k, chunk_size, cu_seqlens), cu_seqlens is not None, initial.shape[0], backward=False)
     layout = chunk_layout(k, seen, cu_seqlens, chunk_size, window)
     q, k, v = (kernel_ready(pack(x, layout, chunk_size)) for x in (q, k, v))
     plan = plan_call(q.device, spec, q.shape, phase_kernels(False, output_final_state), scale)
@@ -176,6 +180,7 @@ def backward(
     forward's saved states and its layout (``packed``: laid out from ``cu_seqlens``)."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
     tables = ChunkLayout.from_tensor(layout, *states.shape[:2], q.shape[1] if packed else None)
+    check_call(spec, q, states.shape[:2], packed, tables.end_length.shape[0], backward=True)
     q, k, v, do = (kernel_ready(pack(x.to(q.dtype), tables, chunk_size)) for x in (q, k, v, do))
     plan = plan_call(q.device, spec, q.shape, kernels.names("backward", dfinal.shape[0] > 0), scale)
     # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep

@@ -388,3 +388,45 @@ def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.so"))) == len(called)
     for i in range(2):
         assert max_rel_err(results[i], bla_recurrent(*inputs[i], W, N, M)) <= 1e-5
+
+
+# --- 32-bit indexing: every buffer the kernels index is checked, from shapes alone -------------------------
+
+
+def huge(*shape, dtype=torch.float32):
+    """A tensor of ``shape`` that takes one element of memory (every element aliases it)."""
+    return torch.zeros(1, dtype=dtype).expand(*shape)
+
+
+def test_values_past_32_bit_indexing_are_refused_naming_them():
+    """V > K: v and o pass 2^31 - 1 elements while q does not (v [1, 2^16, 1, 2^15]). Refused before anything
+    is allocated or compiled, naming the buffers (regression: only q was checked, and chunk_output crashed)."""
+    T, V = 2**16, 2**15
+    q, k, v = huge(1, T, 1, 1), huge(1, T, 1, 1), huge(1, T, 1, V)
+    with pytest.raises(ValueError, match=r"v \[1, 65536, 1, 32768\] \(2147483648 elements\).*o \[1, 65536, 1, 32768\]"):
+        blurry_window_attention(q, k, v, 1, 1)
+
+
+def test_backward_buffers_past_32_bit_indexing_are_refused_naming_them():
+    """v and o fit (2^31 - 2^16 elements) but the backward's per-chunk gradients [1, NC, 1, L + N, F + K] do
+    not: the backward refuses, naming them, before it allocates anything."""
+    from bla_tvm.layout import batch_layout
+
+    T, V, L = 2**16, 2**15 - 1, CHUNK
+    q, k, v = huge(1, T, 1, 1), huge(1, T, 1, 1), huge(1, T, 1, V)
+    states = huge(1, T // L, 1, 1, 1 + V)
+    layout = batch_layout(1, T, L, 1, torch.zeros(1, dtype=torch.int64)).as_tensor()
+    dfinal = torch.zeros(0, 1, 1, 1 + V)
+    with pytest.raises(ValueError, match=r"grads \[1, 1024, 1, 65, 32769\] \(2181104640 elements\)"):
+        torch.ops.bla_tvm.backward(q, k, v, states, layout, huge(1, T, 1, V), dfinal, False, 1, 1, 1, 1.0, L)
+
+
+def test_decode_state_past_32_bit_indexing_is_refused_naming_it():
+    """q [B, 1, K] fits, the state [B, 1, N, K] with N = 3 does not."""
+    from bla_tvm import BLAState, decode_step
+
+    B, K = 2**14, 2**16
+    q = huge(B, 1, K)
+    state = BLAState(huge(B, 1, 3, K), huge(B, 1, 3, 1), torch.zeros(B, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"key_state \[16384, 1, 3, 65536\] \(3221225472 elements\)"):
+        decode_step(q, q, huge(B, 1, 1), state, 3, 3)
