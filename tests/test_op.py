@@ -21,6 +21,7 @@ import torch
 from helpers import KERNEL_POOL, F64, max_rel_err
 
 import bla_tvm
+import bla_tvm.kernel_cache
 import bla_tvm.runtime
 from bla_tvm import bla_recurrent, blurry_window_attention, kernels
 from bla_tvm.layer import KernelSpec
@@ -258,6 +259,112 @@ def test_inputs_at_unaligned_addresses():
         f"returncode {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[:1500]}"
     )
 
+
+
+def cached_modules_of_a_call(folder, q, k, v) -> dict:
+    """Run the op on q, k, v (finding or building its kernels in BLA_TVM_CACHE_DIR) and copy each kernel's cache
+    files (the module and what lies beside it) into ``folder``: {kernel name: path of the copied module}."""
+    import shutil
+    from pathlib import Path
+
+    with record_launches() as launches:
+        blurry_window_attention(q, k, v, **ARGS)
+    cache, copied = Path(os.environ["BLA_TVM_CACHE_DIR"]), {}
+    for launch in launches:
+        compiled = launch.kernel
+        key = kernel_key(compiled.kernel.name, compiled.spec, bla_tvm.runtime.target_id(q.device), compiled.config)
+        for path in cache.glob(f"{key}.so*"):
+            shutil.copy2(path, folder)
+        copied[compiled.kernel.name] = Path(folder) / f"{key}.so"
+    return copied
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": os.urandom(len(data))}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_damaged_cached_kernel_is_rebuilt(tmp_path, how):
+    """A cached module cut short (mapping it raised SIGBUS in load_module and killed the process), emptied or
+    overwritten does not match its recorded digest: it is never loaded, but rebuilt, and the call is right. Run
+    in a subprocess, so that a crash fails this test instead of ending the run."""
+    q, k, v = qkv(seed=5)
+    forget_source_digest()
+    module = cached_modules_of_a_call(tmp_path, q, k, v)["state_scan"]
+    damage(module, how)
+    result = run_python(
+        f"""
+        import torch, bla_tvm
+        gen = torch.Generator().manual_seed(5)
+        q, k = torch.randn(2, 70, 3, {SHAPE.K}, generator=gen), torch.randn(2, 70, 3, {SHAPE.K}, generator=gen)
+        v = torch.randn(2, 70, 3, {SHAPE.V}, generator=gen)
+        o, _ = bla_tvm.blurry_window_attention(q, k, v, {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+        ref = bla_tvm.bla_recurrent(q, k, v, {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+        print(((o.double() - ref).abs().max() / ref.abs().max()).item())
+        """,
+        env={"BLA_TVM_CACHE_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, f"returncode {result.returncode}: {result.stderr[-2000:]}"
+    assert float(result.stdout.split()[-1]) <= 1e-5
+    assert module.read_bytes() != b"" and not list(tmp_path.glob("*.lock"))
+
+
+def test_damaged_cached_kernel_without_building_is_an_error_naming_it(tmp_path):
+    q, k, v = qkv(seed=6)
+    module = cached_modules_of_a_call(tmp_path, q, k, v)["chunk_output"]
+    damage(module, "garbage")
+    library = bla_tvm.runtime.KernelLibrary(None, tmp_path, build_allowed=False)
+    spec = KernelSpec(**ARGS, head_k=SHAPE.K, head_v=SHAPE.V, dtype="float32", chunk_size=CHUNK)
+    with pytest.raises(RuntimeError, match=rf"{module} does not match its digest"):
+        library.function("chunk_output", spec, q.device)
+
+
+def test_builds_leave_no_lock_files(tmp_path, monkeypatch):
+    """A failed build and a successful one both remove the lock file they took."""
+    from bla_tvm import build
+
+    spec = KernelSpec(**ARGS, head_k=SHAPE.K, head_v=SHAPE.V, dtype="float32", chunk_size=CHUNK)
+    path, target = tmp_path / "scan.so", bla_tvm.runtime.target_id(torch.device("cpu"))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("compiler crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "compile_kernel", fails)
+        with pytest.raises(RuntimeError, match="compiler crashed"):
+            build.build_to_path("state_scan", spec, "cpu", target, None, path)
+    assert list(tmp_path.iterdir()) == []
+    build.build_to_path("state_scan", spec, "cpu", target, None, path)
+    assert path.exists() and not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("tmp*"))
+
+
+def test_damaged_prebuilt_kernel_is_an_error_naming_it(tmp_path):
+    """A prebuilt module is checked against the digest its manifest records (``bla-tvm build`` writes it)."""
+    q, k, v = qkv(seed=6)
+    module = cached_modules_of_a_call(tmp_path, q, k, v)["chunk_output"]
+    spec = KernelSpec(**ARGS, head_k=SHAPE.K, head_v=SHAPE.V, dtype="float32", chunk_size=CHUNK)
+    entry = {"kernel": "chunk_output", "spec": spec.as_dict(), "target": bla_tvm.runtime.target_id(q.device),
+             "config": None, "file": module.name, "sha256": bla_tvm.kernel_cache.file_digest(module)}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"kernels": [entry]}))
+    library = bla_tvm.runtime.KernelLibrary(tmp_path, tmp_path / "cache", build_allowed=False)
+    library.function("chunk_output", spec, q.device)
+    damage(module, "truncated")
+    with pytest.raises(RuntimeError, match=rf"prebuilt kernel {module} does not match its digest"):
+        bla_tvm.runtime.KernelLibrary(tmp_path, tmp_path / "cache", build_allowed=False).function(
+            "chunk_output", spec, q.device
+        )
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", json.dumps({"kernels": 3}), json.dumps({"kernels": [{"kernel": "chunk_output"}]}),
+     json.dumps({"kernels": [{"kernel": "x", "spec": {}, "target": "t", "file": ["a"]}]}), "[" * 100_000],
+    ids=["not-json", "not-object", "kernels-not-list", "entry-missing-fields", "file-not-string", "deep"],
+)  # fmt: skip
+def test_corrupt_prebuilt_manifest_is_an_error_naming_it(tmp_path, content):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'manifest.json'}"):
+        bla_tvm.runtime.KernelLibrary(tmp_path, tmp_path / "cache", build_allowed=False)
 
 # --- validation -------------------------------------------------------------------------------------------
 
