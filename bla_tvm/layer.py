@@ -22,6 +22,40 @@ CHUNK_SIZES = (64, 32, 16)
 DECODE_CHUNK = 1
 #: the kernels index with 32-bit integers: no buffer may hold more elements
 MAX_ELEMENTS = 2**31 - 1
+#: positions in the window (clipped at W) plus a chunk's offsets are int32 in the kernels
+MAX_WINDOW = MAX_ELEMENTS - max(CHUNK_SIZES)
+
+
+def largest_fitting(elements, limit: int = MAX_ELEMENTS) -> int:
+    """The largest n >= 0 with elements(n) <= limit, for ``elements`` increasing in n."""
+    low, high = 0, 1
+    while elements(high) <= limit:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if elements(middle) <= limit else (low, middle)
+    return low
+
+
+def check_tables(window: int, resolution: int, num_slots: int, chunk_size: int | None = None) -> None:
+    """ValueError naming the argument where a constant table the kernels index would pass 32 bits: the window
+    (positions), the [N, N] state decay, the [M, N] slot readout and, at a chunk length L, the final-state map
+    [L + 1, N, N + L]."""
+    N = resolution
+    limits = [
+        ("window", window, MAX_WINDOW, "a position in the window plus a chunk offset is an int32 in the kernels"),
+        ("resolution", N, largest_fitting(lambda n: n * n), "the kernels index the [N, N] state decay with 32 bits"),
+        ("num_slots", num_slots, MAX_ELEMENTS // N,
+         f"at resolution {N}: the kernels index the slot readout [M, N] with 32 bits"),
+    ]  # fmt: skip
+    if chunk_size is not None:
+        L = chunk_size
+        largest = largest_fitting(lambda n: (L + 1) * n * (n + L))
+        limits.append(("resolution", N, largest, f"at chunk length {L}: the kernels index the final-state map "
+                                                 f"[L + 1, N, N + L] with 32 bits"))  # fmt: skip
+    for name, value, limit, why in limits:
+        if value > limit:
+            raise ValueError(f"{name} must be at most {limit} ({why}), got {value}")
 
 
 def check_index_range(shapes: dict[str, tuple[int, ...]]) -> None:
@@ -45,7 +79,8 @@ def num_chunks(tokens: int, chunk_size: int) -> int:
 class LayerSpec:
     """A BLA layer: window W, resolution N, slots M, head dims K (queries, keys) and V (values), input dtype and
     GQA group size G (query heads per key/value head). Validated on construction: W >= 1, 1 <= N <= W with N odd
-    or N == W, M >= 1, K, V, G >= 1, dtype one of ACCUMULATOR's keys."""
+    or N == W, M >= 1, K, V, G >= 1, dtype one of ACCUMULATOR's keys, constant tables within 32-bit indexing
+    (``check_tables``)."""
 
     window: int
     resolution: int
@@ -63,6 +98,7 @@ class LayerSpec:
 
     def __post_init__(self):
         BLAParams.make(self.window, self.resolution, self.num_slots)
+        check_tables(self.window, self.resolution, self.num_slots)
         for name in ("head_k", "head_v", "group_size"):
             check_int(name, getattr(self, name), 1)
         if self.dtype not in ACCUMULATOR:
@@ -129,6 +165,7 @@ class KernelSpec(LayerSpec):
     def __post_init__(self):
         super().__post_init__()
         check_chunk_size(self.chunk_size)
+        check_tables(self.window, self.resolution, self.num_slots, self.chunk_size)
 
     @property
     def layer(self) -> LayerSpec:
