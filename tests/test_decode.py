@@ -85,6 +85,19 @@ def test_gqa_equals_repeated_kv(group, data):
     assert_close(o, bla_recurrent(q, k_rep, v_rep, case.W, case.N, case.M, case.scale), 1e-5, "o vs reference")
 
 
+@pytest.mark.parametrize("magnitude", [1e5, 1e6])
+def test_large_finite_logits_give_a_finite_softmax(magnitude):
+    """|scale q k| up to ~1e13, scale no power of two: each step's output is finite and within the float32-logit
+    bound of the definition. Regression: the step's maximum read rounded logits while its exponent fused the
+    unrounded product into the subtraction (inf / inf = NaN)."""
+    case = BLACase(W=16, N=7, M=9, T=40, L=1, B=2, H=2, K=40, V=72, scale=0.3, seed=15)
+    q, k, v = make_qkv(case, torch.float32)
+    q, k = q * magnitude, k * magnitude
+    o, _ = decode_all(q, k, v, case)
+    assert torch.isfinite(o).all(), f"{(~torch.isfinite(o)).sum().item()} non-finite outputs"
+    assert_within_float32_logit_bound(o, q, k, v, case, 1e-5)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_reduced_precision_state_within_1e_2(state_dtype):
     """The state kept in 16 bits: relative error of all outputs (Frobenius) within 1e-2 over 4 windows.
