@@ -49,8 +49,9 @@ def blurry_window_attention(
         num_slots: M, slots the softmax runs over (M >= 1; default N).
         scale: softmax temperature; default `1 / sqrt(K)`.
         initial_state: a `BLAState` (key_state `[S, H, N, K]`, value_state `[S, H, N, V]` in float32 (float64
-            for float64 inputs), seen `[S]` int tokens already seen) to continue from; S = B, or the number of
-            sequences with `cu_seqlens`. Default: a fresh start. Gradients flow into key_state and value_state.
+            for float64 inputs), seen `[S]` int tokens already seen, window: the W it was built with, or None) to
+            continue from; S = B, or the number of sequences with `cu_seqlens`. Default: a fresh start.
+            Gradients flow into key_state and value_state.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: `[S + 1]` int32/int64 offsets of S sequences packed in one row (B = 1), FlashAttention's
             convention; each sequence starts from its own initial state. Empty sequences are allowed.
@@ -84,7 +85,9 @@ def blurry_window_attention(
         initial = torch.zeros(sequences, H, layer.resolution, K + V, dtype=state_dtype, device=q.device)
         seen = torch.zeros(sequences, dtype=torch.int64, device=q.device)
     else:
-        state = check_state(initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device)
+        state = check_state(
+            initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device, layer.window
+        )
         initial = torch.cat([state.key_state, state.value_state], dim=-1)
         seen = state.seen.to(torch.int64)
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))
@@ -95,4 +98,4 @@ def blurry_window_attention(
     )
     if not output_final_state:
         return o, None
-    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), seen + lengths)
+    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), seen + lengths, layer.window)

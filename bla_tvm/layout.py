@@ -81,7 +81,7 @@ def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int
 
 def batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: torch.Tensor) -> ChunkLayout:
     """Row b holds sequence b, which saw seen[b] tokens before this call; ``tokens`` of its own."""
-    check_seen(seen)
+    check_seen(seen, tokens)
     L, device = chunk_size, seen.device
     num_chunks = (tokens + L - 1) // L
     offsets = torch.arange(num_chunks, device=device, dtype=torch.int64) * L
@@ -109,7 +109,7 @@ def packed_layout(
 ) -> ChunkLayout:
     """Sequences s = 0..S-1 are tokens cu_seqlens[s]:cu_seqlens[s+1] of one row of ``tokens`` (see the module
     docstring); the offsets must run from 0 to ``tokens``, non-decreasing."""
-    check_seen(seen)
+    check_seen(seen, tokens)  # at most ``tokens`` each
     L, device = chunk_size, seen.device
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != tokens:

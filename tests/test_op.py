@@ -10,6 +10,7 @@ test_forward_cpu.py compiles in the same session.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,9 +87,11 @@ def test_opcheck(dtype, requires_grad):
 
 def test_forward_returns_output_and_chunk_states():
     q, k, v = qkv(B=2, T=70, H=3)
-    o, states, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, flat, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.shape == (2, 70, 3, SHAPE.V) and o.dtype == torch.float32
-    assert states.shape == (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V) and states.dtype == torch.float32
+    grid = (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert flat.shape == (math.prod(grid),) and flat.dtype == torch.float32  # flat: see bla_tvm.ops.forward
+    states = flat.view(grid)
     assert torch.isfinite(states).all()
     assert torch.equal(states[:, 0], torch.zeros_like(states[:, 0]))  # nothing precedes the first chunk
     assert max_rel_err(o, bla_recurrent(q, k, v, *ARGS.values(), scale=0.3)) <= 1e-5
@@ -96,14 +99,14 @@ def test_forward_returns_output_and_chunk_states():
 
 
 def backward_args(q, k, v, scale=0.3, seed=1):
-    """The 13 arguments of bla_tvm::backward: states and layout from a forward call, random upstream
+    """The 14 arguments of bla_tvm::backward: states and layout from a forward call, random upstream
     gradients."""
     args = op_args(q, k, v, scale)
     _, states, final, layout = torch.ops.bla_tvm.forward(*args)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q.dtype)
     dfinal = torch.randn(final.shape, generator=gen, dtype=final.dtype)
-    return (q, k, v, states, layout, do, dfinal, False, *args[7:])
+    return (q, k, v, states, layout, do, dfinal, False, num_chunks(q.shape[1]), *args[7:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -130,11 +133,11 @@ def test_fake_impl_on_meta_tensors():
     o, states, final, layout = torch.ops.bla_tvm.forward(*args)
     assert o.device.type == "meta" and o.shape == (3, 1000, 5, SHAPE.V) and o.dtype == torch.float32
     assert states.device.type == "meta" and states.dtype == torch.float32
-    assert states.shape == (3, num_chunks(1000), 5, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert states.shape == (3 * num_chunks(1000) * 5 * SHAPE.N * (SHAPE.K + SHAPE.V),)
     assert final.shape == (3, 5, SHAPE.N, SHAPE.K + SHAPE.V)
     do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
     assert layout.dtype == torch.int32 and layout.shape == (2 * 3 * num_chunks(1000) + 5 * 3,)
-    grads = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, final, False, *args[7:])
+    grads = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, final, False, num_chunks(1000), *args[7:])
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
         ("meta", x.shape, torch.float32) for x in (q, k, v, final)
     ]
@@ -143,7 +146,7 @@ def test_fake_impl_on_meta_tensors():
 def test_fake_states_are_float64_for_float64_inputs():
     q, k, v = (x.to(device="meta", dtype=F64) for x in qkv(B=1, T=64, H=2))
     o, states, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
-    assert o.dtype == F64 and states.dtype == F64 and states.shape == (1, 1, 2, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert o.dtype == F64 and states.dtype == F64 and states.shape == (2 * SHAPE.N * (SHAPE.K + SHAPE.V),)
 
 
 def surrounded(q, k, v):
@@ -174,6 +177,24 @@ def test_torch_compile_dynamic_lengths():
         q, k, v = qkv(B=B, T=T)
         assert max_rel_err(compiled(q, k, v), surrounded(q, k, v)) == 0.0
 
+
+
+def test_torch_compile_dynamic_lengths_compile_once():
+    """dynamic=True: one graph for T below and past the chunk length, forward and backward. Regression: the
+    chunk-start states [B, NC, H, N, F] let the tracer specialise on NC == 1 (their strides' contiguity check),
+    so the graph was compiled again when T first passed L = 64."""
+    torch._dynamo.reset()
+    aot_eager, graphs = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(surrounded, fullgraph=True, backend=counting, dynamic=True)
+    for T in (10, 70, 130, 20):
+        q, k, v = (x.requires_grad_() for x in qkv(B=2, T=T))
+        compiled(q, k, v).sum().backward()
+    assert len(graphs) == 1
 
 # --- how tensors reach the kernels -------------------------------------------------------------------------
 
@@ -521,11 +542,11 @@ def test_backward_buffers_past_32_bit_indexing_are_refused_naming_them():
 
     T, V, L = 2**16, 2**15 - 1, CHUNK
     q, k, v = huge(1, T, 1, 1), huge(1, T, 1, 1), huge(1, T, 1, V)
-    states = huge(1, T // L, 1, 1, 1 + V)
+    states = huge(T // L * (1 + V))
     layout = batch_layout(1, T, L, 1, torch.zeros(1, dtype=torch.int64)).as_tensor()
     dfinal = torch.zeros(0, 1, 1, 1 + V)
     with pytest.raises(ValueError, match=r"grads \[1, 1024, 1, 65, 32769\] \(2181104640 elements\)"):
-        torch.ops.bla_tvm.backward(q, k, v, states, layout, huge(1, T, 1, V), dfinal, False, 1, 1, 1, 1.0, L)
+        torch.ops.bla_tvm.backward(q, k, v, states, layout, huge(1, T, 1, V), dfinal, False, T // L, 1, 1, 1, 1.0, L)
 
 
 def test_decode_state_past_32_bit_indexing_is_refused_naming_it():

@@ -99,8 +99,8 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
         (B, H, G, M), lambda b, h, g, i: te.sum(C_t[n2, i] * z[b, h, g, n2], axis=n2), name="bla_dec_scores"
     )
 
-    def masked(b, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
-        return tirx.Cast("int64", i) * W > seen[b] * M
+    def masked(b, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M (t >= W: none is)
+        return tirx.Cast("int64", i) * W > te.min(seen[b], tirx.const(W, "int64")) * M  # no int64 overflow
 
     logits = te.compute(  # u = sign(scale) C z: the maximum and the exponent read it (``forward.scale_sign``)
         (B, H, G, M),
