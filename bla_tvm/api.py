@@ -49,8 +49,9 @@ def blurry_window_attention(
         num_slots: M, slots the softmax runs over (M >= 1; default N).
         scale: softmax temperature; default `1 / sqrt(K)`.
         initial_state: a `BLAState` (key_state `[S, H, N, K]`, value_state `[S, H, N, V]` in float32 (float64
-            for float64 inputs), seen `[S]` int tokens already seen) to continue from; S = B, or the number of
-            sequences with `cu_seqlens`. Default: a fresh start. Gradients flow into key_state and value_state.
+            for float64 inputs), seen `[S]` int tokens already seen, window: the W it was built with, or None) to
+            continue from; S = B, or the number of sequences with `cu_seqlens`. Default: a fresh start.
+            Gradients flow into key_state and value_state.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: `[S + 1]` int32/int64 offsets of S sequences packed in one row (B = 1), FlashAttention's
             convention; each sequence starts from its own initial state. Empty sequences are allowed.
@@ -84,9 +85,11 @@ def blurry_window_attention(
         initial = torch.zeros(sequences, H, layer.resolution, K + V, dtype=state_dtype, device=q.device)
         seen = None  # fresh sequences: the op's layout depends on the shapes alone
     else:
-        state = check_state(initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device)
+        state = check_state(
+            initial_state, sequences, H, layer.resolution, K, V, (state_dtype,), q.device, layer.window
+        )
         if state.seen.is_cuda and not torch.compiler.is_compiling():
-            check_seen(state.seen)  # one wait for the device, only for a user's state (``layout.batch_layout``)
+            check_seen(state.seen, T)  # one wait for the device, only for a user's state (``layout.batch_layout``)
         initial = torch.cat([state.key_state, state.value_state], dim=-1)
         seen = state.seen.to(torch.int64)
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, initial))
@@ -97,4 +100,5 @@ def blurry_window_attention(
     )
     if not output_final_state:
         return o, None
-    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), lengths if seen is None else seen + lengths)
+    seen_after = lengths if seen is None else seen + lengths
+    return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), seen_after, layer.window)

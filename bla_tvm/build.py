@@ -5,14 +5,12 @@ Which code compiles kernel X for a spec and device kind is one lookup, ``builder
 compute of ``bla_tvm.compute`` scheduled by the rules of ``bla_tvm.schedules``). An alternative implementation
 of a kernel takes the same named arguments (``kernels.TABLE``) and is one ``register_builder`` call.
 
-Safe under concurrency: a build holds an exclusive file lock on ``<path>.lock``, writes to a temporary file in
-the same folder and renames it into place, so a reader never sees half a module and two processes never
-compile the same key twice.
+Safe under concurrency: a build holds the lock of its path and writes the module with its digest through
+``kernel_cache``, so a reader never sees half a module and two processes never compile the same key twice.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import subprocess
@@ -26,7 +24,7 @@ prepare_cuda_compiler()  # before tvm loads its CUDA runtime
 
 import tvm  # noqa: E402
 
-from . import compute, kernels  # noqa: E402
+from . import compute, kernel_cache, kernels  # noqa: E402
 from .layer import KernelSpec  # noqa: E402
 
 #: builder(kernel, spec, device_kind, config) -> the IRModule to compile (``config``: the schedule's config
@@ -150,23 +148,14 @@ def parse_ptxas(text: str) -> dict:
 def build_to_path(
     kernel: str, spec: KernelSpec, device_kind: str, target_id: str, config: dict | None, path: Path
 ) -> Path:
-    """Compile ``kernel`` and export it to ``path`` atomically, unless another builder got there first."""
+    """Compile ``kernel`` and export it to ``path`` with its digest (``kernel_cache``), unless another builder got
+    there first; a module at ``path`` that does not match its digest is replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
-            return path
-        arch = target_id if device_kind == "cuda" else None
-        module = compile_kernel(kernel, spec, device_kind, arch, config)
-        fd, staging = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            module.export_library(staging)
-            os.replace(staging, path)
-        finally:
-            if os.path.exists(staging):
-                os.unlink(staging)
+    with kernel_cache.locked(path):
+        if not kernel_cache.intact(path):
+            arch = target_id if device_kind == "cuda" else None
+            kernel_cache.write_module(path, compile_kernel(kernel, spec, device_kind, arch, config).export_library)
     return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .kernel_cache import file_digest
 from .layer import KernelSpec
 from .runtime import MANIFEST, target_id
 
@@ -40,7 +41,8 @@ def _build_one(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None
     target = arch if device_kind == "cuda" else target_id(torch.device("cpu"))
     name = f"{kernel}-{spec.tag()}-{target}.so"
     build.compile_kernel(kernel, spec, device_kind, arch).export_library(str(out / name))
-    return {"kernel": kernel, "spec": spec.as_dict(), "target": target, "config": None, "file": name}
+    return {"kernel": kernel, "spec": spec.as_dict(), "target": target, "config": None, "file": name,
+            "sha256": file_digest(out / name)}  # fmt: skip
 
 
 def build_kernels(

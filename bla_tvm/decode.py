@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .constants import bla_constants, partner_index
-from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, layer_spec
+from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, check_index_range, layer_spec
 from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
 from .runtime import default_library, kernel_ready, launch
 from .state import BLAState, check_seen, check_state
@@ -69,11 +69,17 @@ def _decode_step_impl(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [B, HQ, V], X' [B, H, N, K], Y' [B, H, N, V]) of one token: q [B, HQ, K], k [B, H, K], v [B, H, V],
-    X, Y in the state dtype, seen [B] int64. Arguments validated by the caller (``bla_tvm.decode_step``)."""
+    X, Y in the state dtype, seen [B] int64. Arguments validated by the caller (``bla_tvm.decode_step``) but
+    seen's values, checked here on the CPU, eager or compiled (on a GPU the check would wait for the device at
+    every token)."""
     B, HQ, K = q.shape
+    if not seen.is_cuda:
+        check_seen(seen, 1, "state.seen")
     H, V = k.shape[1], v.shape[-1]
     spec = layer_spec(window, resolution, num_slots, K, V, dtype_name(q.dtype), HQ // H).kernel(DECODE_CHUNK)
     acc = getattr(torch, spec.acc_dtype)
+    check_index_range({"q": q.shape, "k": k.shape, "v": v.shape, "key_state": key_state.shape,
+                       "value_state": value_state.shape, "o": (B, HQ, V)})  # fmt: skip
     kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device, default_library())
     q, k, v, key_state, value_state, seen = (kernel_ready(x) for x in (q, k, v, key_state, value_state, seen))
     o = q.new_empty(B, H, HQ // H, V)
@@ -134,17 +140,14 @@ def _check_inputs(q, k, v):
     return q, k, v, squeeze
 
 
-def _check_decode_state(state, q, k, v, resolution: int) -> BLAState:
-    """``state`` as a BLAState of float32 (float64 for float64 inputs), float16 or bfloat16 tensors, with
-    errors naming ``state``. seen >= 0 is checked in eager CPU calls only (on CUDA it would synchronise every
-    token; under torch.compile it would break the graph)."""
-    acc = getattr(torch, ACCUMULATOR[dtype_name(q.dtype)])
+def _check_decode_state(state, q, k, v, layer: LayerSpec) -> BLAState:
+    """``state`` as a BLAState of float32 (float64 for float64 inputs), float16 or bfloat16 tensors for ``layer``'s
+    window, with errors naming ``state`` (seen's values are checked by the op, ``_decode_step_impl``)."""
+    acc = getattr(torch, layer.acc_dtype)
     dtypes = (acc, *REDUCED_STATE_KERNELS)
     try:
-        state = check_state(state, q.shape[0], k.shape[1], resolution, k.shape[-1], v.shape[-1], dtypes, q.device)
-        # on a GPU the check would wait for the device at every token; in a compiled graph it would break it
-        if not state.seen.is_cuda and not torch.compiler.is_compiling():
-            check_seen(state.seen)
+        state = check_state(state, q.shape[0], k.shape[1], layer.resolution, k.shape[-1], v.shape[-1], dtypes,
+                            q.device, layer.window)  # fmt: skip
     except (TypeError, ValueError) as error:
         raise type(error)(str(error).replace("initial_state", "state")) from None
     if state.key_state.dtype != state.value_state.dtype:
@@ -173,8 +176,10 @@ def decode_step(
         k: keys `[B, H, K]` (or `[B, 1, H, K]`); HQ a multiple of H (GQA: query head hq uses kv head hq // (HQ / H)).
         v: values `[B, H, V]` (or `[B, 1, H, V]`).
         state: the `BLAState` after the tokens seen so far (key_state `[B, H, N, K]`, value_state `[B, H, N, V]`,
-            seen `[B]` int), e.g. from `blurry_window_attention(..., output_final_state=True)` or a previous
-            step; None for a fresh sequence (zeros, in `state_dtype`). Not modified.
+            seen `[B]` int, window: this W or None), e.g. from `blurry_window_attention(..., output_final_state=
+            True)` or a previous step; None for a fresh sequence (zeros, in `state_dtype`). Not modified. seen must
+            be >= 0 and < 2^63 - 1: checked for CPU tensors; on CUDA (where a check would wait for the device
+            every token) a negative seen masks every slot and the output is NaN.
         window, resolution, num_slots, scale: as in `blurry_window_attention`.
         state_dtype: only with `state=None`: the dtype of the state to start, float32 (float64 for float64
             inputs, the default) or float16 / bfloat16, which halve the memory a step reads and writes. The
@@ -202,20 +207,42 @@ def decode_step(
         dtype = acc if state_dtype is None else state_dtype
         if dtype not in (acc, *REDUCED_STATE_KERNELS):
             raise TypeError(f"state_dtype must be None, {acc}, torch.float16 or torch.bfloat16, got {state_dtype}")
-        state = BLAState.zeros(q.shape[0], k.shape[1], params.resolution, k.shape[-1], v.shape[-1], dtype, q.device)
+        state = BLAState.zeros(q.shape[0], k.shape[1], params.resolution, k.shape[-1], v.shape[-1], dtype, q.device,
+                               params.window)  # fmt: skip
     elif state_dtype is not None:
         raise ValueError("state_dtype applies only to a fresh state (state=None); convert the state's tensors instead")
-    state = _check_decode_state(state, q, k, v, params.resolution)
+    state = _check_decode_state(state, q, k, v, layer)
     seen = state.seen.to(torch.int64)
     step = torch.ops.bla_tvm.decode_step
     tensors = (q, k, v, state.key_state, state.value_state)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
         step = _decode_step_impl  # eager inference: the same code without the op's dispatch (tens of us a token)
     o, key_state, value_state = step(*tensors, seen, params.window, params.resolution, params.num_slots, scale)
-    return (o[:, None] if squeeze else o), BLAState(key_state, value_state, seen + 1)
+    return (o[:, None] if squeeze else o), BLAState(key_state, value_state, seen + 1, params.window)
 
 
 NextToken = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _check_next_token(token, i: int, q, k, v):
+    """``next_token``'s (q, k, v) for new token i: one token ([B, heads, D] or [B, 1, heads, D]) of the prompt's
+    B, HQ, H, K, V, dtype and device each; else a TypeError / ValueError naming next_token and the tensor."""
+    where = f"next_token(o, {i})"
+    if not isinstance(token, tuple) or len(token) != 3:
+        raise TypeError(f"{where} must return (q, k, v), got {type(token).__name__}")
+    expected = {"q": (q.shape[0], q.shape[2], q.shape[3]), "k": (k.shape[0], k.shape[2], k.shape[3]),
+                "v": (v.shape[0], v.shape[2], v.shape[3])}  # fmt: skip
+    for name, x in zip("qkv", token):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where} returned {name} of type {type(x).__name__}; expected a torch.Tensor")
+        one = tuple(x.shape[:1] + x.shape[2:]) if x.dim() == 4 and x.shape[1] == 1 else tuple(x.shape)
+        if one != expected[name]:
+            raise ValueError(f"{where} returned {name} of shape {list(x.shape)}; expected {list(expected[name])} "
+                             "(or with a token axis of 1), the prompt's batch, heads and head dim")  # fmt: skip
+        if x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(f"{where} returned {name} of dtype {x.dtype} on {x.device}; expected the prompt's "
+                            f"{q.dtype} on {q.device}")  # fmt: skip
+    return token
 
 
 def generate(
@@ -266,11 +293,11 @@ def generate(
         acc = state.key_state.dtype
         if state_dtype not in (acc, *REDUCED_STATE_KERNELS):
             raise TypeError(f"state_dtype must be None, {acc}, torch.float16 or torch.bfloat16, got {state_dtype}")
-        state = BLAState(state.key_state.to(state_dtype), state.value_state.to(state_dtype), state.seen)
+        state = state._replace(key_state=state.key_state.to(state_dtype), value_state=state.value_state.to(state_dtype))
     outputs = []
     last = o_prompt[:, -1] if o_prompt.shape[1] else None
     for i in range(max_new_tokens):
-        tq, tk, tv = next_token(last, i)
+        tq, tk, tv = _check_next_token(next_token(last, i), i, q, k, v)
         last, state = decode_step(tq, tk, tv, state, window, resolution, num_slots, scale)
         outputs.append(last)
     B, HQ, V = o_prompt.shape[0], o_prompt.shape[2], o_prompt.shape[3]

@@ -90,7 +90,7 @@ def batch_layout(
     if seen is None:
         return fresh_batch_layout(batch, tokens, chunk_size, window, torch.device(device))
     if not seen.is_cuda:
-        check_seen(seen)
+        check_seen(seen, tokens)
     return _batch_layout(batch, tokens, chunk_size, window, seen)
 
 
@@ -129,7 +129,7 @@ def packed_layout(
     """Sequences s = 0..S-1 are tokens cu_seqlens[s]:cu_seqlens[s+1] of one row of ``tokens`` (see the module
     docstring); the offsets must run from 0 to ``tokens``, non-decreasing."""
     if seen is not None:
-        check_seen(seen)
+        check_seen(seen, tokens)  # at most ``tokens`` each
     L, device = chunk_size, cu_seqlens.device
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != tokens:

@@ -13,24 +13,27 @@ import torch
 
 from . import kernels
 from .dispatch import CallPlan, phase_kernels, plan_call
-from .layer import MAX_ELEMENTS, KernelSpec, layer_spec, num_chunks
+from .layer import KernelSpec, check_index_range, layer_spec, num_chunks
 from .layout import ChunkLayout, batch_layout, pack, packed_chunks, packed_layout, unpack
 from .params import dtype_name
 from .runtime import kernel_ready, launch
 
 
 def chunk_tensors(q: torch.Tensor, spec: KernelSpec, rows: int, columns: int) -> torch.Tensor:
-    """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype, for q [B, T, H, ...]; ValueError past
-    32-bit indexing."""
+    """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype, for q [B, T, H, ...] (sizes checked
+    by ``check_call``)."""
     B, T, H, _ = q.shape
     chunks = num_chunks(T, spec.chunk_size)
-    elements = B * chunks * H * rows * columns
-    if max(elements, q.numel()) > MAX_ELEMENTS:
-        raise ValueError(
-            f"q of shape {tuple(q.shape)} needs a [B, NC, H, {rows}, {columns}] buffer of {elements} elements; the "
-            f"kernels index with 32 bits (at most {MAX_ELEMENTS}): split the batch or the sequence"
-        )
     return torch.empty(B, chunks, H, rows, columns, dtype=getattr(torch, spec.acc_dtype), device=q.device)
+
+
+def check_call(spec: KernelSpec, q, grid: tuple[int, int], packed: bool, sequences: int, backward: bool) -> None:
+    """ValueError naming every buffer the call's kernels would index past 32 bits (``layer.check_index_range``)
+    for q [B, T, HQ, K] on a chunk ``grid`` (rows, NC) of S = ``sequences``, from shapes alone: before anything
+    is packed, allocated or compiled."""
+    rows, chunks = grid
+    tokens = chunks * spec.chunk_size if packed else q.shape[1]
+    check_index_range(spec.buffers(rows, tokens, q.shape[2], sequences, spec.chunk_size, backward))
 
 
 def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, final_state=True):
@@ -131,25 +134,28 @@ def forward(
     scale: float,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o [B, T, HQ, V] in q's dtype, states [rows, NC, H, N, K + V], final [S, H, N, K + V], layout) = BLA(q
-    [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S]
-    tokens (None: fresh sequences); S = B, or the sequences of ``cu_seqlens`` (B = 1). Without ``output_final_state`` final is empty,
-    [0, H, N, K + V], and not computed. layout: the chunk layout's tables (``ChunkLayout.as_tensor``), for the
-    backward. Arguments validated by the caller (``bla_tvm.blurry_window_attention``)."""
+    """(o [B, T, HQ, V] in q's dtype, states, final [S, H, N, K + V], layout) = BLA(q [B, T, HQ, K], k [B, T, H, K],
+    v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S] tokens (None: fresh sequences);
+    S = B, or the sequences of ``cu_seqlens`` (B = 1). Without ``output_final_state`` final is empty,
+    [0, H, N, K + V], and not computed. For the backward: states, the chunk-start states [rows, NC, H, N, K + V]
+    flattened (a dimension NC that may be 1 would make a dynamic-shape graph specialise on NC == 1, and recompile
+    when T first passes L), and layout, the chunk layout's tables (``ChunkLayout.as_tensor``). Arguments validated
+    by the caller (``bla_tvm.blurry_window_attention``)."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
+    check_call(spec, q, _grid(k, chunk_size, cu_seqlens), cu_seqlens is not None, initial.shape[0], backward=False)
     layout = chunk_layout(k, seen, cu_seqlens, chunk_size, window)
     q, k, v = (kernel_ready(pack(x, layout, chunk_size)) for x in (q, k, v))
     plan = plan_call(q.device, spec, q.shape, phase_kernels(False, output_final_state), scale)
     o = q.new_empty(*q.shape[:3], spec.head_v)
     states, final = launch_forward(plan, q, k, v, kernel_ready(initial), o, layout, output_final_state)
     final = initial.new_empty(0, *initial.shape[1:]) if final is None else final
-    return unpack(o, layout), states, final, layout.as_tensor()
+    return unpack(o, layout), states.view(-1), final, layout.as_tensor()
 
 
 @forward.register_fake
 def _(q, k, v, initial, seen, cu_seqlens, output_final_state, window, resolution, num_slots, scale, chunk_size):
     rows, chunks = _grid(k, chunk_size, cu_seqlens)
-    states = k.new_empty(rows, chunks, k.shape[2], resolution, k.shape[3] + v.shape[3], dtype=initial.dtype)
+    states = k.new_empty(rows * chunks * k.shape[2] * resolution * (k.shape[3] + v.shape[3]), dtype=initial.dtype)
     final = torch.empty_like(initial) if output_final_state else initial.new_empty(0, *initial.shape[1:])
     packed = None if cu_seqlens is None else k.shape[1]
     tables = q.new_empty(ChunkLayout.tensor_size(rows, chunks, initial.shape[0], packed), dtype=torch.int32)
@@ -166,6 +172,7 @@ def backward(
     do: torch.Tensor,
     dfinal: torch.Tensor,
     packed: bool,
+    chunks: int,
     window: int,
     resolution: int,
     num_slots: int,
@@ -174,9 +181,13 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv in q's dtype, dinitial [S, H, N, K + V]) of BLA given dO [B, T, HQ, V], the final states'
     gradient dfinal [S, H, N, K + V] (empty, [0, H, N, K + V], where the forward returned no final states), the
-    forward's saved states and its layout (``packed``: laid out from ``cu_seqlens``)."""
+    forward's saved states (flat) and layout on its grid of rows x ``chunks`` (``packed``: laid out from
+    ``cu_seqlens``, one row)."""
     spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
-    tables = ChunkLayout.from_tensor(layout, *states.shape[:2], q.shape[1] if packed else None)
+    grid = (1 if packed else q.shape[0], chunks)
+    tables = ChunkLayout.from_tensor(layout, *grid, q.shape[1] if packed else None)
+    check_call(spec, q, grid, packed, tables.end_length.shape[0], backward=True)
+    states = states.view(*grid, k.shape[2], resolution, k.shape[3] + v.shape[3])
     q, k, v, do = (kernel_ready(pack(x.to(q.dtype), tables, chunk_size)) for x in (q, k, v, do))
     plan = plan_call(q.device, spec, q.shape, kernels.names("backward", dfinal.shape[0] > 0), scale)
     # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
@@ -188,9 +199,9 @@ def backward(
 
 
 @backward.register_fake
-def _(q, k, v, states, layout, do, dfinal, packed, window, resolution, num_slots, scale, chunk_size):
+def _(q, k, v, states, layout, do, dfinal, packed, chunks, window, resolution, num_slots, scale, chunk_size):
     # contiguous whatever the inputs' strides: the real implementation writes into fresh contiguous tensors
-    grid = 2 * states.shape[0] * states.shape[1] + (q.shape[1] if packed else 0)
+    grid = 2 * (1 if packed else q.shape[0]) * chunks + (q.shape[1] if packed else 0)
     sequences = (layout.shape[0] - grid) // 5
     return (*(q.new_empty(x.shape) for x in (q, k, v)), dfinal.new_empty(sequences, *dfinal.shape[1:]))
 
@@ -202,6 +213,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, states, layout)
     ctx.final_shape = final.shape
     ctx.packed = cu_seqlens is not None
+    ctx.chunks = _grid(k, layer[-1], cu_seqlens)[1]
     ctx.layer = layer
 
 
@@ -211,7 +223,9 @@ def _backward(ctx, do, _unused_dstates, dfinal, _unused_dlayout):
         dfinal = states.new_zeros(ctx.final_shape)
     if do is None:
         do = q.new_zeros(*q.shape[:3], v.shape[-1])
-    dq, dk, dv, dinitial = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, dfinal, ctx.packed, *ctx.layer)
+    dq, dk, dv, dinitial = torch.ops.bla_tvm.backward(
+        q, k, v, states, layout, do, dfinal, ctx.packed, ctx.chunks, *ctx.layer
+    )
     return dq, dk, dv, dinitial, *[None] * 8
 
 

@@ -2,7 +2,7 @@
 
 A ``KernelLibrary`` finds a kernel, in order: in memory; in its prebuilt folder (a manifest written by
 ``bla-tvm build`` or the tuner's builder); in its on-disk cache under a key that hashes everything that changes
-the code. If it is in neither, ``bla_tvm.build`` compiles it (the only place tvm is imported), unless the
+the code, if the module there matches its recorded digest (``kernel_cache``). If it is in neither, ``bla_tvm.build`` compiles it (the only place tvm is imported), unless the
 library forbids building. ``default_library()`` is the one configured by ``BLA_TVM_PREBUILT_DIR``,
 ``BLA_TVM_CACHE_DIR`` and ``BLA_TVM_NO_BUILD``; the tuner builds its own.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import tvm_ffi
 
-from . import env, kernels
+from . import env, kernel_cache, kernels
 from .layer import KernelSpec
 
 MANIFEST = "manifest.json"
@@ -154,10 +154,31 @@ class CompiledKernel:
         return self.function(*args)
 
 
+#: a manifest entry's fields and their types; the optional ones may be null or absent ("sha256": the module's digest)
+MANIFEST_FIELDS = {"kernel": str, "spec": dict, "target": str, "file": str, "config": dict, "sha256": str}
+OPTIONAL_FIELDS = ("config", "sha256")
+
+
 def read_manifest(folder: Path) -> list[dict]:
-    """The entries of ``folder/manifest.json`` (none where there is no manifest)."""
+    """The entries of ``folder/manifest.json`` (none where there is no manifest); ValueError naming the file
+    where it is not a manifest."""
     path = Path(folder) / MANIFEST
-    return json.loads(path.read_text())["kernels"] if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())["kernels"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError, KeyError) as error:
+        raise ValueError(f"prebuilt manifest {path} is unreadable ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"prebuilt manifest {path}: 'kernels' must be a list, got {type(entries).__name__}")
+    for entry in entries:
+        wrong = {"entry": entry} if not isinstance(entry, dict) else {
+            field: entry.get(field) for field, kind in MANIFEST_FIELDS.items()
+            if not isinstance(entry.get(field), kind) and not (field in OPTIONAL_FIELDS and entry.get(field) is None)
+        }  # fmt: skip
+        if wrong:
+            raise ValueError(f"prebuilt manifest {path}: malformed entry, fields {wrong!r} (expected {MANIFEST_FIELDS})")
+    return entries
 
 
 class KernelLibrary:
@@ -173,7 +194,8 @@ class KernelLibrary:
         self.cache_dir = Path(cache_dir)
         self.build_allowed = build_allowed
         self._prebuilt = {
-            self._manifest_key(e["kernel"], e["spec"], e["target"], e.get("config")): self.prebuilt_dir / e["file"]
+            self._manifest_key(e["kernel"], e["spec"], e["target"], e.get("config")):
+                (self.prebuilt_dir / e["file"], e.get("sha256"))
             for e in (read_manifest(self.prebuilt_dir) if self.prebuilt_dir else [])
         }  # fmt: skip
         self._loaded: dict[str, CompiledKernel] = {}
@@ -200,20 +222,28 @@ class KernelLibrary:
         return loaded
 
     def prebuilt(self, kernel: str, spec: KernelSpec, target: str, config: dict | None = None) -> Path | None:
-        """The prebuilt module of ``kernel`` for ``spec``, ``target`` and ``config``, if the manifest lists one."""
-        return self._prebuilt.get(self._manifest_key(kernel, spec.as_dict(), target, config))
+        """The prebuilt module of ``kernel`` for ``spec``, ``target`` and ``config``, if the manifest lists one;
+        RuntimeError naming it where it does not match the digest the manifest records."""
+        path, digest = self._prebuilt.get(self._manifest_key(kernel, spec.as_dict(), target, config), (None, None))
+        if path is not None and digest is not None and not kernel_cache.intact(path, digest):
+            raise RuntimeError(f"prebuilt kernel {path} does not match its digest in {self.prebuilt_dir / MANIFEST}: "
+                               "it is damaged; copy or build it again")  # fmt: skip
+        return path
 
     def _module_path(self, key, kernel, spec, device, config) -> Path:
+        """The module to load: prebuilt, else cached and intact (``kernel_cache``), else built now."""
         prebuilt = self.prebuilt(kernel, spec, target_id(device), config)
         if prebuilt is not None:
             return prebuilt
         path = self.cache_dir / f"{key}.so"
-        if path.exists():
+        if kernel_cache.intact(path):
             return path
         if not self.build_allowed:
+            found = (f"{path} does not match its digest ({kernel_cache.digest_path(path)}): it is damaged"
+                     if path.exists() else f"it is not built (looked in {self.prebuilt_dir} and {self.cache_dir})")  # fmt: skip
             raise RuntimeError(
-                f"kernel {kernel} for {spec} on {target_id(device)} (config {config}) is not built, and this library "
-                f"may not compile it (BLA_TVM_NO_BUILD=1; looked in {self.prebuilt_dir} and {self.cache_dir})"
+                f"kernel {kernel} for {spec} on {target_id(device)} (config {config}): {found}, and this library may "
+                "not compile it (BLA_TVM_NO_BUILD=1)"
             )
         from . import build  # imports tvm
 

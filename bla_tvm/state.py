@@ -1,9 +1,10 @@
 """The recurrent state a BLA layer carries between calls (bla-math.md, "Edge cases": X, Y and t0).
 
-``BLAState(key_state [B, H, N, K], value_state [B, H, N, V], seen [B])``: X and Y after the last token seen
-(float32, float64 for float64 inputs), and how many tokens each sequence has seen (int64), which the slot mask
-needs while fewer than W tokens have been seen (slot i is masked while i W / M > t). A fresh sequence is
-``BLAState.zeros``. H counts key/value heads (with GQA, q has more). With ``cu_seqlens`` B is the number of
+``BLAState(key_state [B, H, N, K], value_state [B, H, N, V], seen [B], window)``: X and Y after the last token
+seen (float32, float64 for float64 inputs), how many tokens each sequence has seen (int64), which the slot mask
+needs while fewer than W tokens have been seen (slot i is masked while i W / M > t), and the window W the state
+was built with (the shift it holds; None where not recorded, e.g. a state assembled by hand). A fresh sequence
+is ``BLAState.zeros``. H counts key/value heads (with GQA, q has more). With ``cu_seqlens`` B is the number of
 sequences.
 """
 
@@ -14,32 +15,47 @@ from typing import NamedTuple
 import torch
 
 
+#: the most tokens a sequence can have seen (seen is int64)
+MAX_SEEN = 2**63 - 1
+
+
 class BLAState(NamedTuple):
     key_state: torch.Tensor
     value_state: torch.Tensor
     seen: torch.Tensor
+    window: int | None = None
 
     @staticmethod
-    def zeros(batch: int, heads: int, resolution: int, head_k: int, head_v: int, dtype=torch.float32, device=None):
-        """The state before any token: X = Y = 0, seen = 0."""
+    def zeros(batch: int, heads: int, resolution: int, head_k: int, head_v: int, dtype=torch.float32, device=None,
+              window: int | None = None):  # fmt: skip
+        """The state before any token: X = Y = 0, seen = 0 (for ``window``, if given)."""
         return BLAState(
             torch.zeros(batch, heads, resolution, head_k, dtype=dtype, device=device),
             torch.zeros(batch, heads, resolution, head_v, dtype=dtype, device=device),
             torch.zeros(batch, dtype=torch.int64, device=device),
+            window,
         )
 
 
-def check_state(state, batch: int, heads: int, resolution: int, head_k: int, head_v: int, dtypes, device) -> BLAState:
+def check_state(
+    state, batch: int, heads: int, resolution: int, head_k: int, head_v: int, dtypes, device, window: int
+) -> BLAState:
     """``state`` as a BLAState, or a TypeError/ValueError naming ``initial_state`` and what was expected.
 
-    ``dtypes``: the floating dtypes accepted for key_state and value_state.
+    ``dtypes``: the floating dtypes accepted for key_state and value_state; ``window``: the call's W, which a
+    recorded window must equal.
     """
-    if not isinstance(state, tuple) or len(state) != 3:
+    if not isinstance(state, tuple) or len(state) not in (3, 4):
         raise TypeError(
-            "initial_state must be a BLAState (key_state, value_state, seen), got "
+            "initial_state must be a BLAState (key_state, value_state, seen[, window]), got "
             f"{type(state).__name__}{'' if not isinstance(state, tuple) else f' of length {len(state)}'}"
         )
     state = BLAState(*state)
+    if state.window is not None and (isinstance(state.window, bool) or state.window != window):
+        raise ValueError(
+            f"initial_state.window must be this call's window ({window}) or None, got {state.window!r}: the state "
+            "holds the keys and values of another window"
+        )
     expected = {
         "key_state": (batch, heads, resolution, head_k),
         "value_state": (batch, heads, resolution, head_v),
@@ -61,7 +77,11 @@ def check_state(state, batch: int, heads: int, resolution: int, head_k: int, hea
     return state
 
 
-def check_seen(seen: torch.Tensor) -> None:
-    """Every sequence has seen >= 0 tokens; checked where the op reads the values (not while tracing a graph)."""
+def check_seen(seen: torch.Tensor, tokens: int, name: str = "initial_state.seen") -> None:
+    """Every sequence has seen >= 0 tokens, and can see ``tokens`` more within int64; checked where the op reads
+    the values (not while tracing a graph). ValueError naming ``name`` otherwise."""
     if seen.numel() and bool((seen < 0).any()):
-        raise ValueError(f"initial_state.seen must be >= 0 (tokens already seen per sequence), got {seen.tolist()}")
+        raise ValueError(f"{name} must be >= 0 (tokens already seen per sequence), got {seen.tolist()}")
+    if seen.numel() and bool((seen > MAX_SEEN - tokens).any()):
+        raise ValueError(f"{name} must be <= 2^63 - 1 - {tokens} (the tokens seen after these {tokens} must fit "
+                         f"int64), got {seen.tolist()}")  # fmt: skip

@@ -111,6 +111,9 @@ def check_record(record) -> dict:
     for key, kind in (("kernel", str), ("params", dict), ("bucket", dict), ("chunk_size", int)):
         if not isinstance(record.get(key), kind):
             raise LogError(f"record field {key!r} must be {kind.__name__}, got {record.get(key)!r}")
+    scalars = {key: value for key, value in record["params"].items() if not isinstance(value, (int, str))}
+    if scalars:  # LayerSpec's fields are ints and a dtype name
+        raise LogError(f"record params must be ints or strings, got {scalars!r}")
     if record["chunk_size"] not in CHUNK_SIZES:
         raise LogError(f"chunk_size must be one of {CHUNK_SIZES}, got {record['chunk_size']}")
     _check_bucket(record["bucket"])
@@ -126,14 +129,16 @@ def read_log(path: Path) -> dict:
     """The parsed log at ``path``; LogError if it is not a version-1 tuning log with well-formed records."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LogError(f"unreadable: {error}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise LogError(f"unreadable: {str(error)[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise LogError(f"not a bla_tvm tuning log (format {data.get('format') if isinstance(data, dict) else None!r})")
     if data.get("version") != VERSION:
         raise LogError(f"version {data.get('version')!r}; this bla_tvm reads version {VERSION}")
     if not isinstance(data.get("device"), dict) or not isinstance(data.get("records"), list):
         raise LogError("needs a 'device' object and a 'records' list")
+    if not isinstance(data.get("tuning", {}), dict):  # absent, or an object
+        raise LogError(f"'tuning' must be an object, got {type(data['tuning']).__name__}")
     for record in data["records"]:
         check_record(record)
     return data

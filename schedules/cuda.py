@@ -82,7 +82,8 @@ GATHERED = {
     "bla_fwd_z_intra": ("bla_fwd_qx",),
     "bla_bwd_dw_lag": ("bla_bwd_dmix",),
     "bla_bwd_dqx_lag": ("lag_basis",),
-    "bla_bwd_d_kv_state": ("bla_bwd_dkeys", "bla_bwd_dvalues"),  # read through a k | v select
+    # read through a k | v select, with the rows their non-finite inputs reach (compute.backward's d_stacked)
+    "bla_bwd_d_kv_state": ("bla_bwd_dkeys", "bla_bwd_dvalues", "bla_bwd_q_bad", "bla_bwd_do_bad"),
 }
 
 

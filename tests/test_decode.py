@@ -7,7 +7,7 @@ hypothesis varies what the kernel is not specialised on (B, H, T, scale, data).
 
 import pytest
 import torch
-from helpers import KERNEL_POOL, BLACase, assert_close, make_qkv, pooled_cases
+from helpers import KERNEL_POOL, BLACase, assert_close, assert_within_float32_logit_bound, make_qkv, pooled_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,6 +83,19 @@ def test_gqa_equals_repeated_kv(group, data):
     assert_close(o, o_rep, 1e-6, "o")
     assert_close(state.key_state, state_rep.key_state[:, ::group], 1e-6, "key_state")
     assert_close(o, bla_recurrent(q, k_rep, v_rep, case.W, case.N, case.M, case.scale), 1e-5, "o vs reference")
+
+
+@pytest.mark.parametrize("magnitude", [1e5, 1e6])
+def test_large_finite_logits_give_a_finite_softmax(magnitude):
+    """|scale q k| up to ~1e13, scale no power of two: each step's output is finite and within the float32-logit
+    bound of the definition. Regression: the step's maximum read rounded logits while its exponent fused the
+    unrounded product into the subtraction (inf / inf = NaN)."""
+    case = BLACase(W=16, N=7, M=9, T=40, L=1, B=2, H=2, K=40, V=72, scale=0.3, seed=15)
+    q, k, v = make_qkv(case, torch.float32)
+    q, k = q * magnitude, k * magnitude
+    o, _ = decode_all(q, k, v, case)
+    assert torch.isfinite(o).all(), f"{(~torch.isfinite(o)).sum().item()} non-finite outputs"
+    assert_within_float32_logit_bound(o, q, k, v, case, 1e-5)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -205,12 +218,54 @@ def test_generate_validates_its_own_arguments():
         generate(q, k, v, 9, 5, max_new_tokens=2)
 
 
+def test_generate_names_next_token_when_it_returns_a_wrong_token():
+    """next_token's q, k, v must continue the prompt (its B, HQ, H, K, V, dtype, device): a wrong one is an error
+    naming next_token and the tensor. Regression: a k with the wrong heads was blamed on state.key_state."""
+    q, k, v = (torch.randn(1, 4, 2, 4) for _ in range(3))
+
+    def wrong_heads(o, i):
+        return torch.randn(1, 2, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4)
+
+    with pytest.raises(ValueError, match=r"^next_token\(o, 0\) returned k of shape \[1, 1, 4\]; expected \[1, 2, 4\]"):
+        generate(q, k, v, 9, 5, next_token=wrong_heads, max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"^next_token\(o, 0\) must return \(q, k, v\)"):
+        generate(q, k, v, 9, 5, next_token=lambda o, i: torch.randn(1, 2, 4), max_new_tokens=1)
+    with pytest.raises(TypeError, match=r"^next_token\(o, 0\) returned v of dtype torch.float64"):
+        generate(q, k, v, 9, 5, next_token=lambda o, i: (*torch.randn(2, 1, 2, 4), torch.randn(1, 2, 4).double()),
+                 max_new_tokens=1)  # fmt: skip
+
+
+def test_seen_near_int64_max_masks_nothing_and_cannot_wrap():
+    """A state that has seen 2^62 tokens decodes like any state past its window (the kernel's mask i W > t M
+    no longer overflows int64); one that has seen 2^63 - 1 is refused (seen + 1 would wrap)."""
+    q, k, v = _token()
+    X, Y = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3)
+    o, new = decode_step(q, k, v, BLAState(X, Y, torch.tensor([2**62, 2**62])), 9, 5, 3, 0.5)
+    o_window, _ = decode_step(q, k, v, BLAState(X, Y, torch.tensor([9, 9])), 9, 5, 3, 0.5)
+    assert torch.equal(o, o_window) and new.seen.tolist() == [2**62 + 1] * 2
+    with pytest.raises(ValueError, match=r"^state.seen must be <= 2\^63 - 1 - 1"):
+        decode_step(q, k, v, BLAState(X, Y, torch.tensor([0, 2**63 - 1])), 9, 5, 3, 0.5)
+
+
+def test_negative_seen_is_refused_under_torch_compile():
+    """On the CPU the op checks seen itself, so a compiled step refuses a negative count as an eager one does.
+    Regression: the compiled step skipped the check and masked every slot (NaN outputs)."""
+    q, k, v = _token()
+    X, Y = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3)
+
+    def step(q, k, v, X, Y, seen):
+        return decode_step(q, k, v, BLAState(X, Y, seen), 9, 5, 3, 0.5)[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    with pytest.raises(ValueError, match=r"state.seen must be >= 0"):
+        compiled(q, k, v, X, Y, torch.tensor([3, -2]))
+
 def test_eager_path_equals_the_op():
     """Eager inference runs the op's implementation directly; the registered op gives the same result."""
     q, k, v = _token(HQ=4)
     state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([3, 40]))
     o, new = decode_step(q, k, v, state, 9, 5, 3, 0.5)
-    o_op, key_op, value_op = torch.ops.bla_tvm.decode_step(q, k, v, *state, 9, 5, 3, 0.5)
+    o_op, key_op, value_op = torch.ops.bla_tvm.decode_step(q, k, v, *state[:3], 9, 5, 3, 0.5)
     assert torch.equal(o, o_op) and torch.equal(new.key_state, key_op) and torch.equal(new.value_state, value_op)
     assert new.seen.tolist() == [4, 41]
 

@@ -10,6 +10,7 @@ test_forward_cpu.py compiles in the same session.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from helpers import KERNEL_POOL, F64, max_rel_err
 
 import bla_tvm
+import bla_tvm.kernel_cache
 import bla_tvm.runtime
 from bla_tvm import bla_recurrent, blurry_window_attention, kernels
 from bla_tvm.layer import KernelSpec
@@ -85,9 +87,11 @@ def test_opcheck(dtype, requires_grad):
 
 def test_forward_returns_output_and_chunk_states():
     q, k, v = qkv(B=2, T=70, H=3)
-    o, states, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    o, flat, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
     assert o.shape == (2, 70, 3, SHAPE.V) and o.dtype == torch.float32
-    assert states.shape == (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V) and states.dtype == torch.float32
+    grid = (2, num_chunks(70), 3, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert flat.shape == (math.prod(grid),) and flat.dtype == torch.float32  # flat: see bla_tvm.ops.forward
+    states = flat.view(grid)
     assert torch.isfinite(states).all()
     assert torch.equal(states[:, 0], torch.zeros_like(states[:, 0]))  # nothing precedes the first chunk
     assert max_rel_err(o, bla_recurrent(q, k, v, *ARGS.values(), scale=0.3)) <= 1e-5
@@ -95,14 +99,14 @@ def test_forward_returns_output_and_chunk_states():
 
 
 def backward_args(q, k, v, scale=0.3, seed=1):
-    """The 13 arguments of bla_tvm::backward: states and layout from a forward call, random upstream
+    """The 14 arguments of bla_tvm::backward: states and layout from a forward call, random upstream
     gradients."""
     args = op_args(q, k, v, scale)
     _, states, final, layout = torch.ops.bla_tvm.forward(*args)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(*q.shape[:3], v.shape[-1], generator=gen).to(q.dtype)
     dfinal = torch.randn(final.shape, generator=gen, dtype=final.dtype)
-    return (q, k, v, states, layout, do, dfinal, False, *args[7:])
+    return (q, k, v, states, layout, do, dfinal, False, num_chunks(q.shape[1]), *args[7:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -129,11 +133,11 @@ def test_fake_impl_on_meta_tensors():
     o, states, final, layout = torch.ops.bla_tvm.forward(*args)
     assert o.device.type == "meta" and o.shape == (3, 1000, 5, SHAPE.V) and o.dtype == torch.float32
     assert states.device.type == "meta" and states.dtype == torch.float32
-    assert states.shape == (3, num_chunks(1000), 5, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert states.shape == (3 * num_chunks(1000) * 5 * SHAPE.N * (SHAPE.K + SHAPE.V),)
     assert final.shape == (3, 5, SHAPE.N, SHAPE.K + SHAPE.V)
     do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
     assert layout.dtype == torch.int32 and layout.shape == (2 * 3 * num_chunks(1000) + 5 * 3,)
-    grads = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, final, False, *args[7:])
+    grads = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, final, False, num_chunks(1000), *args[7:])
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
         ("meta", x.shape, torch.float32) for x in (q, k, v, final)
     ]
@@ -142,7 +146,7 @@ def test_fake_impl_on_meta_tensors():
 def test_fake_states_are_float64_for_float64_inputs():
     q, k, v = (x.to(device="meta", dtype=F64) for x in qkv(B=1, T=64, H=2))
     o, states, _, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
-    assert o.dtype == F64 and states.dtype == F64 and states.shape == (1, 1, 2, SHAPE.N, SHAPE.K + SHAPE.V)
+    assert o.dtype == F64 and states.dtype == F64 and states.shape == (2 * SHAPE.N * (SHAPE.K + SHAPE.V),)
 
 
 def surrounded(q, k, v):
@@ -173,6 +177,24 @@ def test_torch_compile_dynamic_lengths():
         q, k, v = qkv(B=B, T=T)
         assert max_rel_err(compiled(q, k, v), surrounded(q, k, v)) == 0.0
 
+
+
+def test_torch_compile_dynamic_lengths_compile_once():
+    """dynamic=True: one graph for T below and past the chunk length, forward and backward. Regression: the
+    chunk-start states [B, NC, H, N, F] let the tracer specialise on NC == 1 (their strides' contiguity check),
+    so the graph was compiled again when T first passed L = 64."""
+    torch._dynamo.reset()
+    aot_eager, graphs = torch._dynamo.lookup_backend("aot_eager"), []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(surrounded, fullgraph=True, backend=counting, dynamic=True)
+    for T in (10, 70, 130, 20):
+        q, k, v = (x.requires_grad_() for x in qkv(B=2, T=T))
+        compiled(q, k, v).sum().backward()
+    assert len(graphs) == 1
 
 # --- how tensors reach the kernels -------------------------------------------------------------------------
 
@@ -258,6 +280,112 @@ def test_inputs_at_unaligned_addresses():
         f"returncode {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[:1500]}"
     )
 
+
+
+def cached_modules_of_a_call(folder, q, k, v) -> dict:
+    """Run the op on q, k, v (finding or building its kernels in BLA_TVM_CACHE_DIR) and copy each kernel's cache
+    files (the module and what lies beside it) into ``folder``: {kernel name: path of the copied module}."""
+    import shutil
+    from pathlib import Path
+
+    with record_launches() as launches:
+        blurry_window_attention(q, k, v, **ARGS)
+    cache, copied = Path(os.environ["BLA_TVM_CACHE_DIR"]), {}
+    for launch in launches:
+        compiled = launch.kernel
+        key = kernel_key(compiled.kernel.name, compiled.spec, bla_tvm.runtime.target_id(q.device), compiled.config)
+        for path in cache.glob(f"{key}.so*"):
+            shutil.copy2(path, folder)
+        copied[compiled.kernel.name] = Path(folder) / f"{key}.so"
+    return copied
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": os.urandom(len(data))}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_damaged_cached_kernel_is_rebuilt(tmp_path, how):
+    """A cached module cut short (mapping it raised SIGBUS in load_module and killed the process), emptied or
+    overwritten does not match its recorded digest: it is never loaded, but rebuilt, and the call is right. Run
+    in a subprocess, so that a crash fails this test instead of ending the run."""
+    q, k, v = qkv(seed=5)
+    forget_source_digest()
+    module = cached_modules_of_a_call(tmp_path, q, k, v)["state_scan"]
+    damage(module, how)
+    result = run_python(
+        f"""
+        import torch, bla_tvm
+        gen = torch.Generator().manual_seed(5)
+        q, k = torch.randn(2, 70, 3, {SHAPE.K}, generator=gen), torch.randn(2, 70, 3, {SHAPE.K}, generator=gen)
+        v = torch.randn(2, 70, 3, {SHAPE.V}, generator=gen)
+        o, _ = bla_tvm.blurry_window_attention(q, k, v, {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+        ref = bla_tvm.bla_recurrent(q, k, v, {SHAPE.W}, {SHAPE.N}, {SHAPE.M})
+        print(((o.double() - ref).abs().max() / ref.abs().max()).item())
+        """,
+        env={"BLA_TVM_CACHE_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, f"returncode {result.returncode}: {result.stderr[-2000:]}"
+    assert float(result.stdout.split()[-1]) <= 1e-5
+    assert module.read_bytes() != b"" and not list(tmp_path.glob("*.lock"))
+
+
+def test_damaged_cached_kernel_without_building_is_an_error_naming_it(tmp_path):
+    q, k, v = qkv(seed=6)
+    module = cached_modules_of_a_call(tmp_path, q, k, v)["chunk_output"]
+    damage(module, "garbage")
+    library = bla_tvm.runtime.KernelLibrary(None, tmp_path, build_allowed=False)
+    spec = KernelSpec(**ARGS, head_k=SHAPE.K, head_v=SHAPE.V, dtype="float32", chunk_size=CHUNK)
+    with pytest.raises(RuntimeError, match=rf"{module} does not match its digest"):
+        library.function("chunk_output", spec, q.device)
+
+
+def test_builds_leave_no_lock_files(tmp_path, monkeypatch):
+    """A failed build and a successful one both remove the lock file they took."""
+    from bla_tvm import build
+
+    spec = KernelSpec(**ARGS, head_k=SHAPE.K, head_v=SHAPE.V, dtype="float32", chunk_size=CHUNK)
+    path, target = tmp_path / "scan.so", bla_tvm.runtime.target_id(torch.device("cpu"))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("compiler crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "compile_kernel", fails)
+        with pytest.raises(RuntimeError, match="compiler crashed"):
+            build.build_to_path("state_scan", spec, "cpu", target, None, path)
+    assert list(tmp_path.iterdir()) == []
+    build.build_to_path("state_scan", spec, "cpu", target, None, path)
+    assert path.exists() and not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("tmp*"))
+
+
+def test_damaged_prebuilt_kernel_is_an_error_naming_it(tmp_path):
+    """A prebuilt module is checked against the digest its manifest records (``bla-tvm build`` writes it)."""
+    q, k, v = qkv(seed=6)
+    module = cached_modules_of_a_call(tmp_path, q, k, v)["chunk_output"]
+    spec = KernelSpec(**ARGS, head_k=SHAPE.K, head_v=SHAPE.V, dtype="float32", chunk_size=CHUNK)
+    entry = {"kernel": "chunk_output", "spec": spec.as_dict(), "target": bla_tvm.runtime.target_id(q.device),
+             "config": None, "file": module.name, "sha256": bla_tvm.kernel_cache.file_digest(module)}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps({"kernels": [entry]}))
+    library = bla_tvm.runtime.KernelLibrary(tmp_path, tmp_path / "cache", build_allowed=False)
+    library.function("chunk_output", spec, q.device)
+    damage(module, "truncated")
+    with pytest.raises(RuntimeError, match=rf"prebuilt kernel {module} does not match its digest"):
+        bla_tvm.runtime.KernelLibrary(tmp_path, tmp_path / "cache", build_allowed=False).function(
+            "chunk_output", spec, q.device
+        )
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", json.dumps({"kernels": 3}), json.dumps({"kernels": [{"kernel": "chunk_output"}]}),
+     json.dumps({"kernels": [{"kernel": "x", "spec": {}, "target": "t", "file": ["a"]}]}), "[" * 100_000],
+    ids=["not-json", "not-object", "kernels-not-list", "entry-missing-fields", "file-not-string", "deep"],
+)  # fmt: skip
+def test_corrupt_prebuilt_manifest_is_an_error_naming_it(tmp_path, content):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'manifest.json'}"):
+        bla_tvm.runtime.KernelLibrary(tmp_path, tmp_path / "cache", build_allowed=False)
 
 # --- validation -------------------------------------------------------------------------------------------
 
@@ -388,3 +516,45 @@ def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.so"))) == len(called)
     for i in range(2):
         assert max_rel_err(results[i], bla_recurrent(*inputs[i], W, N, M)) <= 1e-5
+
+
+# --- 32-bit indexing: every buffer the kernels index is checked, from shapes alone -------------------------
+
+
+def huge(*shape, dtype=torch.float32):
+    """A tensor of ``shape`` that takes one element of memory (every element aliases it)."""
+    return torch.zeros(1, dtype=dtype).expand(*shape)
+
+
+def test_values_past_32_bit_indexing_are_refused_naming_them():
+    """V > K: v and o pass 2^31 - 1 elements while q does not (v [1, 2^16, 1, 2^15]). Refused before anything
+    is allocated or compiled, naming the buffers (regression: only q was checked, and chunk_output crashed)."""
+    T, V = 2**16, 2**15
+    q, k, v = huge(1, T, 1, 1), huge(1, T, 1, 1), huge(1, T, 1, V)
+    with pytest.raises(ValueError, match=r"v \[1, 65536, 1, 32768\] \(2147483648 elements\).*o \[1, 65536, 1, 32768\]"):
+        blurry_window_attention(q, k, v, 1, 1)
+
+
+def test_backward_buffers_past_32_bit_indexing_are_refused_naming_them():
+    """v and o fit (2^31 - 2^16 elements) but the backward's per-chunk gradients [1, NC, 1, L + N, F + K] do
+    not: the backward refuses, naming them, before it allocates anything."""
+    from bla_tvm.layout import batch_layout
+
+    T, V, L = 2**16, 2**15 - 1, CHUNK
+    q, k, v = huge(1, T, 1, 1), huge(1, T, 1, 1), huge(1, T, 1, V)
+    states = huge(T // L * (1 + V))
+    layout = batch_layout(1, T, L, 1, torch.zeros(1, dtype=torch.int64)).as_tensor()
+    dfinal = torch.zeros(0, 1, 1, 1 + V)
+    with pytest.raises(ValueError, match=r"grads \[1, 1024, 1, 65, 32769\] \(2181104640 elements\)"):
+        torch.ops.bla_tvm.backward(q, k, v, states, layout, huge(1, T, 1, V), dfinal, False, T // L, 1, 1, 1, 1.0, L)
+
+
+def test_decode_state_past_32_bit_indexing_is_refused_naming_it():
+    """q [B, 1, K] fits, the state [B, 1, N, K] with N = 3 does not."""
+    from bla_tvm import BLAState, decode_step
+
+    B, K = 2**14, 2**16
+    q = huge(B, 1, K)
+    state = BLAState(huge(B, 1, 3, K), huge(B, 1, 3, 1), torch.zeros(B, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"key_state \[16384, 1, 3, 65536\] \(3221225472 elements\)"):
+        decode_step(q, q, huge(B, 1, 1), state, 3, 3)

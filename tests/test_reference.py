@@ -19,7 +19,7 @@ from helpers import BLACase, assert_close, bla_cases, make_qkv, swa_reference, v
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from bla_tvm import BLAParams, bla_chunked, bla_quadratic, bla_recurrent
+from bla_tvm import BLAParams, bla_chunked, bla_quadratic, bla_recurrent, blurry_window_attention
 from bla_tvm.constants import bla_constants, chunk_constants, fourier_basis, partner_index
 
 F64 = torch.float64
@@ -277,3 +277,57 @@ def test_causality(case, data):
         if case.N == case.W:
             tail = s + case.W
             assert_close(b[:, tail:], a[:, tail:], 1e-12, f"{name}: outputs from s+W={tail}")
+
+
+# --- constants at scale: no W x W matrix, refusals that name the argument ---------------------------------
+
+
+def test_constants_of_a_huge_window_take_no_window_sized_memory():
+    """W = 2^30 with N = 15, M = 31: the constants are O(N^2 + N L + M N), built from the closed forms (R is
+    block-diagonal rotations by 2 pi m / W). Regression: a [W, W] shift matrix and a [N, W] basis were formed
+    (4.5 GB at W = 16384; an allocator error here)."""
+    W, N, M, L = 2**30, 15, 31, 64
+    params = BLAParams.make(W, N, M)
+    c = bla_constants(params)
+    m = torch.arange(1, (N - 1) // 2 + 1, dtype=F64)
+    angle = 2 * math.pi * m / W
+    assert_close(c.R[1::2, 1::2].diagonal(), torch.cos(angle), 1e-15, "R cos")
+    assert_close(c.R[2::2, 1::2].diagonal(), torch.sin(angle), 1e-15, "R sin")
+    assert_close(c.R @ c.R.T, torch.eye(N, dtype=F64), 1e-15, "R orthogonal")
+    cc = chunk_constants(params, L)
+    assert_close(cc.state_decay, torch.linalg.matrix_power(c.A, L), 1e-12, "state_decay vs A^L")
+    assert_close(cc.final_map[L, :, :N], cc.state_decay, 1e-12, "final_map[L] vs A^L")
+    q, k, v = (torch.randn(1, 70, 2, 8, generator=torch.Generator().manual_seed(d)) for d in range(3))
+    o, _ = blurry_window_attention(q, k, v, W, N, M)  # the compiled op, end to end
+    assert_close(o, bla_recurrent(q, k, v, W, N, M), 1e-5, "o")
+
+
+def test_constants_past_32_bit_indexing_are_refused_naming_the_argument():
+    """The kernels index their constant tables (and a sequence's position in the window) with 32-bit integers:
+    a layer whose tables would pass 2^31 - 1 elements is refused, naming the argument, before anything is built."""
+    from bla_tvm.layer import LayerSpec
+
+    def layer(W, N, M=None):
+        return LayerSpec.make(W, N, M, 8, 8, "float32")
+
+    with pytest.raises(ValueError, match=r"^window must be at most 2147483583 .*got 2147483648"):
+        layer(2**31, 7)
+    with pytest.raises(ValueError, match=r"^resolution must be at most 46340 .*\[N, N\].*got 46341"):
+        layer(46341, 46341)
+    with pytest.raises(ValueError, match=r"^num_slots must be at most 306783378 .*\[M, N\].*got 306783379"):
+        layer(64, 7, 306783379)
+    with pytest.raises(ValueError, match=r"^resolution must be at most 5715 \(at chunk length 64: .*final-state"):
+        layer(6000, 5717).kernel(64)
+    layer(6000, 5717).kernel(16)  # the smaller table of a shorter chunk fits
+
+
+def test_constants_that_would_not_fit_in_memory_are_refused_naming_the_arguments(monkeypatch):
+    """Before any table is built, the host memory the float64 constants take is checked against what the host
+    has available: a MemoryError naming window, resolution, num_slots and the bytes, not an allocator error."""
+    import bla_tvm.constants as constants
+
+    monkeypatch.setattr(constants, "available_memory", lambda: 10**6)
+    params = BLAParams.make(4096, 255, 63)
+    with pytest.raises(MemoryError, match=r"window=4096, resolution=255, num_slots=63 at chunk length 64 need 46 MB "
+                       r"of host memory, 1 MB are available"):  # fmt: skip
+        constants.chunk_constants(params, 64)

@@ -148,7 +148,7 @@ def test_packed_sequences_equal_separate_calls(shape, lengths, carried, seed, of
             initial_state=BLAState(X0[s:s + 1], Y0[s:s + 1], start.seen[s:s + 1]), output_final_state=True,
         )
         assert max_rel_err(o[:, a:b], o_s) <= 1e-10
-        assert_states_close(BLAState(*(x[s:s + 1] for x in final)), final_s, 1e-10, f"sequence {s}")
+        assert_states_close(BLAState(*(x[s:s + 1] for x in final[:3])), final_s, 1e-10, f"sequence {s}")
         separate_loss = separate_loss + (o_s * wo[:, a:b]).sum() + (final_s.key_state * wx[s:s + 1]).sum()
         separate_loss = separate_loss + (final_s.value_state * wy[s:s + 1]).sum()
     expected = torch.autograd.grad(separate_loss, (q, k, v, X0, Y0), allow_unused=True)
@@ -348,3 +348,38 @@ def test_output_final_state_must_be_bool():
     q, k, v = op_inputs(SHAPES["M>N"])[:3]
     with pytest.raises(TypeError, match=r"^output_final_state must be a bool, got int"):
         blurry_window_attention(q, k, v, **args(SHAPES["M>N"]), output_final_state=1)
+
+
+# --- what a state records, and how far it counts -------------------------------------------------------------
+
+
+def test_a_state_records_its_window_and_another_window_refuses_it():
+    """The state is specific to the window W (the shift it was built with): a call with another W (same N, so
+    every shape matches) refuses it, naming its window, in the chunked op and in decode_step. Regression: it was
+    accepted silently."""
+    from bla_tvm import decode_step
+
+    shape = SHAPES["M>N"]
+    q, k, v = qkv(torch.Generator().manual_seed(4), 2, 20, 2, shape)
+    _, state = blurry_window_attention(q, k, v, **args(shape), output_final_state=True)
+    assert state.window == shape.W
+    other = dict(args(shape), window=shape.W + 1)
+    with pytest.raises(ValueError, match=rf"^initial_state.window must be this call's window \({shape.W + 1}\)"):
+        blurry_window_attention(q, k, v, **other, initial_state=state)
+    with pytest.raises(ValueError, match=rf"^state.window must be this call's window \({shape.W + 1}\).*{shape.W}"):
+        decode_step(q[:, 0], k[:, 0], v[:, 0], state, **other)
+    _, new = decode_step(q[:, 0], k[:, 0], v[:, 0], state, **args(shape))
+    assert new.window == shape.W
+    blurry_window_attention(q, k, v, **other, initial_state=state._replace(window=None))  # not recorded: trusted
+
+
+def test_tokens_seen_past_int64_are_refused():
+    """seen + the call's tokens must fit int64: refused, naming initial_state.seen, instead of wrapping to a
+    negative count."""
+    shape = SHAPES["M>N"]
+    q, k, v = qkv(torch.Generator().manual_seed(5), 2, 20, 2, shape, dtype=torch.float32)
+    start = _state(seen=torch.tensor([0, 2**63 - 21]))
+    _, state = blurry_window_attention(q, k, v, **args(shape), initial_state=start, output_final_state=True)
+    assert state.seen.tolist() == [20, 2**63 - 1]
+    with pytest.raises(ValueError, match=r"^initial_state.seen must be <= 2\^63 - 1 - 20"):
+        blurry_window_attention(q, k, v, **args(shape), initial_state=_state(seen=torch.tensor([0, 2**63 - 20])))

@@ -154,8 +154,14 @@ def test_explicit_log_folders_override_the_environment(log_dir, tmp_path_factory
         json.dumps({"format": tuning_logs.FORMAT, "version": 99, "device": {}, "records": []}),
         json.dumps(tuning_logs.new_log(cpu_identity(), [], {}) | {"records": [{"kernel": "chunk_size"}]}),
         json.dumps(tuning_logs.new_log(cpu_identity(), [], {}) | {"records": [chunk_record(48)]}),  # no such L
+        json.dumps(tuning_logs.new_log(cpu_identity(), [chunk_record(32)], {}) | {"tuning": ["not", "an object"]}),
+        json.dumps(tuning_logs.new_log(cpu_identity(), [], {}) | {"records": [chunk_record(32, params=dict(PARAMS, window=[16]))]}),
+        json.dumps(tuning_logs.new_log(cpu_identity(), [], {}) | {"records": [chunk_record(32, params=dict(PARAMS, window={"W": 16}))]}),
+        "[" * 100_000 + "]" * 100_000,
+        '{"format": ' * 100_000 + "1" + "}" * 100_000,
     ],
-    ids=["not-json", "other-format", "other-version", "record-missing-fields", "bad-chunk-size"],
+    ids=["not-json", "other-format", "other-version", "record-missing-fields", "bad-chunk-size", "tuning-not-object",
+         "params-list", "params-dict", "deep-array", "deep-object"],  # fmt: skip
 )
 def test_corrupt_log_is_reported_once_and_skipped(log_dir, loaded, caplog, content):
     (log_dir / "broken.json").write_text(content)

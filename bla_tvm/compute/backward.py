@@ -20,6 +20,9 @@ Backward, stage by stage (the same letters, d for gradients):
     dqx  = [scatter(dz Rb) | rot^T(dz)]         dq = dqx [k'; X]    d[k'; X] = dqx^T q
     d[kv; X|Y] = E^T dkv_eff,  dkv_eff = (dk' | dv')
     D_c = d[X|Y] from both paths (direct state reads)
+The products over a chunk's rows read their row operand ``finite`` and are ``poisoned`` where the masked product
+would read a non-finite row (``forward``'s scheme), so a non-finite output gradient or token reaches only the
+gradients the definition's own would.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from ..layer import KernelSpec
-from .forward import partner, symbolic_sizes, chunk_forward_stages, chunk_inputs
+from .forward import (
+    causal, chunk_forward_stages, chunk_inputs, finite, last_non_finite, partner, poisoned, reaches_back,
+    symbolic_sizes,
+)  # fmt: skip
 
 
 def chunk_backward(spec: KernelSpec):
@@ -63,9 +69,11 @@ def chunk_backward(spec: KernelSpec):
         lambda b, c, h, j, i: fwd.probs[b, c, h, j, i] / fwd.row_sum[b, c, h, j],
         name="bla_bwd_prob",
     )
-    mixn = te.compute(
+    mixn = te.compute(  # exact zeros past the mask, even on a non-finite row (dvalues sums over rows)
         (B, NC, H, L, L + N),
-        lambda b, c, h, j, r: fwd.mix[b, c, h, j, r] / fwd.row_sum[b, c, h, j],
+        lambda b, c, h, j, r: te.if_then_else(
+            causal(j, r, L), fwd.mix[b, c, h, j, r] / fwd.row_sum[b, c, h, j], zero
+        ),
         name="bla_bwd_mixn",
     )
     v1 = te.reduce_axis((0, V), name="v1")
@@ -75,11 +83,17 @@ def chunk_backward(spec: KernelSpec):
         name="bla_bwd_dmix",
     )
     j1 = te.reduce_axis((0, L), name="j1")
-    dvalues = te.compute(  # d[v'; Y]
+    do_clean = te.compute((B, NC, H, L, V), lambda *i: finite(do_chunk[i], acc), name="bla_bwd_do_clean")
+    do_bad = last_non_finite("bla_bwd_do_bad", (B, NC, H, V), L, lambda *i: do_chunk[i])
+    dvalues = te.compute(  # d[v'; Y]: token r reaches the outputs j >= r (``dvalues_at``)
         (B, NC, H, L + N, V),
-        lambda b, c, h, r, vv: te.sum(mixn[b, c, h, j1, r] * do_chunk[b, c, h, j1, vv], axis=j1),
+        lambda b, c, h, r, vv: te.sum(mixn[b, c, h, j1, r] * do_clean[b, c, h, j1, vv], axis=j1),
         name="bla_bwd_dvalues",
     )
+
+    def dvalues_at(b, c, h, r, vv):
+        return poisoned(reaches_back(do_bad[b, c, h, vv], r, L), dvalues[b, c, h, r, vv], acc)
+
     d1 = te.reduce_axis((0, L), name="d1")
     dw_lag = te.compute(  # sum_{D<=j} dmix[j, j-D] Rb[n, D]
         (B, NC, H, L, N),
@@ -139,34 +153,43 @@ def chunk_backward(spec: KernelSpec):
         name="bla_bwd_dqx",
     )
     r1 = te.reduce_axis((0, L + N), name="r1")
-    dq_chunk = te.compute(
+    dq_chunk = te.compute(  # non-finite from keys_bad on (``grads``)
         (B, NC, H, L, K),
-        lambda b, c, h, j, kk: te.sum(dqx[b, c, h, j, r1] * fwd.keys[b, c, h, r1, kk], axis=r1),
+        lambda b, c, h, j, kk: te.sum(dqx[b, c, h, j, r1] * fwd.keys_clean[b, c, h, r1, kk], axis=r1),
         name="bla_bwd_dq_chunk",
     )
+
+    def dq_at(b, c, h, j, kk):
+        return poisoned(j >= fwd.keys_bad[b, c, h, kk], dq_chunk[b, c, h, j, kk], acc)
     j2 = te.reduce_axis((0, L), name="j2")
-    dkeys = te.compute(  # d[k'; X]
+    q_clean = te.compute((B, NC, H, L, K), lambda *i: finite(fwd.q_chunk[i], acc), name="bla_bwd_q_clean")
+    q_bad = last_non_finite("bla_bwd_q_bad", (B, NC, H, K), L, lambda *i: fwd.q_chunk[i])
+    dkeys = te.compute(  # d[k'; X] (``d_stacked``)
         (B, NC, H, L + N, K),
-        lambda b, c, h, r, kk: te.sum(dqx[b, c, h, j2, r] * fwd.q_chunk[b, c, h, j2, kk], axis=j2),
+        lambda b, c, h, r, kk: te.sum(dqx[b, c, h, j2, r] * q_clean[b, c, h, j2, kk], axis=j2),
         name="bla_bwd_dkeys",
     )
 
     def d_stacked(b, c, h, r, f):  # gradient reaching row r of [k'|v'; X|Y] from qx and o
-        return te.if_then_else(
-            f < K, dkeys[b, c, h, r, te.min(f, K - 1)], dvalues[b, c, h, r, te.max(f - K, 0)]
-        )
+        key = te.min(f, K - 1)
+        dkey = poisoned(reaches_back(q_bad[b, c, h, key], r, L), dkeys[b, c, h, r, key], acc)
+        return te.if_then_else(f < K, dkey, dvalues_at(b, c, h, r, te.max(f - K, 0)))
 
     j3 = te.reduce_axis((0, L), name="j3")
-    d_kv_state = te.compute(  # E^T d kv_eff, rows [kv; X|Y]
+    d_kv_state = te.compute(  # E^T d kv_eff, rows [kv; X|Y]; SIMT (it reads through d_stacked), so it selects
         (B, NC, H, L + N, F),
-        lambda b, c, h, r, f: te.sum(input_map[j3, r] * d_stacked(b, c, h, j3, f), axis=j3),
+        lambda b, c, h, r, f: te.sum(
+            te.if_then_else(causal(j3, r, L), input_map[j3, r] * d_stacked(b, c, h, j3, f), zero), axis=j3
+        ),
         name="bla_bwd_d_kv_state",
     )
     grads = te.compute(
         (B, NC, H, L + N, F + K),
         lambda b, c, h, r, f: te.if_then_else(
             r < L,
-            te.if_then_else(f < F, d_kv_state[b, c, h, r, te.min(f, F - 1)], dq_chunk[b, c, h, te.min(r, L - 1), te.max(f - F, 0)]),
+            te.if_then_else(
+                f < F, d_kv_state[b, c, h, r, te.min(f, F - 1)], dq_at(b, c, h, te.min(r, L - 1), te.max(f - F, 0))
+            ),
             te.if_then_else(f < F, d_kv_state[b, c, h, r, te.min(f, F - 1)] + d_stacked(b, c, h, r, te.min(f, F - 1)), zero),
         ),
         name="bla_bwd_grads",

@@ -22,7 +22,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from ..layer import KernelSpec
-from .forward import partner
+from .forward import partner, scale_sign
 
 
 def decode_step(spec: KernelSpec, state_dtype: str | None = None):
@@ -99,19 +99,23 @@ def decode_step(spec: KernelSpec, state_dtype: str | None = None):
         (B, H, G, M), lambda b, h, g, i: te.sum(C_t[n2, i] * z[b, h, g, n2], axis=n2), name="bla_dec_scores"
     )
 
-    def masked(b, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
-        return tirx.Cast("int64", i) * W > seen[b] * M
+    def masked(b, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M (t >= W: none is)
+        return tirx.Cast("int64", i) * W > te.min(seen[b], tirx.const(W, "int64")) * M  # no int64 overflow
 
-    logits = te.compute(
+    logits = te.compute(  # u = sign(scale) C z: the maximum and the exponent read it (``forward.scale_sign``)
         (B, H, G, M),
-        lambda b, h, g, i: te.if_then_else(masked(b, i), te.min_value(acc), scale[0] * scores[b, h, g, i]),
+        lambda b, h, g, i: te.if_then_else(
+            masked(b, i), te.min_value(acc), scale_sign(scale, acc) * scores[b, h, g, i]
+        ),
         name="bla_dec_logits",
     )
     i1 = te.reduce_axis((0, M), name="i1")
     row_max = te.compute((B, H, G), lambda b, h, g: te.max(logits[b, h, g, i1], axis=i1), name="bla_dec_row_max")
-    probs = te.compute(  # unnormalised softmax numerators
+    probs = te.compute(  # unnormalised softmax numerators of scale C z: exp(|scale| (u - max u))
         (B, H, G, M),
-        lambda b, h, g, i: te.if_then_else(masked(b, i), zero, te.exp(logits[b, h, g, i] - row_max[b, h, g])),
+        lambda b, h, g, i: te.if_then_else(
+            masked(b, i), zero, te.exp(te.abs(scale[0]) * (logits[b, h, g, i] - row_max[b, h, g]))
+        ),
         name="bla_dec_probs",
     )
     i2 = te.reduce_axis((0, M), name="i2")

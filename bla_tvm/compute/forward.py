@@ -61,6 +61,68 @@ def _q_chunks(q, spec: KernelSpec, B, T, H, NC):
     return te.compute((B, NC, H, L, spec.head_k), load, name="bla_fwd_q_chunk")
 
 
+def causal(j, r, L: int):
+    """Whether row j of a chunk reads row r of a stacked [chunk rows (r < L); state rows (r >= L)] operand: a token
+    at or before it, or a state row."""
+    return te.any(r <= j, r >= L)
+
+
+# A product over a chunk's rows whose causal mask is exact zeros of one operand (Inv's upper triangle, mix's
+# masked lags) would multiply them by the other operand's later rows: 0 * NaN = NaN, so one non-finite token
+# made every output of its chunk NaN. Selecting on the mask inside the product would take it off the tensor
+# cores; instead the product reads its other operand ``finite`` and its result is ``poisoned`` (NaN) exactly
+# where the masked product would read a non-finite row: from the ``first_non_finite`` row on for a causal
+# product, up to the ``last_non_finite`` row for the backward's transposed ones. Non-finite values thus reach
+# exactly the outputs (and gradients) that the definition's own arithmetic makes non-finite.
+
+
+def finite(x, dtype: str):
+    """x (of ``dtype``) where it is finite, else 0."""
+    return te.if_then_else(te.isfinite(x), x, tirx.const(0, dtype))
+
+
+def poisoned(bad, x, dtype: str):
+    """NaN where ``bad``, else x (of ``dtype``)."""
+    return te.if_then_else(bad, tirx.const(float("nan"), dtype), x)
+
+
+def first_non_finite(name: str, shape, rows: int, L: int, value):
+    """[B, NC, H, X] int32 (``shape``): per column x, the first row r < L at which ``value(b, c, h, r, x)`` is
+    non-finite, 0 where a state row (L <= r < ``rows``) is, L where none is: a causal product is non-finite
+    from that row on."""
+    r = te.reduce_axis((0, rows), name=f"{name}_r")
+    return te.compute(
+        shape,
+        lambda b, c, h, x: te.min(
+            te.if_then_else(te.isfinite(value(b, c, h, r, x)), L, te.if_then_else(r < L, r, 0)), axis=r
+        ),
+        name=name,
+    )
+
+
+def last_non_finite(name: str, shape, L: int, value):
+    """[B, NC, H, X] int32 (``shape``): per column x, the last row j < L at which ``value(b, c, h, j, x)`` is
+    non-finite, -1 where none is: a transposed causal product (row r < L reads the rows j >= r, a state row
+    r >= L every row) is non-finite at the rows r < L up to it, and at every state row once it is >= 0."""
+    j = te.reduce_axis((0, L), name=f"{name}_j")
+    return te.compute(
+        shape, lambda b, c, h, x: te.max(te.if_then_else(te.isfinite(value(b, c, h, j, x)), -1, j), axis=j), name=name
+    )
+
+
+def reaches_back(last, r, L: int):
+    """Whether row r of a transposed causal product reads a non-finite row, given ``last_non_finite``'s value."""
+    return last >= te.if_then_else(r < L, r, 0)
+
+
+def scale_sign(scale, acc: str):
+    """sign(scale) (1 for 0), so that scale s = |scale| sign(scale) s. A softmax over scale s_i takes its maximum
+    over sign(scale) s_i (exact) and computes exp(|scale| (sign(scale) s_i - max)): the maximum and the exponent
+    read the same rounded value, and no multiply-add can fuse a product into the subtraction (with scale s_i
+    rounded for the maximum but fused unrounded into exp's argument, large logits overflowed exp: NaN)."""
+    return te.if_then_else(scale[0] < tirx.const(0, acc), tirx.const(-1, acc), tirx.const(1, acc))
+
+
 def partner(n, N):
     """Index of the other row of n's (cos, sin) pair; n itself for phi_0 (rot_off is 0 there)."""
     return te.if_then_else(n == 0, 0, te.if_then_else((n - 1) % 2 == 0, te.min(n + 1, N - 1), n - 1))
@@ -100,10 +162,13 @@ def chunk_output(spec: KernelSpec):
       kv_eff  = input_map [kv; X | Y]                     k', v' = Inv (kv - Psi X)          [L, F]
       qx      = q [k'; X]^T                               (Q K'^T | X q_j)                   [L, L + N]
       z[j, n] = sum_{D<=j} Rb[n, D] qx[j, j-D] + (R^{j+1} X q_j)[n]                          [L, N]
-      logit   = scale C z, -inf where slot lag i W / M > positions[c] + j;  E = exp(logit - rowmax)  [L, M]
+      u       = sign(scale) C z, -inf where slot lag i W / M > positions[c] + j               [L, M]
+      E       = exp(|scale| (u - rowmax u))             the softmax numerators of scale C z  [L, M]
       w       = E C,  g = w Rb                                                               [L, N], [L, L]
       o_j     = mix_j [v'; Y] / rowsum(E)_j, mix_j = [g[j, j-s] (s<=j) | w_j R^{j+1}]       [L, V]
-    The slot count M enters only the two [L, N] x [N, M] products and the softmax.
+    The slot count M enters only the two [L, N] x [N, M] products and the softmax. The products over stacked
+    rows (kv_eff, o) read their row operand ``finite`` and are ``poisoned`` from its first non-finite row on:
+    a non-finite token reaches no earlier output.
     """
     inputs = chunk_inputs(spec)
     fwd = chunk_forward_stages(spec, inputs)
@@ -111,7 +176,11 @@ def chunk_output(spec: KernelSpec):
     B, T, H, _ = inputs.q.shape
     o = te.compute(
         (B, T, H, spec.head_v),
-        lambda b, t, h, vv: (fwd.out_chunk[b, t // L, h, t % L, vv] / fwd.row_sum[b, t // L, h, t % L]).astype(dt),
+        lambda b, t, h, vv: poisoned(
+            t % L >= fwd.values_bad[b, t // L, h, vv],
+            fwd.out_chunk[b, t // L, h, t % L, vv] / fwd.row_sum[b, t // L, h, t % L],
+            spec.acc_dtype,
+        ).astype(dt),
         name="bla_fwd_out",
     )
     return [*inputs, o]
@@ -165,26 +234,39 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
     q_chunk = _q_chunks(q, spec, B, T, H, NC)
     kv = _kv_chunks(k, v, spec, B, T, H, NC, G)
 
-    def stack_state(name, chunk_rows, columns, offset):
-        """[chunk_rows (r < L); state rows X | Y from column ``offset`` (r >= L)]: [L + N, columns]."""
-        return te.compute(
-            (B, NC, H, L + N, columns),
-            lambda b, c, h, r, f: te.if_then_else(
-                r < L,
-                chunk_rows[b, c, h, te.min(r, L - 1), offset + f],
-                states[b, c, h // G if G > 1 else h, te.max(r - L, 0), offset + f],
-            ),
-            name=name,
+    def stacked(chunk_rows, offset):
+        """(b, c, h, r, f) -> [chunk_rows(b, c, h, r, .) (r < L); state rows X | Y from column ``offset`` (r >= L)]."""
+        return lambda b, c, h, r, f: te.if_then_else(
+            r < L,
+            chunk_rows(b, c, h, te.min(r, L - 1), offset + f),
+            states[b, c, h // G if G > 1 else h, te.max(r - L, 0), offset + f],
         )
 
-    kv_state = stack_state("bla_fwd_kv_state", kv, F, 0)
+    def stack_state(name, chunk_rows, columns, offset, clean=False):
+        """``stacked`` as a stage [L + N, columns]; ``finite`` with ``clean`` (a product's operand)."""
+        value = stacked(chunk_rows, offset)
+        return te.compute(
+            (B, NC, H, L + N, columns), lambda *i: finite(value(*i), acc) if clean else value(*i), name=name
+        )
+
+    def kv_at(b, c, h, j, f):
+        return kv[b, c, h, j, f]
+
+    kv_state = stack_state("bla_fwd_kv_state", kv_at, F, 0, clean=True)
+    kv_bad = first_non_finite("bla_fwd_kv_bad", (B, NC, H, F), L + N, L, stacked(kv_at, 0))
     r1 = te.reduce_axis((0, L + N), name="r1")
-    kv_eff = te.compute(
+    kv_eff = te.compute(  # Inv is lower triangular: row j reads the tokens up to j and the state
         (B, NC, H, L, F),
         lambda b, c, h, j, f: te.sum(input_map[j, r1] * kv_state[b, c, h, r1, f], axis=r1),
         name="bla_fwd_kv_eff",
     )
-    keys = stack_state("bla_fwd_keys", kv_eff, K, 0)
+
+    def kv_eff_at(b, c, h, j, f):  # k' | v', non-finite from the first non-finite row they read on
+        return poisoned(j >= kv_bad[b, c, h, f], kv_eff[b, c, h, j, f], acc)
+
+    keys = stack_state("bla_fwd_keys", kv_eff_at, K, 0)
+    keys_clean = stack_state("bla_fwd_keys_clean", kv_eff_at, K, 0, clean=True)  # for the backward's dq
+    keys_bad = first_non_finite("bla_fwd_keys_bad", (B, NC, H, K), L + N, L, stacked(kv_eff_at, 0))
     k1 = te.reduce_axis((0, K), name="k1")
     qx = te.compute(
         (B, NC, H, L, L + N),
@@ -216,10 +298,10 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
     def masked(b, c, j, i):  # slot lag tau_i = i W / M lies before the sequence start: i W > t M
         return tirx.Cast("int64", i) * W > tirx.Cast("int64", positions[b, c] + j) * M
 
-    logits = te.compute(
+    logits = te.compute(  # u = sign(scale) C z: the maximum and the exponent read it (``scale_sign``)
         (B, NC, H, L, M),
         lambda b, c, h, j, i: te.if_then_else(
-            masked(b, c, j, i), te.min_value(acc), scale[0] * scores[b, c, h, j, i]
+            masked(b, c, j, i), te.min_value(acc), scale_sign(scale, acc) * scores[b, c, h, j, i]
         ),
         name="bla_fwd_logits",
     )
@@ -230,7 +312,7 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
     probs = te.compute(  # unnormalised softmax numerators
         (B, NC, H, L, M),
         lambda b, c, h, j, i: te.if_then_else(
-            masked(b, c, j, i), zero, te.exp(logits[b, c, h, j, i] - row_max[b, c, h, j])
+            masked(b, c, j, i), zero, te.exp(te.abs(scale[0]) * (logits[b, c, h, j, i] - row_max[b, c, h, j]))
         ),
         name="bla_fwd_probs",
     )
@@ -260,11 +342,13 @@ def chunk_forward_stages(spec: KernelSpec, inputs: ChunkInputs) -> SimpleNamespa
         ),
         name="bla_fwd_mix",
     )
-    values = stack_state("bla_fwd_values", kv_eff, V, K)
+    values = stack_state("bla_fwd_values", kv_eff_at, V, K)  # for the backward's dmix
+    values_clean = stack_state("bla_fwd_values_clean", kv_eff_at, V, K, clean=True)
+    values_bad = first_non_finite("bla_fwd_values_bad", (B, NC, H, V), L + N, L, stacked(kv_eff_at, K))
     r2 = te.reduce_axis((0, L + N), name="r2")
-    out_chunk = te.compute(
+    out_chunk = te.compute(  # non-finite from values_bad on (``chunk_output``)
         (B, NC, H, L, V),
-        lambda b, c, h, j, vv: te.sum(mix[b, c, h, j, r2] * values[b, c, h, r2, vv], axis=r2),
+        lambda b, c, h, j, vv: te.sum(mix[b, c, h, j, r2] * values_clean[b, c, h, r2, vv], axis=r2),
         name="bla_fwd_out_chunk",
     )
     return SimpleNamespace(**{name: value for name, value in locals().items() if isinstance(value, te.Tensor)})

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import kernels
 from ..dispatch import CUDA_SHARED_MEMORY_LIMIT, phase_kernels
+from ..kernel_cache import file_digest
 from ..layer import CHUNK_SIZES, KernelSpec
 from ..runtime import MANIFEST, source_digest
 from .problems import TuningProblem
@@ -212,7 +213,8 @@ def build_work(
                     if "rejected" in result:
                         rejected.append(result)
                         continue
-                    entry = {"kernel": kernel, "spec": spec, "target": target, "file": result["file"]}
+                    entry = {"kernel": kernel, "spec": spec, "target": target, "file": result["file"],
+                             "sha256": file_digest(kernels_dir / result["file"])}  # fmt: skip
                     manifest.append(dict(entry, config=None if i == 0 else config))
                     if i == 0:  # the default also under its explicit config, as a log names it
                         manifest.append(dict(entry, config=config))
