@@ -342,7 +342,7 @@ def generate(
     dtypes = (dtype, dtype, torch.int64)
     state = BLAState(*(x.detach().to(dt, copy=True).contiguous() for x, dt in zip(state, dtypes)))
     B, HQ, V = o_prompt.shape[0], o_prompt.shape[2], o_prompt.shape[3]
-    o_new = o_prompt.new_empty(B, max_new_tokens, HQ, V)
+    outputs = o_prompt.new_empty(max_new_tokens, B, HQ, V)  # token-major: each token's o one contiguous block
     if max_new_tokens and (q.is_cuda if cuda_graph is None else cuda_graph) and B:
         from .decode_graph import DecodeGraph
 
@@ -354,6 +354,5 @@ def generate(
 
     last = o_prompt[:, -1] if o_prompt.shape[1] else None
     for i in range(max_new_tokens):
-        o_new[:, i] = step(*next_token(last, i))
-        last = o_new[:, i]
-    return o_prompt, o_new, state
+        last = outputs[i].copy_(step(*next_token(last, i)))
+    return o_prompt, outputs.transpose(0, 1).contiguous(), state
