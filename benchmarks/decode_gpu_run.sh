@@ -8,10 +8,6 @@ export PYTHONUNBUFFERED=1 BLA_TVM_NO_TUNING=1
 timeout 170 python benchmarks/decode_bench.py --bundle "$BUNDLE" --out "$OUT" --no-fla > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"
 tail -32 "$OUT/bench.log"
-PYTHONPATH=/tmp/bla_site:. BLA_TVM_PREBUILT_DIR=$BUNDLE/kernels BLA_TVM_RUNTIME_DIR=$BUNDLE/lib BLA_TVM_NO_BUILD=1 \
-    timeout 60 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k decode > "$OUT/pytest.log" 2>&1
-echo "GPU decode tests: exit $?"
-tail -3 "$OUT/pytest.log"
 profile() {  # name, kernel ('default' or a variant's module file)
     timeout 45 ncu --clock-control none --kernel-name regex:decode --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
@@ -24,3 +20,7 @@ profile tile "default"
 for variant in ${PROFILE_VARIANTS:-0}; do
     profile "variant$variant" "$BUNDLE/variants/variant$variant.so"
 done
+PYTHONPATH=/tmp/bla_site:. BLA_TVM_PREBUILT_DIR=$BUNDLE/kernels BLA_TVM_RUNTIME_DIR=$BUNDLE/lib BLA_TVM_NO_BUILD=1 \
+    timeout 50 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k decode > "$OUT/pytest.log" 2>&1
+echo "GPU decode tests: exit $?"
+tail -3 "$OUT/pytest.log"
