@@ -390,6 +390,7 @@ def run_benchmarks(torch, bla, args) -> dict:
         do_bench = cpu_bench
     import tvm_ffi
 
+    from bla_tvm import kernels
     from bla_tvm.decode import DECODE_CHUNK, decode_constants, decode_kernel
     from bla_tvm.layer import KernelSpec
     from bla_tvm.runtime import default_library
@@ -448,7 +449,8 @@ def run_benchmarks(torch, bla, args) -> dict:
                 state = bench_state(torch, sd, g)
                 outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16),
                             key_out=torch.empty_like(state.key_state), value_out=torch.empty_like(state.value_state))
-                kernel = tvm_ffi.load_module(str(variants / entry["file"]))["bla_decode_step"]
+                symbol = kernels.get(decode_kernel(sd, torch.float32)).symbol
+                kernel = tvm_ffi.load_module(str(variants / entry["file"]))[symbol]
                 check = step_check(torch, kernel, sd, consts)
                 launch = kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state,
                                                              value_state=state.value_state, seen=state.seen, **outs),

@@ -5,8 +5,9 @@ when a kernel has to be built.
 """
 
 from .api import blurry_window_attention
-from .decode import decode_step, generate
+from .decode import decode_step
 from .decode_graph import DecodeGraph
+from .generate import generate
 from .params import BLAParams
 from .reference import bla_chunked, bla_quadratic, bla_recurrent
 from .state import BLAState

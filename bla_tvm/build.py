@@ -89,8 +89,9 @@ def tile_decode_module(kernel: str, spec: KernelSpec, device_kind: str, config=N
         raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
     if not isinstance(config, cuda_tile_decode.DecodeTileConfig):
         config = cuda_tile_decode.DecodeTileConfig()
+    symbol = kernels.get(kernel).symbol
     func = cuda_tile_decode.decode_step_tile(spec, kernels.DECODE_STATE_DTYPES[kernel], config)
-    return tvm.IRModule({kernels.get(kernel).symbol: func}), _tile_options()
+    return tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), _tile_options()
 
 
 def _decode_tile_serves(spec: KernelSpec) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .decode import _check_in_place, decode_step
+from .decode import check_in_place, decode_step
 from .state import BLAState
 
 
@@ -55,7 +55,7 @@ class DecodeGraph:
         # an out-of-place step first: it validates every argument, loads the kernel onto the device and fills
         # the constants' cache (neither may happen while a graph is being captured); the state is left as is
         decode_step(self.q, self.k, self.v, state, *args)
-        _check_in_place(state)
+        check_in_place(state)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.o, _ = decode_step(self.q, self.k, self.v, state, *args, in_place=True)
