@@ -1,13 +1,17 @@
 """BLA one-token decoding on a CUDA GPU: the compiled decode step checked against the float64 recurrence over
-4,096 tokens (float32, float16 and bfloat16 states), then its step latency and tokens/s against FLA's
-``fused_recurrent_gsa`` single-token path (64 slots) and SDPA over a KV cache of 512 and 4,096 tokens, with the
-state bytes per sequence beside each. One script, one call on the GPU machine (torch + the runtime bundle).
+4,096 tokens (float32, float16 and bfloat16 states), DecodeGraph against the eager step and generate (CUDA graph
+and eager); then the latency and tokens/s of the kernel alone, the eager step, the CUDA-graph step
+(``DecodeGraph``) and ``generate`` per token, and of kernel variants (``VARIANTS``), against FLA's
+``fused_recurrent_gsa`` single-token path (64 slots, with ``--fla``) and SDPA over a KV cache of 512 and 4,096
+tokens, with the state bytes per sequence beside each. One script, one call on the GPU machine (torch + the
+runtime bundle); ``--profile`` only launches one kernel, for Nsight Compute (``decode_gpu_run.sh``).
 
 Here (build machine, no GPU):
     python benchmarks/decode_bench.py --list-specs > build/decode_specs.json
     python -m bla_tvm.cli build --device cuda --arch sm_90 --specs build/decode_specs.json --out .bundle-decode/kernels
+    python benchmarks/decode_bench.py --build-variants .bundle-decode/variants
     python -m bla_tvm.cli bundle --out .bundle-decode
-On the GPU machine (FLA 0.6.0 wheels in .whl/ for the FLA baseline):
+On the GPU machine (FLA 0.6.0 wheels in .whl/ for the FLA baseline; BLA_TVM_NO_TUNING=1 for generate's prefill):
     python benchmarks/decode_bench.py --bundle .bundle-decode --out $OUT
 
 Writes decode_bench.json (every measurement).

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bla_tvm import kernels
 from bla_tvm.cuda_toolchain import find_cuda_home
 from bla_tvm.kernels import DECODE
 
@@ -17,14 +18,15 @@ SPILL_ALLOWANCE = 128  # bytes per thread: a few spilled registers cost speed; k
 
 BUILD_AND_REPORT = """
 import json, sys
-from bla_tvm import build
+from bla_tvm import build, kernels
 from bla_tvm.layer import KernelSpec
 spec = KernelSpec(**json.loads(sys.argv[1]))
 out = {}
 for kernel in json.loads(sys.argv[3]):
     module = build.compile_kernel(kernel, spec, "cuda", "sm_90")
     module.export_library(sys.argv[2] + f"/{kernel}.so")
-    out[kernel] = dict(build.ptxas_report(module, "sm_90"), builder=build.builder(kernel, spec, "cuda").__name__)
+    out[kernel] = dict(build.ptxas_report(module, "sm_90"), builder=build.builder(kernel, spec, "cuda").__name__,
+                       exported=module.mod.implements_function(kernels.get(kernel).symbol))
 print(json.dumps(out))
 """
 
@@ -56,3 +58,4 @@ def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, builde
         assert report[kernel]["spill_stores"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
         assert 0 < report[kernel]["registers"] <= 255
         assert report[kernel]["builder"] == builder
+        assert report[kernel]["exported"], f"{kernel}: the module does not export {kernels.get(kernel).symbol}"
