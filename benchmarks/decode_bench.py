@@ -250,7 +250,8 @@ def step_check(torch, kernel, state_dtype, consts, in_place: bool = False) -> di
     seen = torch.tensor([0, 1, 7, 100, W - 1, W, 3 * W, 9], dtype=torch.int64, device=DEVICE)
     q, k, v = (torch.randn(B, H, d, device=DEVICE, generator=g).to(torch.bfloat16) for d in (K, K, V))
     o = torch.full((B, H, 1, V), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-    X2, Y2 = (X.clone(), Y.clone()) if in_place else (torch.full_like(X, float("nan")), torch.full_like(Y, float("nan")))
+    poisoned = (torch.full_like(X, float("nan")), torch.full_like(Y, float("nan")))
+    X2, Y2 = (X.clone(), Y.clone()) if in_place else poisoned
     inputs = (X2, Y2) if in_place else (X, Y)
     kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=inputs[0], value_state=inputs[1],
                                         seen=seen, o=o, key_out=X2, value_out=Y2), consts)()  # fmt: skip
@@ -419,8 +420,9 @@ def run_benchmarks(torch, bla, args) -> dict:
             kernel = default_library().function(decode_kernel(sd, torch.float32), spec, q.device)
             outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16), key_out=torch.empty_like(state.key_state),
                         value_out=torch.empty_like(state.value_state))  # fmt: skip
-            launch = kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state,
-                                                         value_state=state.value_state, seen=state.seen, **outs), consts)  # fmt: skip
+            tensors = dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state, value_state=state.value_state,
+                           seen=state.seen, **outs)  # fmt: skip
+            launch = kernel_launcher(torch, kernel, tensors, consts)
             check = step_check(torch, kernel, sd, consts)
             check["in_place"] = step_check(torch, kernel, sd, consts, in_place=True)
             print(f"one-step check, {state_name} state:", check, flush=True)
@@ -437,7 +439,8 @@ def run_benchmarks(torch, bla, args) -> dict:
                 measure(torch, f"BLA DecodeGraph(q, k, v) ({state_name} state)", lambda d=decoder: d(q, k, v),
                         do_bench, state_bytes, rows, graph=False)  # fmt: skip
             for cuda_graph in (True, False) if DEVICE == "cuda" else (False,):
-                name = f"BLA generate per token, {'CUDA graph' if cuda_graph else 'eager in-place steps'} ({state_name} state)"
+                how = "CUDA graph" if cuda_graph else "eager in-place steps"
+                name = f"BLA generate per token, {how} ({state_name} state)"
                 try:
                     row = dict(method=name, state_bytes_per_sequence=state_bytes,
                                **generate_per_token(torch, bla, sd, cuda_graph, g))  # fmt: skip
@@ -522,8 +525,8 @@ def profile_launches(torch, kernel_file: str | None, launches: int = 5) -> None:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     state = bench_state(torch, torch.float32, g)
     q, k, v = (torch.randn(B, H, d, device=DEVICE, generator=g).to(torch.bfloat16) for d in (K, K, V))
-    outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=torch.bfloat16), key_out=torch.empty_like(state.key_state),
-                value_out=torch.empty_like(state.value_state))  # fmt: skip
+    outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=torch.bfloat16),
+                key_out=torch.empty_like(state.key_state), value_out=torch.empty_like(state.value_state))
     launch = kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state,
                                                  value_state=state.value_state, seen=state.seen, **outs),
                              decode_constants(spec.params, torch.float32, q.device, K**-0.5))  # fmt: skip

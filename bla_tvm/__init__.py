@@ -12,4 +12,7 @@ from .params import BLAParams
 from .reference import bla_chunked, bla_quadratic, bla_recurrent
 from .state import BLAState
 
-__all__ = ["BLAParams", "BLAState", "DecodeGraph", "blurry_window_attention", "decode_step", "generate", "bla_chunked", "bla_quadratic", "bla_recurrent"]
+__all__ = [
+    "BLAParams", "BLAState", "DecodeGraph", "blurry_window_attention", "decode_step", "generate", "bla_chunked",
+    "bla_quadratic", "bla_recurrent",
+]  # fmt: skip

@@ -37,8 +37,16 @@ class DecodeGraph:
     output it writes), state.
     """
 
-    def __init__(self, state: BLAState, window: int, resolution: int, num_slots: int | None = None,
-                 scale: float | None = None, query_heads: int | None = None, dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+    def __init__(
+        self,
+        state: BLAState,
+        window: int,
+        resolution: int,
+        num_slots: int | None = None,
+        scale: float | None = None,
+        query_heads: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
         if not isinstance(state, BLAState):
             raise TypeError(f"state must be a BLAState, got {type(state).__name__}")
         if not state.key_state.is_cuda:

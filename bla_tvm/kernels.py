@@ -31,7 +31,9 @@ DECODE_ARGS = (
 )  # fmt: skip
 
 #: the decode kernels and the state dtype each stores (None: the accumulation dtype)
-DECODE_STATE_DTYPES = {"decode_step": None, "decode_step_state_float16": "float16", "decode_step_state_bfloat16": "bfloat16"}
+DECODE_STATE_DTYPES = {
+    "decode_step": None, "decode_step_state_float16": "float16", "decode_step_state_bfloat16": "bfloat16",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

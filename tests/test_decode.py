@@ -171,7 +171,8 @@ def test_in_place_step_equals_the_functional_step(state_dtype):
 
 
 def test_in_place_step_compiles_into_one_graph():
-    """torch.compile(fullgraph=True) over an in-place step (the mutating op, its fake) updates the state as eager does."""
+    """torch.compile(fullgraph=True) over an in-place step (the mutating op, its fake) updates the state as eager
+    does."""
     q, k, v = _token(HQ=4)
     state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([3, 40]))
     eager, compiled = (BLAState(*(x.clone() for x in state)) for _ in range(2))

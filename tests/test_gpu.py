@@ -132,7 +132,9 @@ def test_decode_512_tokens(device, layer):
     assert state.seen.tolist() == [T, T]
 
 
-@pytest.mark.parametrize("layer", [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in GPU_DECODE_LAYERS])
+@pytest.mark.parametrize(
+    "layer", [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in GPU_DECODE_LAYERS]
+)
 def test_decode_graph_equals_the_eager_step(layer):
     """DecodeGraph (the in-place step captured in a CUDA graph) over 64 tokens from a carried state (one sequence
     with slots still masked, one past the window) gives the eager functional step's o at every token, bit for bit,
