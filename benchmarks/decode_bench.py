@@ -1,13 +1,17 @@
 """BLA one-token decoding on a CUDA GPU: the compiled decode step checked against the float64 recurrence over
-4,096 tokens (float32, float16 and bfloat16 states), then its step latency and tokens/s against FLA's
-``fused_recurrent_gsa`` single-token path (64 slots) and SDPA over a KV cache of 512 and 4,096 tokens, with the
-state bytes per sequence beside each. One script, one call on the GPU machine (torch + the runtime bundle).
+4,096 tokens (float32, float16 and bfloat16 states), DecodeGraph against the eager step and generate (CUDA graph
+and eager); then the latency and tokens/s of the kernel alone, the eager step, the CUDA-graph step
+(``DecodeGraph``) and ``generate`` per token, and of kernel variants (``VARIANTS``), against FLA's
+``fused_recurrent_gsa`` single-token path (64 slots, with ``--fla``) and SDPA over a KV cache of 512 and 4,096
+tokens, with the state bytes per sequence beside each. One script, one call on the GPU machine (torch + the
+runtime bundle); ``--profile`` only launches one kernel, for Nsight Compute (``decode_gpu_run.sh``).
 
 Here (build machine, no GPU):
     python benchmarks/decode_bench.py --list-specs > build/decode_specs.json
     python -m bla_tvm.cli build --device cuda --arch sm_90 --specs build/decode_specs.json --out .bundle-decode/kernels
+    python benchmarks/decode_bench.py --build-variants .bundle-decode/variants
     python -m bla_tvm.cli bundle --out .bundle-decode
-On the GPU machine (FLA 0.6.0 wheels in .whl/ for the FLA baseline):
+On the GPU machine (FLA 0.6.0 wheels in .whl/ for the FLA baseline; BLA_TVM_NO_TUNING=1 for generate's prefill):
     python benchmarks/decode_bench.py --bundle .bundle-decode --out $OUT
 
 Writes decode_bench.json (every measurement).
@@ -46,7 +50,8 @@ def decode_specs() -> list[dict]:
     """Every decode kernel the script loads: the benchmark layer (bf16 inputs, each state dtype), float32 inputs,
     and GQA (G = 2). The prefill check loads the chunked forward kernels too when they are in the bundle (built
     from gpu_bench.py's specs); without them it reports an error and the decode checks stand alone."""
-    from bla_tvm.kernels import DECODE
+    from bla_tvm.kernels import DECODE, FORWARD
+    from bla_tvm.tile_constants import TILE_CHUNK
 
     W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
     layer = dict(window=W, resolution=N, num_slots=M, chunk_size=1, head_k=K, head_v=V)
@@ -54,7 +59,10 @@ def decode_specs() -> list[dict]:
         dict(layer, dtype="bfloat16", kernels=list(DECODE)),
         dict(layer, dtype="float32", kernels=["decode_step"]),
         dict(layer, dtype="bfloat16", group_size=2, kernels=["decode_step"]),
-    ]
+        # generate's prefill (bf16 inference: the tile forward's chunk length, BLA_TVM_NO_TUNING=1)
+        dict(layer, dtype="bfloat16", chunk_size=TILE_CHUNK,
+             kernels=[x for x in FORWARD if x != "chunk_output"] + ["chunk_output_tile"]),
+    ]  # fmt: skip
 
 
 def layer_args():
@@ -143,19 +151,38 @@ def run_checks(torch, bla) -> list[dict]:
     row["ok"] = row["vs_repeated"] <= 1e-2 and row["rel_err"] <= TOLERANCE
     results.append(row)
     print(json.dumps(row), flush=True)
-    # prefill 1,000 tokens with the chunked kernels, then decode 96 (needs the other half of issue 7)
-    try:
-        q, k, v = (x[:, :1096].to(torch.bfloat16) for x in base)
-        step = lambda o, i: (q[:, 1000 + i], k[:, 1000 + i], v[:, 1000 + i])
-        o_prompt, o_new, _ = bla.generate(q[:, :1000], k[:, :1000], v[:, :1000], *layer_args(),
-                                          next_token=step, max_new_tokens=96)  # fmt: skip
-        ref = recurrent_reference(torch, bla, q, k, v)
-        row = dict(name="generate: prefill 1000 + decode 96", rel_err=relative_error(torch.cat([o_prompt, o_new], 1), ref))
-        row["ok"] = row["rel_err"] <= TOLERANCE
-    except Exception as error:  # noqa: BLE001 - reported, the decode checks above stand on their own
-        row = dict(name="generate: prefill 1000 + decode 96", error=f"{type(error).__name__}: {error}"[:500], ok=None)
-    results.append(row)
-    print(json.dumps(row), flush=True)
+    # the in-place step in a CUDA graph against the functional eager step, 64 tokens from a random state
+    if DEVICE == "cuda":
+        seen = torch.tensor([0, 700], dtype=torch.int64, device=DEVICE)
+        start = bla.BLAState(*(torch.randn(B, H, SHAPE["resolution"], d, device=DEVICE, generator=g) for d in (K, V)),
+                             seen)  # fmt: skip
+        tokens = [torch.randn(B, 64, H, d, device=DEVICE, generator=g, dtype=torch.bfloat16) for d in (K, K, V)]
+        decoder = bla.DecodeGraph(bla.BLAState(*(x.clone() for x in start)), *layer_args(), query_heads=H)
+        state, worst = start, 0.0
+        for t in range(64):
+            o, state = bla.decode_step(*(x[:, t] for x in tokens), state, *layer_args())
+            worst = max(worst, relative_error(decoder(*(x[:, t] for x in tokens)), o.double().cpu()))
+        row = dict(name="DecodeGraph vs decode_step, 64 tokens", o_rel_err=worst,
+                   state_rel_err=relative_error(decoder.state.key_state, state.key_state.double().cpu()),
+                   seen=decoder.state.seen.tolist())  # fmt: skip
+        row["ok"] = worst <= 1e-6 and row["state_rel_err"] <= 1e-6 and row["seen"] == [64, 764]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    # prefill 1,000 tokens with the chunked kernels, then decode 96, through the CUDA graph and eagerly
+    q, k, v = (x[:, :1096].to(torch.bfloat16) for x in base)
+    ref = recurrent_reference(torch, bla, q, k, v)
+    for cuda_graph in (True, False) if DEVICE == "cuda" else (False,):
+        name = f"generate: prefill 1000 + decode 96 ({'CUDA graph' if cuda_graph else 'eager'})"
+        try:
+            step = lambda o, i: (q[:, 1000 + i], k[:, 1000 + i], v[:, 1000 + i])
+            o_prompt, o_new, _ = bla.generate(q[:, :1000], k[:, :1000], v[:, :1000], *layer_args(),
+                                              next_token=step, max_new_tokens=96, cuda_graph=cuda_graph)  # fmt: skip
+            row = dict(name=name, rel_err=relative_error(torch.cat([o_prompt, o_new], 1), ref))
+            row["ok"] = row["rel_err"] <= TOLERANCE
+        except Exception as error:  # noqa: BLE001 - reported, the decode checks above stand on their own
+            row = dict(name=name, error=f"{type(error).__name__}: {error}"[:500], ok=False)
+        results.append(row)
+        print(json.dumps(row), flush=True)
     return results
 
 
@@ -164,41 +191,55 @@ def synchronize(torch) -> None:
         torch.cuda.synchronize()
 
 
-#: schedule variants of the decode kernel (bla_tvm.schedules.cuda_decode.DecodeCudaConfig fields), built with
-#: --build-variants and timed beside the default, each checked on one step first
+#: variants of the decode kernel (bf16 inputs) timed beside the library's own (the tile program of
+#: schedules/cuda_tile_decode.py at its default config), each checked on one step first: name -> (builder, the
+#: config's fields, the state dtype): "te" the TE schedule of schedules/cuda_decode.py (DecodeCudaConfig), "tile"
+#: the tile program (DecodeTileConfig)
 VARIANTS = {
-    "64 threads (2 columns each)": {"threads": 64},
+    "TE schedule, 128 threads (issue 7)": ("te", {}, "float32"),
+    "tile, 4 warps": ("tile", {"warps": 4}, "float32"),
+    "tile, 16 warps": ("tile", {"warps": 16}, "float32"),
+    "tile, 16 warps, fp16 state": ("tile", {"warps": 16}, "float16"),
 }
 
 
 def build_variants(out: Path) -> None:
-    """Compile VARIANTS (bf16 inputs, float32 state) for sm_90 into ``out`` with a manifest (needs TVM)."""
+    """Compile VARIANTS for sm_90 into ``out`` with a manifest (needs TVM)."""
     from bla_tvm import build  # first: it prepares nvcc (and a stand-in libcuda) before tvm loads
     from bla_tvm.compute import prim_func
-    from bla_tvm.schedules import cuda_decode
     from bla_tvm.layer import KernelSpec
+    from bla_tvm.decode import decode_kernel
+    from bla_tvm.schedules import cuda_decode, cuda_tile_decode
 
-    tvm = build.tvm
-
+    torch, tvm = __import__("torch"), build.tvm
     W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
     spec = KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=1)
+    target = build.target_for("cuda", "sm_90")
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for index, (name, config) in enumerate(VARIANTS.items()):
-        sch = cuda_decode.schedule_decode_step(prim_func("decode_step", spec, "cuda"), spec,
-                                               cuda_decode.DecodeCudaConfig(**config))  # fmt: skip
-        target = build.target_for("cuda", "sm_90")
-        with target:
-            module = tvm.compile(sch.mod, target=target)
+    for index, (name, (kind, config, state)) in enumerate(VARIANTS.items()):
+        kernel = decode_kernel(getattr(torch, state), torch.float32)
+        if kind == "te":
+            func = prim_func(kernel, spec, "cuda")
+            mod = cuda_decode.schedule_decode_step(func, spec, cuda_decode.DecodeCudaConfig(**config)).mod
+            options = {}
+        else:
+            config_object = cuda_tile_decode.DecodeTileConfig(**config)
+            mod, options = build.tile_decode_module(kernel, spec, "cuda", config_object)
+        pass_config = options.pop("pass_config", {})
+        with target, tvm.transform.PassContext(config=pass_config):
+            module = tvm.compile(mod, target=target, **options)
         module.export_library(str(out / f"variant{index}.so"))
-        entries.append(dict(name=name, config=config, file=f"variant{index}.so", ptxas=build.ptxas_report(module, "sm_90")))
+        entries.append(dict(name=name, builder=kind, config=config, state=state, file=f"variant{index}.so",
+                            ptxas=build.ptxas_report(module, "sm_90")))  # fmt: skip
         print(entries[-1], flush=True)
     (out / "manifest.json").write_text(json.dumps(entries, indent=1))
 
 
-def step_check(torch, kernel, state_dtype, consts) -> dict:
+def step_check(torch, kernel, state_dtype, consts, in_place: bool = False) -> dict:
     """One step of ``kernel`` (bf16 inputs) on a random state, seen spread below and past W (the mask), against
-    the step in float64 with the dense A: relative errors of o, X', Y'."""
+    the step in float64 with the dense A: relative errors of o, X', Y' (outputs NaN-poisoned; with ``in_place``
+    X', Y' written over X, Y)."""
     from bla_tvm.constants import bla_constants
 
     c = bla_constants(__import__("bla_tvm").BLAParams.make(*layer_args()))
@@ -209,14 +250,11 @@ def step_check(torch, kernel, state_dtype, consts) -> dict:
     seen = torch.tensor([0, 1, 7, 100, W - 1, W, 3 * W, 9], dtype=torch.int64, device=DEVICE)
     q, k, v = (torch.randn(B, H, d, device=DEVICE, generator=g).to(torch.bfloat16) for d in (K, K, V))
     o = torch.full((B, H, 1, V), float("nan"), device=DEVICE, dtype=torch.bfloat16)
-    X2, Y2 = torch.full_like(X, float("nan")), torch.full_like(Y, float("nan"))
-    if DEVICE == "cuda":
-        import tvm_ffi
-
-        with tvm_ffi.use_torch_stream():
-            kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts.values(), o, X2, Y2)
-    else:
-        kernel(q.view(B, H, 1, K), k, v, X, Y, seen, *consts.values(), o, X2, Y2)
+    poisoned = (torch.full_like(X, float("nan")), torch.full_like(Y, float("nan")))
+    X2, Y2 = (X.clone(), Y.clone()) if in_place else poisoned
+    inputs = (X2, Y2) if in_place else (X, Y)
+    kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=inputs[0], value_state=inputs[1],
+                                        seen=seen, o=o, key_out=X2, value_out=Y2), consts)()  # fmt: skip
     synchronize(torch)
     A, b, C, lags = (x.to(DEVICE) for x in (c.A, c.b, c.C, c.slot_lags))
     Xr = A @ X.double() + b[:, None] * k.double()[:, :, None, :]
@@ -295,6 +333,61 @@ def measure(torch, name: str, fn, do_bench, state_bytes: int, rows: list, graph:
     return row
 
 
+def kernel_launcher(torch, kernel, tensors: dict, consts: dict):
+    """A call of ``kernel`` (a loaded decode function) with its arguments by name, on torch's stream."""
+    import tvm_ffi
+
+    from bla_tvm.kernels import DECODE_ARGS
+
+    args = tuple(tensors[name] if name in tensors else consts[name] for name in DECODE_ARGS)
+
+    def launch():
+        if DEVICE == "cuda":
+            with tvm_ffi.use_torch_stream():
+                kernel(*args)
+        else:
+            kernel(*args)
+
+    return launch
+
+
+def bench_state(torch, dtype, g):
+    """A random state of the benchmark shape in ``dtype``, every sequence past the window (all slots open)."""
+    from bla_tvm.state import BLAState
+
+    B, H, K, V, N = (SHAPE[x] for x in ("B", "H", "K", "V", "resolution"))
+    return BLAState(
+        torch.randn(B, H, N, K, device=DEVICE, generator=g).to(dtype),
+        torch.randn(B, H, N, V, device=DEVICE, generator=g).to(dtype),
+        torch.full((B,), 5000, dtype=torch.int64, device=DEVICE),
+    )
+
+
+def generate_per_token(torch, bla, state_dtype, cuda_graph: bool, g, lengths=(32, 544)) -> dict:
+    """Wall seconds per decoded token of ``generate`` at the benchmark shape, end to end (``next_token`` slices
+    pre-made tokens): the difference of two runs of ``lengths`` new tokens over the difference of the lengths,
+    so the prefill (64 tokens) and the graph's capture cancel; the longer run's seconds beside it."""
+    B, H, K, V = (SHAPE[x] for x in "BHKV")
+    bf16 = torch.bfloat16
+    prompt = [torch.randn(B, 64, H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
+    tokens = [torch.randn(B, lengths[-1], H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
+
+    def next_token(o, i):
+        return tokens[0][:, i], tokens[1][:, i], tokens[2][:, i]
+
+    def run(n):
+        synchronize(torch)
+        start = time.perf_counter()
+        bla.generate(*prompt, *layer_args(), next_token=next_token, max_new_tokens=n, state_dtype=state_dtype,
+                     cuda_graph=cuda_graph)  # fmt: skip
+        synchronize(torch)
+        return time.perf_counter() - start
+
+    run(lengths[0])  # loads every kernel
+    short, long = run(lengths[0]), run(lengths[-1])
+    return {"per_token_us": (long - short) / (lengths[-1] - lengths[0]) * 1e6, "tokens": lengths[-1], "seconds": long}
+
+
 def run_benchmarks(torch, bla, args) -> dict:
     if DEVICE == "cuda":
         from triton.testing import do_bench
@@ -302,10 +395,10 @@ def run_benchmarks(torch, bla, args) -> dict:
         do_bench = cpu_bench
     import tvm_ffi
 
+    from bla_tvm import kernels
     from bla_tvm.decode import DECODE_CHUNK, decode_constants, decode_kernel
     from bla_tvm.layer import KernelSpec
     from bla_tvm.runtime import default_library
-    from bla_tvm.state import BLAState
 
     B, H, K, V = (SHAPE[x] for x in "BHKV")
     W, N, M = layer_args()
@@ -313,33 +406,25 @@ def run_benchmarks(torch, bla, args) -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k = (torch.randn(B, H, K, device=DEVICE, dtype=bf16, generator=g) for _ in range(2))
     v = torch.randn(B, H, V, device=DEVICE, dtype=bf16, generator=g)
+    spec = KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK)
+    consts = decode_constants(spec.params, torch.float32, q.device, K**-0.5)
     rows = []
     with torch.no_grad():
         for state_name in STATE_DTYPES:
             sd = getattr(torch, state_name)
-            state = BLAState(
-                torch.randn(B, H, N, K, device=DEVICE, generator=g).to(sd),
-                torch.randn(B, H, N, V, device=DEVICE, generator=g).to(sd),
-                torch.full((B,), 5000, dtype=torch.int64, device=DEVICE),  # past the window: every slot open
-            )
+            state = bench_state(torch, sd, g)
             state_bytes = H * N * (K + V) * state.key_state.element_size() + 8
-            measure(torch, f"BLA decode_step ({state_name} state)",
+            measure(torch, f"BLA decode_step, eager ({state_name} state)",
                     lambda s=state: bla.decode_step(q, k, v, s, W, N, M), do_bench, state_bytes, rows)  # fmt: skip
             # the kernel alone, outputs preallocated
-            spec = KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK)
             kernel = default_library().function(decode_kernel(sd, torch.float32), spec, q.device)
-            consts = decode_constants(spec.params, torch.float32, q.device, K**-0.5)
-            o = torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16)
-            outs = (torch.empty_like(state.key_state), torch.empty_like(state.value_state))
-
-            def launch(s=state, kernel=kernel, outs=outs, o=o, consts=consts):
-                if DEVICE == "cuda":
-                    with tvm_ffi.use_torch_stream():
-                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts.values(), o, *outs)
-                else:
-                    kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts.values(), o, *outs)
-
+            outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16), key_out=torch.empty_like(state.key_state),
+                        value_out=torch.empty_like(state.value_state))  # fmt: skip
+            tensors = dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state, value_state=state.value_state,
+                           seen=state.seen, **outs)  # fmt: skip
+            launch = kernel_launcher(torch, kernel, tensors, consts)
             check = step_check(torch, kernel, sd, consts)
+            check["in_place"] = step_check(torch, kernel, sd, consts, in_place=True)
             print(f"one-step check, {state_name} state:", check, flush=True)
             row = measure(torch, f"BLA kernel only ({state_name} state)", launch, do_bench, state_bytes, rows)
             row["one_step_rel_err"] = check
@@ -347,24 +432,38 @@ def run_benchmarks(torch, bla, args) -> dict:
                 traffic = 2 * B * (state_bytes - 8)
                 row["state_traffic_MB"] = traffic / 1e6
                 row["achieved_TB_per_s"] = traffic / (row["step_us"] * 1e-6) / 1e12
+            if DEVICE == "cuda":  # the in-place step captured in a CUDA graph: replay alone, and with copies in
+                decoder = bla.DecodeGraph(bench_state(torch, sd, g), W, N, M, query_heads=H, dtype=bf16)
+                measure(torch, f"BLA DecodeGraph.replay ({state_name} state)", decoder.replay, do_bench, state_bytes,
+                        rows, graph=False)  # fmt: skip
+                measure(torch, f"BLA DecodeGraph(q, k, v) ({state_name} state)", lambda d=decoder: d(q, k, v),
+                        do_bench, state_bytes, rows, graph=False)  # fmt: skip
+            for cuda_graph in (True, False) if DEVICE == "cuda" else (False,):
+                how = "CUDA graph" if cuda_graph else "eager in-place steps"
+                name = f"BLA generate per token, {how} ({state_name} state)"
+                try:
+                    row = dict(method=name, state_bytes_per_sequence=state_bytes,
+                               **generate_per_token(torch, bla, sd, cuda_graph, g))  # fmt: skip
+                    row["tokens_per_s_wall"] = B / (row["per_token_us"] * 1e-6)
+                except Exception as error:  # noqa: BLE001
+                    row = dict(method=name, error=f"{type(error).__name__}: {error}"[:500])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         variants = args.bundle / "variants" if args.bundle else None
         if variants is not None and (variants / "manifest.json").exists():
-            state = BLAState(*(torch.randn(B, H, N, d, device=DEVICE, generator=g) for d in (K, V)),
-                             torch.full((B,), 5000, dtype=torch.int64, device=DEVICE))  # fmt: skip
-            consts = decode_constants(KernelSpec(W, N, M, K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK).params, torch.float32,
-                                      q.device, K**-0.5)  # fmt: skip
-            o = torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16)
-            outs = (torch.empty_like(state.key_state), torch.empty_like(state.value_state))
             for entry in json.loads((variants / "manifest.json").read_text()):
-                kernel = tvm_ffi.load_module(str(variants / entry["file"]))["bla_decode_step"]
-                check = step_check(torch, kernel, torch.float32, consts)
-
-                def launch(kernel=kernel, o=o, outs=outs, consts=consts, s=state):
-                    with tvm_ffi.use_torch_stream():
-                        kernel(q.view(B, H, 1, K), k, v, s.key_state, s.value_state, s.seen, *consts.values(), o, *outs)
-
-                row = measure(torch, f"BLA variant: {entry['name']} (float32 state)", launch, do_bench,
-                              H * N * (K + V) * 4 + 8, rows)  # fmt: skip
+                sd = getattr(torch, entry["state"])
+                state = bench_state(torch, sd, g)
+                outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=bf16),
+                            key_out=torch.empty_like(state.key_state), value_out=torch.empty_like(state.value_state))
+                symbol = kernels.get(decode_kernel(sd, torch.float32)).symbol
+                kernel = tvm_ffi.load_module(str(variants / entry["file"]))[symbol]
+                check = step_check(torch, kernel, sd, consts)
+                launch = kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state,
+                                                             value_state=state.value_state, seen=state.seen, **outs),
+                                         consts)  # fmt: skip
+                row = measure(torch, f"BLA variant: {entry['name']}", launch, do_bench,
+                              H * N * (K + V) * sd.itemsize + 8, rows)  # fmt: skip
                 row.update(one_step_rel_err=check, ptxas=entry["ptxas"])
         sdpa = torch.nn.functional.scaled_dot_product_attention
         for length in SDPA_CACHE if args.baselines else ():
@@ -407,6 +506,35 @@ def run_benchmarks(torch, bla, args) -> dict:
     return {"shape": dict(SHAPE, dtype="bfloat16"), "gpu": gpu, "rows": rows}
 
 
+def profile_launches(torch, kernel_file: str | None, launches: int = 5) -> None:
+    """Launch one decode kernel ``launches`` times at the benchmark shape (float32 state), for a profiler to pick
+    one launch: the library's kernel (``kernel_file`` None) or a variant's module file."""
+    import tvm_ffi
+
+    from bla_tvm.decode import DECODE_CHUNK, decode_constants
+    from bla_tvm.layer import KernelSpec
+    from bla_tvm.runtime import default_library, load_tvm_runtime
+
+    B, H, K, V = (SHAPE[x] for x in "BHKV")
+    spec = KernelSpec(*layer_args(), K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK)
+    load_tvm_runtime(DEVICE)
+    if kernel_file is None:
+        kernel = default_library().function("decode_step", spec, torch.device(DEVICE))
+    else:
+        kernel = tvm_ffi.load_module(kernel_file)["bla_decode_step"]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    state = bench_state(torch, torch.float32, g)
+    q, k, v = (torch.randn(B, H, d, device=DEVICE, generator=g).to(torch.bfloat16) for d in (K, K, V))
+    outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=torch.bfloat16),
+                key_out=torch.empty_like(state.key_state), value_out=torch.empty_like(state.value_state))
+    launch = kernel_launcher(torch, kernel, dict(q=q.view(B, H, 1, K), k=k, v=v, key_state=state.key_state,
+                                                 value_state=state.value_state, seen=state.seen, **outs),
+                             decode_constants(spec.params, torch.float32, q.device, K**-0.5))  # fmt: skip
+    for _ in range(launches):
+        launch()
+    synchronize(torch)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list-specs", action="store_true", help="print the kernel specs to build, as JSON")
@@ -418,6 +546,8 @@ def main() -> int:
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="time BLA only")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the script")
     parser.add_argument("--check-tokens", type=int, default=4096, help="tokens decoded by each check")
+    parser.add_argument("--profile", metavar="KERNEL", help="only launch a decode kernel 5 times, for a profiler: "
+                        "'default' (the library's) or a variant's module file")  # fmt: skip
     args = parser.parse_args()
     global DEVICE, CHECK_TOKENS, PARTIAL
     DEVICE, CHECK_TOKENS, PARTIAL = args.device, args.check_tokens, args.out / "decode_bench_rows.jsonl"
@@ -433,6 +563,9 @@ def main() -> int:
 
     import bla_tvm
 
+    if args.profile:
+        profile_launches(torch, None if args.profile == "default" else args.profile)
+        return 0
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"checks": [] if args.skip_checks else run_checks(torch, bla_tvm)}

@@ -5,9 +5,14 @@ when a kernel has to be built.
 """
 
 from .api import blurry_window_attention
-from .decode import decode_step, generate
+from .decode import decode_step
+from .decode_graph import DecodeGraph
+from .generate import generate
 from .params import BLAParams
 from .reference import bla_chunked, bla_quadratic, bla_recurrent
 from .state import BLAState
 
-__all__ = ["BLAParams", "BLAState", "blurry_window_attention", "decode_step", "generate", "bla_chunked", "bla_quadratic", "bla_recurrent"]
+__all__ = [
+    "BLAParams", "BLAState", "DecodeGraph", "blurry_window_attention", "decode_step", "generate", "bla_chunked",
+    "bla_quadratic", "bla_recurrent",
+]  # fmt: skip

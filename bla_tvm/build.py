@@ -62,18 +62,42 @@ def register_builder(kernel: str, device_kind: str, applies: Callable[[KernelSpe
     _BUILDERS.setdefault((kernel, device_kind), []).insert(0, (applies, builder))
 
 
+def _tile_options() -> dict:
+    """How a tile program compiles: the tirx pipeline, every loop over register arrays unrolled (an array
+    indexed at run time would live in local memory)."""
+    return {"tir_pipeline": "tirx", "pass_config": {"tirx.UnrollLoop": {"auto_max_step": 512, "explicit_unroll": True}}}
+
+
 def tile_program_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
-    """The builder of the tile programs (``schedules/cuda_tile_*.py``): TVMScript TIRx, compiled with the
-    tirx pipeline, every loop over register fragments unrolled (a fragment indexed at run time would live in
-    local memory)."""
+    """The builder of the forward's tile programs (``schedules/cuda_tile_forward.py``, ``cuda_tile_scan.py``):
+    TVMScript TIRx."""
     from bla_tvm.schedules import cuda_tile_forward, cuda_tile_scan
 
     if device_kind != "cuda":
         raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
     programs = {"chunk_output_tile": cuda_tile_forward.chunk_output_tile, "state_scan_tile": cuda_tile_scan.state_scan_tile}
     func = programs[kernel](spec)
-    options = {"tir_pipeline": "tirx", "pass_config": {"tirx.UnrollLoop": {"auto_max_step": 512, "explicit_unroll": True}}}
-    return tvm.IRModule({kernels.get(kernel).symbol: func}), options
+    return tvm.IRModule({kernels.get(kernel).symbol: func}), _tile_options()
+
+
+def tile_decode_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
+    """The builder of the CUDA decode step as a tile program (``schedules/cuda_tile_decode.py``), for each
+    stored state dtype; ``config``: a ``DecodeTileConfig`` (anything else: the default)."""
+    from bla_tvm.schedules import cuda_tile_decode
+
+    if device_kind != "cuda":
+        raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
+    if not isinstance(config, cuda_tile_decode.DecodeTileConfig):
+        config = cuda_tile_decode.DecodeTileConfig()
+    symbol = kernels.get(kernel).symbol
+    func = cuda_tile_decode.decode_step_tile(spec, kernels.DECODE_STATE_DTYPES[kernel], config)
+    return tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), _tile_options()
+
+
+def _decode_tile_serves(spec: KernelSpec) -> bool:
+    from bla_tvm.schedules.cuda_tile_decode import decode_tile_serves
+
+    return decode_tile_serves(spec)
 
 
 def builder(kernel: str, spec: KernelSpec, device_kind: str) -> Builder:
@@ -161,3 +185,5 @@ def build_to_path(
 
 register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)
+for _decode in kernels.DECODE:  # the TE schedule of schedules/cuda_decode.py serves the other specs
+    register_builder(_decode, "cuda", _decode_tile_serves, tile_decode_module)

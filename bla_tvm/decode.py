@@ -1,12 +1,13 @@
-"""One-token decoding with BLA's recurrent form: ``decode_step`` (one compiled kernel per token) and ``generate``
-(prefill with the chunked kernels, then token by token).
+"""One-token decoding with BLA's recurrent form: ``decode_step`` (one compiled kernel per token), functional or in
+place (``generate`` and ``DecodeGraph`` build on it).
 
-The state is returned, not updated in place: ``decode_step`` reads ``state`` and returns a new ``BLAState``
-(X', Y', seen + 1); the old tensors are left as they were. Reading the old state and writing the new one is the
-same memory traffic as an in-place update, and the op stays functional (``torch.compile``, CUDA graphs,
-keeping a state to branch from). ``torch.ops.bla_tvm.decode_step`` is the custom op behind it (no autograd:
-decoding is inference); eager calls outside autograd run its implementation directly, skipping the op's
-dispatch.
+By default the state is returned, not updated in place: ``decode_step`` reads ``state`` and returns a new
+``BLAState`` (X', Y', seen + 1), the old tensors left as they were (the op stays functional: ``torch.compile``,
+keeping a state to branch from). With ``in_place=True`` the kernel writes X', Y' over the state's own tensors
+(every kernel reads an element before writing it, and a (b, h) only from its own) and seen is incremented in
+place: the same memory traffic, no allocation, fixed addresses for a CUDA graph. ``torch.ops.bla_tvm.
+decode_step`` and ``decode_step_`` are the custom ops (no autograd: decoding is inference); eager calls outside
+autograd run their implementations directly, skipping the op's dispatch.
 
 Imports only torch, tvm_ffi and the package's runtime (the build layer only when a kernel is missing).
 """
@@ -14,14 +15,13 @@ Imports only torch, tvm_ffi and the package's runtime (the build layer only when
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 
 from .constants import bla_constants, partner_index
 from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, check_index_range, layer_spec
 from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
-from .runtime import default_library, kernel_ready, launch
+from .runtime import KERNEL_ALIGNMENT, default_library, kernel_ready, launch
 from .state import BLAState, check_seen, check_state
 
 #: stored state dtypes besides the accumulation dtype, and the kernel that reads and writes each
@@ -56,6 +56,28 @@ def _decode_function(kernel: str, spec: KernelSpec, device: torch.device, librar
     return library.function(kernel, spec, device)
 
 
+def _launch_decode(q, k, v, key_state, value_state, seen, window, resolution, num_slots, scale, key_out, value_out):
+    """o [B, HQ, V] of one token, X' and Y' written to key_out, value_out: q [B, HQ, K], k [B, H, K], v [B, H, V],
+    X, Y and the outputs kernel ready, in the state dtype, seen [B] int64. The outputs may be X and Y themselves
+    (every kernel reads an element of the state before it writes it, and a (b, h) only from its own)."""
+    B, HQ, K = q.shape
+    H, V = k.shape[1], v.shape[-1]
+    if not seen.is_cuda:  # on the CPU, eager or compiled (on a GPU the check would wait for the device every token)
+        check_seen(seen, 1, "state.seen")
+    spec = layer_spec(window, resolution, num_slots, K, V, dtype_name(q.dtype), HQ // H).kernel(DECODE_CHUNK)
+    acc = getattr(torch, spec.acc_dtype)
+    check_index_range({"q": q.shape, "k": k.shape, "v": v.shape, "key_state": key_state.shape,
+                       "value_state": value_state.shape, "o": (B, HQ, V)})  # fmt: skip
+    kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device, default_library())
+    q, k, v, seen = (kernel_ready(x) for x in (q, k, v, seen))
+    o = q.new_empty(B, H, HQ // H, V)
+    consts = decode_constants(spec.params, acc, q.device, float(scale))
+    if B * H:
+        launch(kernel, consts, q=q.view(B, H, HQ // H, K), k=k, v=v, key_state=key_state, value_state=value_state,
+               seen=seen, o=o, key_out=key_out, value_out=value_out)  # fmt: skip
+    return o.view(B, HQ, V)
+
+
 def _decode_step_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,26 +91,11 @@ def _decode_step_impl(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [B, HQ, V], X' [B, H, N, K], Y' [B, H, N, V]) of one token: q [B, HQ, K], k [B, H, K], v [B, H, V],
-    X, Y in the state dtype, seen [B] int64. Arguments validated by the caller (``bla_tvm.decode_step``) but
-    seen's values, checked here on the CPU, eager or compiled (on a GPU the check would wait for the device at
-    every token)."""
-    B, HQ, K = q.shape
-    if not seen.is_cuda:
-        check_seen(seen, 1, "state.seen")
-    H, V = k.shape[1], v.shape[-1]
-    spec = layer_spec(window, resolution, num_slots, K, V, dtype_name(q.dtype), HQ // H).kernel(DECODE_CHUNK)
-    acc = getattr(torch, spec.acc_dtype)
-    check_index_range({"q": q.shape, "k": k.shape, "v": v.shape, "key_state": key_state.shape,
-                       "value_state": value_state.shape, "o": (B, HQ, V)})  # fmt: skip
-    kernel = _decode_function(decode_kernel(key_state.dtype, acc), spec, q.device, default_library())
-    q, k, v, key_state, value_state, seen = (kernel_ready(x) for x in (q, k, v, key_state, value_state, seen))
-    o = q.new_empty(B, H, HQ // H, V)
+    X, Y in the state dtype, seen [B] int64. Arguments validated by the caller (``bla_tvm.decode_step``)."""
+    key_state, value_state = kernel_ready(key_state), kernel_ready(value_state)
     key_out, value_out = torch.empty_like(key_state), torch.empty_like(value_state)
-    consts = decode_constants(spec.params, acc, q.device, float(scale))
-    if B * H:
-        launch(kernel, consts, q=q.view(B, H, HQ // H, K), k=k, v=v, key_state=key_state, value_state=value_state,
-               seen=seen, o=o, key_out=key_out, value_out=value_out)  # fmt: skip
-    return o.view(B, HQ, V), key_out, value_out
+    o = _launch_decode(q, k, v, key_state, value_state, seen, window, resolution, num_slots, scale, key_out, value_out)
+    return o, key_out, value_out
 
 
 #: the op (for torch.compile and torch.library tooling); eager inference calls ``_decode_step_impl`` directly
@@ -98,6 +105,38 @@ decode_step_op = torch.library.custom_op("bla_tvm::decode_step", _decode_step_im
 @decode_step_op.register_fake
 def _(q, k, v, key_state, value_state, seen, window, resolution, num_slots, scale):
     return q.new_empty(*q.shape[:2], v.shape[-1]), torch.empty_like(key_state), torch.empty_like(value_state)
+
+
+def _decode_step_inplace_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_state: torch.Tensor,
+    value_state: torch.Tensor,
+    seen: torch.Tensor,
+    window: int,
+    resolution: int,
+    num_slots: int,
+    scale: float,
+) -> torch.Tensor:
+    """o [B, HQ, V] of one token; X', Y' written over key_state, value_state and seen [B] int64 incremented,
+    in place (ValueError where the state cannot take the kernel's outputs where it is)."""
+    check_in_place(BLAState(key_state, value_state, seen))
+    o = _launch_decode(q, k, v, key_state, value_state, seen, window, resolution, num_slots, scale, key_state,
+                       value_state)  # fmt: skip
+    seen.add_(1)
+    return o
+
+
+#: the in-place step (a CUDA graph or a compiled graph can hold it: no allocation of the state per token)
+decode_step_inplace_op = torch.library.custom_op(
+    "bla_tvm::decode_step_", _decode_step_inplace_impl, mutates_args=("key_state", "value_state", "seen")
+)
+
+
+@decode_step_inplace_op.register_fake
+def _(q, k, v, key_state, value_state, seen, window, resolution, num_slots, scale):
+    return q.new_empty(*q.shape[:2], v.shape[-1])
 
 
 def _check_token(name: str, x, rank3_heads: str, dim: str) -> torch.Tensor:
@@ -142,7 +181,7 @@ def _check_inputs(q, k, v):
 
 def _check_decode_state(state, q, k, v, layer: LayerSpec) -> BLAState:
     """``state`` as a BLAState of float32 (float64 for float64 inputs), float16 or bfloat16 tensors for ``layer``'s
-    window, with errors naming ``state`` (seen's values are checked by the op, ``_decode_step_impl``)."""
+    window, with errors naming ``state`` (seen's values are checked by the op, ``_launch_decode``)."""
     acc = getattr(torch, layer.acc_dtype)
     dtypes = (acc, *REDUCED_STATE_KERNELS)
     try:
@@ -168,6 +207,7 @@ def decode_step(
     num_slots: int | None = None,
     scale: float | None = None,
     state_dtype: torch.dtype | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, BLAState]:
     """One token of Blurry Window Attention per sequence, through the compiled recurrent kernel.
 
@@ -177,19 +217,22 @@ def decode_step(
         v: values `[B, H, V]` (or `[B, 1, H, V]`).
         state: the `BLAState` after the tokens seen so far (key_state `[B, H, N, K]`, value_state `[B, H, N, V]`,
             seen `[B]` int, window: this W or None), e.g. from `blurry_window_attention(..., output_final_state=
-            True)` or a previous step; None for a fresh sequence (zeros, in `state_dtype`). Not modified. seen must
-            be >= 0 and < 2^63 - 1: checked for CPU tensors; on CUDA (where a check would wait for the device
-            every token) a negative seen masks every slot and the output is NaN.
+            True)` or a previous step; None for a fresh sequence (zeros, in `state_dtype`). Not modified unless
+            `in_place`. seen must be >= 0 and < 2^63 - 1: checked for CPU tensors; on CUDA (where a check would wait
+            for the device every token) a negative seen masks every slot and the output is NaN.
         window, resolution, num_slots, scale: as in `blurry_window_attention`.
         state_dtype: only with `state=None`: the dtype of the state to start, float32 (float64 for float64
             inputs, the default) or float16 / bfloat16, which halve the memory a step reads and writes. The
             kernel computes in float32 either way and keeps the dtype it is given. Rounding the state to 16 bits
             every token costs accuracy (W = 512, N = M = 63, 4,096 tokens, against float64: float16 ~3e-3,
             bfloat16 ~3e-2 relative error): prefer float16 unless keys or values reach ~1e3 (its range).
+        in_place: write the new state over `state`'s tensors (contiguous, seen int64) and add 1 to its `seen`,
+            instead of allocating a new state: the same memory traffic, no allocation, fixed addresses (what a
+            CUDA graph of a decoding loop needs; `bla_tvm.DecodeGraph` is one).
 
     Returns:
         (o, new_state): o `[B, HQ, V]` (`[B, 1, HQ, V]` for 4-D q) in q's dtype, and the state after this token
-        (new tensors; seen + 1).
+        (new tensors with seen + 1; with `in_place`, `state`'s own tensors, updated).
 
     Example:
         >>> state = None
@@ -209,97 +252,32 @@ def decode_step(
             raise TypeError(f"state_dtype must be None, {acc}, torch.float16 or torch.bfloat16, got {state_dtype}")
         state = BLAState.zeros(q.shape[0], k.shape[1], params.resolution, k.shape[-1], v.shape[-1], dtype, q.device,
                                params.window)  # fmt: skip
+        if in_place:
+            raise ValueError("in_place needs a state to update; pass state=BLAState.zeros(...) for a fresh sequence")
     elif state_dtype is not None:
         raise ValueError("state_dtype applies only to a fresh state (state=None); convert the state's tensors instead")
     state = _check_decode_state(state, q, k, v, layer)
-    seen = state.seen.to(torch.int64)
-    step = torch.ops.bla_tvm.decode_step
     tensors = (q, k, v, state.key_state, state.value_state)
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        step = _decode_step_impl  # eager inference: the same code without the op's dispatch (tens of us a token)
-    o, key_state, value_state = step(*tensors, seen, params.window, params.resolution, params.num_slots, scale)
+    layer_args = (params.window, params.resolution, params.num_slots, scale)
+    eager = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    )  # eager inference: the same code without the op's dispatch (tens of us a token)
+    if in_place:
+        step = _decode_step_inplace_impl if eager else torch.ops.bla_tvm.decode_step_
+        o = step(*tensors, state.seen, *layer_args)
+        return (o[:, None] if squeeze else o), state
+    seen = state.seen.to(torch.int64)
+    step = _decode_step_impl if eager else torch.ops.bla_tvm.decode_step
+    o, key_state, value_state = step(*tensors, seen, *layer_args)
     return (o[:, None] if squeeze else o), BLAState(key_state, value_state, seen + 1, params.window)
 
 
-NextToken = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def _check_next_token(token, i: int, q, k, v):
-    """``next_token``'s (q, k, v) for new token i: one token ([B, heads, D] or [B, 1, heads, D]) of the prompt's
-    B, HQ, H, K, V, dtype and device each; else a TypeError / ValueError naming next_token and the tensor."""
-    where = f"next_token(o, {i})"
-    if not isinstance(token, tuple) or len(token) != 3:
-        raise TypeError(f"{where} must return (q, k, v), got {type(token).__name__}")
-    expected = {"q": (q.shape[0], q.shape[2], q.shape[3]), "k": (k.shape[0], k.shape[2], k.shape[3]),
-                "v": (v.shape[0], v.shape[2], v.shape[3])}  # fmt: skip
-    for name, x in zip("qkv", token):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where} returned {name} of type {type(x).__name__}; expected a torch.Tensor")
-        one = tuple(x.shape[:1] + x.shape[2:]) if x.dim() == 4 and x.shape[1] == 1 else tuple(x.shape)
-        if one != expected[name]:
-            raise ValueError(f"{where} returned {name} of shape {list(x.shape)}; expected {list(expected[name])} "
-                             "(or with a token axis of 1), the prompt's batch, heads and head dim")  # fmt: skip
-        if x.dtype != q.dtype or x.device != q.device:
-            raise TypeError(f"{where} returned {name} of dtype {x.dtype} on {x.device}; expected the prompt's "
-                            f"{q.dtype} on {q.device}")  # fmt: skip
-    return token
-
-
-def generate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    resolution: int,
-    num_slots: int | None = None,
-    scale: float | None = None,
-    next_token: NextToken | None = None,
-    max_new_tokens: int = 0,
-    initial_state: BLAState | None = None,
-    state_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, BLAState]:
-    """Prefill a prompt with the chunked kernels, then decode ``max_new_tokens`` tokens one at a time.
-
-    Args:
-        q, k, v: the prompt, `[B, T, HQ, K]`, `[B, T, H, K]`, `[B, T, H, V]` (T >= 0).
-        window, resolution, num_slots, scale: as in `blurry_window_attention`.
-        next_token: `next_token(o, i) -> (q, k, v)`: given the attention output of the previous token `o`
-            `[B, HQ, V]` (None after an empty prompt) and the index i of the token to produce (0 for the first
-            new token), the next token's
-            `[B, HQ, K]`, `[B, H, K]`, `[B, H, V]` (a model's layer would project them from its hidden state).
-        max_new_tokens: how many tokens to decode after the prompt (needs `next_token` when > 0).
-        initial_state: a `BLAState` to continue from (default: a fresh sequence), as in `blurry_window_attention`.
-        state_dtype: dtype the decoded tokens' state is kept in (see `decode_step`); default the accumulation
-            dtype. The prefill runs with the accumulation dtype and its final state is then converted.
-
-    Returns:
-        (o_prompt `[B, T, HQ, V]`, o_new `[B, max_new_tokens, HQ, V]`, the state after the last token).
-
-    Example:
-        >>> q = k = torch.randn(1, 100, 2, 64); v = torch.randn(1, 100, 2, 64)
-        >>> step = lambda o, i: (torch.randn(1, 2, 64), torch.randn(1, 2, 64), o)
-        >>> o, new, state = generate(q, k, v, 64, 15, next_token=step, max_new_tokens=8)
-    """
-    from .api import blurry_window_attention
-
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if max_new_tokens and not callable(next_token):
-        raise TypeError(f"next_token must be callable when max_new_tokens > 0, got {type(next_token).__name__}")
-    o_prompt, state = blurry_window_attention(
-        q, k, v, window, resolution, num_slots, scale, initial_state=initial_state, output_final_state=True
-    )
-    if state_dtype is not None:
-        acc = state.key_state.dtype
-        if state_dtype not in (acc, *REDUCED_STATE_KERNELS):
-            raise TypeError(f"state_dtype must be None, {acc}, torch.float16 or torch.bfloat16, got {state_dtype}")
-        state = state._replace(key_state=state.key_state.to(state_dtype), value_state=state.value_state.to(state_dtype))
-    outputs = []
-    last = o_prompt[:, -1] if o_prompt.shape[1] else None
-    for i in range(max_new_tokens):
-        tq, tk, tv = _check_next_token(next_token(last, i), i, q, k, v)
-        last, state = decode_step(tq, tk, tv, state, window, resolution, num_slots, scale)
-        outputs.append(last)
-    B, HQ, V = o_prompt.shape[0], o_prompt.shape[2], o_prompt.shape[3]
-    o_new = torch.stack(outputs, dim=1) if outputs else o_prompt.new_empty(B, 0, HQ, V)
-    return o_prompt, o_new, state
+def check_in_place(state: BLAState) -> None:
+    """The state's tensors can take the kernel's outputs where they are: contiguous and aligned, seen int64."""
+    for name in ("key_state", "value_state"):
+        x = getattr(state, name)
+        if not x.is_contiguous() or x.data_ptr() % KERNEL_ALIGNMENT:
+            raise ValueError(f"in_place needs state.{name} contiguous and {KERNEL_ALIGNMENT}-byte aligned "
+                             f"(e.g. a fresh tensor or .clone()), got strides {x.stride()}")  # fmt: skip
+    if state.seen.dtype != torch.int64:
+        raise TypeError(f"in_place needs state.seen of dtype int64, got {state.seen.dtype}")

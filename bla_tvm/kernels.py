@@ -32,6 +32,11 @@ DECODE_ARGS = (
     "slot_readout", "slot_readout_t", "o", "key_out", "value_out",
 )  # fmt: skip
 
+#: the decode kernels and the state dtype each stores (None: the accumulation dtype)
+DECODE_STATE_DTYPES = {
+    "decode_step": None, "decode_step_state_float16": "float16", "decode_step_state_bfloat16": "bfloat16",
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -79,8 +84,7 @@ TABLE = (
     *(Kernel(f"input_gradient_{x}", ("grads", "state_grads", "starts", "state_in", f"d{x}"), "backward", tunable=True)
       for x in "qkv"),  # fmt: skip
     # one decode kernel per stored state dtype: the accumulation dtype, or float16 / bfloat16
-    *(Kernel(name, DECODE_ARGS, "decode")
-      for name in ("decode_step", "decode_step_state_float16", "decode_step_state_bfloat16")),  # fmt: skip
+    *(Kernel(name, DECODE_ARGS, "decode") for name in DECODE_STATE_DTYPES),
 )
 
 by_name: dict[str, Kernel] = {kernel.name: kernel for kernel in TABLE}

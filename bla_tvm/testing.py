@@ -57,8 +57,8 @@ GPU_TEST_LAYERS = (
     LayerSpec(33, 9, 7, 16, 24, "bfloat16", 2),
     LayerSpec(100, 31, 31, 64, 64, "float32", 4),
 )
-#: the layers the GPU tests also decode with, token by token
-GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:2]
+#: the layers the GPU tests also decode with, token by token (fp32, bf16, N == W even, GQA with M < N)
+GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]
 
 
 def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from bla_tvm import (
     BLAParams,
+    DecodeGraph,
     bla_recurrent,
     blurry_window_attention,
     decode_step,
@@ -163,6 +164,59 @@ def test_generate_prefill_then_decode_equals_the_recurrence():
     assert_close(torch.cat([o_prompt, o_new], dim=1), o_full, 1e-5, "o vs one chunked call")
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_in_place_step_equals_the_functional_step(state_dtype):
+    """in_place writes X', Y' over the state's own tensors and adds 1 to its seen: the values of the functional
+    step, token after token (mask open and closed: seen from 0 past W)."""
+    case = BLACase(W=12, N=5, M=7, T=20, L=1, B=2, H=2, K=8, V=12, scale=None, seed=4)
+    q, k, v = make_qkv(case, torch.float32)
+    state = BLAState.zeros(case.B, case.H, case.N, case.K, case.V, state_dtype)
+    functional = state
+    tensors = tuple(state)
+    for t in range(case.T):
+        o, functional = decode_step(q[:, t], k[:, t], v[:, t], functional, case.W, case.N, case.M)
+        o_in, state = decode_step(q[:, t], k[:, t], v[:, t], state, case.W, case.N, case.M, in_place=True)
+        assert torch.equal(o_in, o)
+    assert all(a is b for a, b in zip(state, tensors))
+    assert torch.equal(state.key_state, functional.key_state)
+    assert torch.equal(state.value_state, functional.value_state)
+    assert state.seen.tolist() == functional.seen.tolist() == [case.T] * case.B
+
+
+def test_in_place_step_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) over an in-place step (the mutating op, its fake) updates the state as eager
+    does."""
+    q, k, v = _token(HQ=4)
+    state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([3, 40]))
+    eager, compiled = (BLAState(*(x.clone() for x in state)) for _ in range(2))
+
+    def step(q, k, v, X, Y, seen):
+        o, _ = decode_step(q, k, v, BLAState(X, Y, seen), 9, 5, 3, 0.5, in_place=True)
+        return o * 2
+
+    o = step(q, k, v, *eager)
+    o_compiled = torch.compile(step, fullgraph=True)(q, k, v, *compiled)
+    assert torch.equal(o, o_compiled)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert compiled.seen.tolist() == [4, 41]
+
+
+def test_generate_leaves_the_initial_state_unchanged():
+    """generate decodes in place into its own copy of the state: the caller's initial_state keeps its values, also
+    after an empty prompt (whose prefill passes the state through)."""
+    case = BLACase(W=16, N=7, M=9, T=10, L=64, B=2, H=2, K=8, V=8, scale=None, seed=12)
+    q, k, v = make_qkv(case, torch.float32)
+    initial = BLAState(torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8), torch.tensor([5, 30]))
+    kept = [x.clone() for x in initial]
+    _, o_new, state = generate(q[:, :0], k[:, :0], v[:, :0], case.W, case.N, case.M, initial_state=initial,
+                               next_token=lambda o, i: (q[:, i], k[:, i], v[:, i]), max_new_tokens=case.T)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(initial, kept))
+    o_ref, state_ref = decode_all(q, k, v, case, state=initial)
+    assert_close(o_new, o_ref, 1e-6, "o")
+    assert_close(state.key_state, state_ref.key_state, 1e-6, "key_state")
+    assert state.seen.tolist() == [15, 40]
+
+
 # --- validation: every bad argument raises an error that names it (no kernel is compiled) ----------------
 
 
@@ -202,6 +256,11 @@ def _bad_state(**change):
         (_token(), {"state": BLAState.zeros(2, 2, 5, 4, 3), "state_dtype": torch.float16}, ValueError,
          "state_dtype"),
         (_token(), {"state_dtype": torch.int32}, TypeError, "state_dtype"),
+        (_token(), {"in_place": True}, ValueError, "in_place needs a state"),
+        (_token(), {"state": _bad_state(key_state=torch.zeros(2, 2, 4, 5).transpose(2, 3)), "in_place": True},
+         ValueError, "state.key_state contiguous"),
+        (_token(), {"state": _bad_state(seen=torch.zeros(2, dtype=torch.int32)), "in_place": True}, TypeError,
+         "state.seen of dtype int64"),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(args, kwargs, error, words):
@@ -216,6 +275,17 @@ def test_generate_validates_its_own_arguments():
         generate(q, k, v, 9, 5, max_new_tokens=-1)
     with pytest.raises(TypeError, match="next_token"):
         generate(q, k, v, 9, 5, max_new_tokens=2)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA inputs"):
+        generate(q, k, v, 9, 5, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be"):
+        generate(q, k, v, 9, 5, cuda_graph="yes")
+
+
+def test_decode_graph_validates_its_state():
+    with pytest.raises(TypeError, match="state must be a BLAState"):
+        DecodeGraph((1, 2, 3), 9, 5)
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeGraph(BLAState.zeros(2, 2, 5, 4, 3), 9, 5)
 
 
 def test_generate_names_next_token_when_it_returns_a_wrong_token():
@@ -284,9 +354,11 @@ def test_decode_step_compiles_into_one_graph():
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
 
-def test_op_passes_opcheck():
-    """torch.ops.bla_tvm.decode_step: schema, fake tensor and dispatch checks."""
+@pytest.mark.parametrize("op", ["decode_step", "decode_step_"], ids=["functional", "in-place"])
+def test_op_passes_opcheck(op):
+    """torch.ops.bla_tvm.decode_step and its in-place twin: schema (the declared mutations), fake tensor and
+    dispatch checks."""
     q, k, v = _token(HQ=4)
-    state = BLAState.zeros(2, 2, 5, 4, 3)
+    state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([0, 7]))
     args = (q, k, v, state.key_state, state.value_state, state.seen, 9, 5, 3, 0.5)
-    torch.library.opcheck(torch.ops.bla_tvm.decode_step, args)
+    torch.library.opcheck(getattr(torch.ops.bla_tvm, op), args)

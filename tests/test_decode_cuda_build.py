@@ -1,5 +1,6 @@
 """The CUDA decode kernels build for sm_90 on a machine with nvcc and no GPU, as CI does, into sound machine code
-(see test_cuda_build.py for the chunked kernels; each build runs in a subprocess for the stand-in libcuda)."""
+(see test_cuda_build.py for the chunked kernels; each build runs in a subprocess for the stand-in libcuda): the
+tile program (schedules/cuda_tile_decode.py) where it serves the spec, the TE schedule (cuda_decode.py) beyond."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from bla_tvm import kernels
 from bla_tvm.cuda_toolchain import find_cuda_home
 from bla_tvm.kernels import DECODE
 
@@ -16,30 +18,32 @@ SPILL_ALLOWANCE = 128  # bytes per thread: a few spilled registers cost speed; k
 
 BUILD_AND_REPORT = """
 import json, sys
-from bla_tvm import build
+from bla_tvm import build, kernels
 from bla_tvm.layer import KernelSpec
 spec = KernelSpec(**json.loads(sys.argv[1]))
 out = {}
 for kernel in json.loads(sys.argv[3]):
     module = build.compile_kernel(kernel, spec, "cuda", "sm_90")
     module.export_library(sys.argv[2] + f"/{kernel}.so")
-    out[kernel] = build.ptxas_report(module, "sm_90")
+    out[kernel] = dict(build.ptxas_report(module, "sm_90"), builder=build.builder(kernel, spec, "cuda").__name__,
+                       exported=module.mod.implements_function(kernels.get(kernel).symbol))
 print(json.dumps(out))
 """
 
 
 @pytest.mark.parametrize(
-    "spec, kernels",
+    "spec, kernels, builder",
     [
-        (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE),
+        (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE,
+         "tile_decode_module"),
         (dict(window=512, resolution=63, num_slots=512, head_k=64, head_v=64, dtype="float32", group_size=4),
-         ("decode_step",)),
+         ("decode_step",), "scheduled_module"),
         (dict(window=16, resolution=16, num_slots=16, head_k=40, head_v=130, dtype="float16", group_size=3),
-         ("decode_step",)),
+         ("decode_step",), "tile_decode_module"),
     ],
     ids=["bench-bf16", "fine-slots-gqa-fp32", "swa-odd-dims-fp16"],
 )  # fmt: skip
-def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, tmp_path):
+def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, builder, tmp_path):
     spec = dict(spec, chunk_size=1)
     result = subprocess.run(
         [sys.executable, "-c", BUILD_AND_REPORT, json.dumps(spec), str(tmp_path), json.dumps(kernels)],
@@ -53,3 +57,5 @@ def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, tmp_pa
         assert report[kernel]["stack_frame"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
         assert report[kernel]["spill_stores"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
         assert 0 < report[kernel]["registers"] <= 255
+        assert report[kernel]["builder"] == builder
+        assert report[kernel]["exported"], f"{kernel}: the module does not export {kernels.get(kernel).symbol}"

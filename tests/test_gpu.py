@@ -1,8 +1,8 @@
 """Every CUDA kernel of the GPU-test layers (``bla_tvm.testing.GPU_TEST_LAYERS``: fp32 and bf16, N == W, GQA)
 against the float64 recurrent definition, on NaN-poisoned outputs: T not a multiple of L, a carried state,
-packed sequences, the final state and every gradient; and the decode step over 512 tokens. Then hostile inputs:
-NaN tokens and upstream gradients (non-finite exactly where the definition is), |q|, |k| up to 1e6 (float32),
-T = 65,536 (float32) and a state that has seen 2^62 tokens.
+packed sequences, the final state and every gradient; and the decode step over 512 tokens, eager and captured
+in a CUDA graph. Then hostile inputs: NaN tokens and upstream gradients (non-finite exactly where the definition
+is), |q|, |k| up to 1e6 (float32), T = 65,536 (float32) and a state that has seen 2^62 tokens.
 
 The "cuda" cases are marked ``gpu`` and skipped without a GPU; on a GPU machine they run from prebuilt kernels
 (README, "GPU tests"). The same code runs on the CPU for the first layers (the "cpu" cases), so its logic is
@@ -16,7 +16,7 @@ import torch
 
 from helpers import BLACase, assert_within_float32_logit_bound
 
-from bla_tvm import BLAState, bla_recurrent, blurry_window_attention, decode_step
+from bla_tvm import BLAState, DecodeGraph, bla_recurrent, blurry_window_attention, decode_step
 from bla_tvm.testing import GPU_DECODE_LAYERS, GPU_TEST_LAYERS, poisoned_allocations
 from bla_tvm.tile_constants import TILE_CHUNK, tile_forward_serves
 
@@ -134,6 +134,27 @@ def test_decode_512_tokens(device, layer):
     assert relative_error(torch.stack(outputs, dim=1), o_ref) <= tol
     assert relative_error(state.key_state, X[:, :: layer.group_size]) <= tol
     assert state.seen.tolist() == [T, T]
+
+
+@pytest.mark.parametrize(
+    "layer", [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in GPU_DECODE_LAYERS]
+)
+def test_decode_graph_equals_the_eager_step(layer):
+    """DecodeGraph (the in-place step captured in a CUDA graph) over 64 tokens from a carried state (one sequence
+    with slots still masked, one past the window) gives the eager functional step's o at every token, bit for bit,
+    and its state and seen after."""
+    (q, k, v, X0, Y0), seen, _ = inputs(layer, 2, 64, 2, "cuda", seed=3)
+    q, k, v, X0, Y0 = (x.detach() for x in (q, k, v, X0, Y0))
+    state = BLAState(X0, Y0, seen)
+    decoder = DecodeGraph(BLAState(X0.clone(), Y0.clone(), seen.clone()), **layer_args(layer), query_heads=q.shape[2],
+                          dtype=q.dtype)  # fmt: skip
+    with torch.no_grad():
+        for t in range(q.shape[1]):
+            o, state = decode_step(q[:, t], k[:, t], v[:, t], state, **layer_args(layer))
+            assert torch.equal(decoder(q[:, t], k[:, t], v[:, t]), o), f"token {t}"
+    assert torch.equal(decoder.state.key_state, state.key_state)
+    assert torch.equal(decoder.state.value_state, state.value_state)
+    assert decoder.state.seen.tolist() == state.seen.tolist() == (seen + 64).tolist()
 
 
 # --- hostile inputs: non-finite tokens, large magnitudes, long sequences, a huge token count ----------------

@@ -25,8 +25,7 @@ _TE_KERNELS = {
     "final_state": final_state,
     "final_state_backward": final_state_backward,
     **{f"input_gradient_{part}": functools.partial(input_gradient, part=part) for part in "qkv"},
-    "decode_step": decode_step,
-    **{f"decode_step_state_{dt}": functools.partial(decode_step, state_dtype=dt) for dt in ("float16", "bfloat16")},
+    **{name: functools.partial(decode_step, state_dtype=dt) for name, dt in kernels.DECODE_STATE_DTYPES.items()},
 }
 _SCANS = {"state_scan": False, "state_scan_reverse": True}
 

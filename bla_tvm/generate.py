@@ -1,0 +1,109 @@
+"""Prefill then decode: ``generate`` runs a prompt through the chunked kernels, then decodes token by token with
+the in-place step, through a CUDA graph (``DecodeGraph``) on CUDA. Imports only torch and the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .api import blurry_window_attention
+from .decode import REDUCED_STATE_KERNELS, decode_step
+from .decode_graph import DecodeGraph
+from .state import BLAState
+
+NextToken = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _check_next_token(token, i: int, q, k, v):
+    """``next_token``'s (q, k, v) for new token i: one token ([B, heads, D] or [B, 1, heads, D]) of the prompt's
+    B, HQ, H, K, V, dtype and device each; else a TypeError / ValueError naming next_token and the tensor."""
+    where = f"next_token(o, {i})"
+    if not isinstance(token, tuple) or len(token) != 3:
+        raise TypeError(f"{where} must return (q, k, v), got {type(token).__name__}")
+    expected = {"q": (q.shape[0], q.shape[2], q.shape[3]), "k": (k.shape[0], k.shape[2], k.shape[3]),
+                "v": (v.shape[0], v.shape[2], v.shape[3])}  # fmt: skip
+    for name, x in zip("qkv", token):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where} returned {name} of type {type(x).__name__}; expected a torch.Tensor")
+        one = tuple(x.shape[:1] + x.shape[2:]) if x.dim() == 4 and x.shape[1] == 1 else tuple(x.shape)
+        if one != expected[name]:
+            raise ValueError(f"{where} returned {name} of shape {list(x.shape)}; expected {list(expected[name])} "
+                             "(or with a token axis of 1), the prompt's batch, heads and head dim")  # fmt: skip
+        if x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(f"{where} returned {name} of dtype {x.dtype} on {x.device}; expected the prompt's "
+                            f"{q.dtype} on {q.device}")  # fmt: skip
+    return token
+
+
+def generate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    resolution: int,
+    num_slots: int | None = None,
+    scale: float | None = None,
+    next_token: NextToken | None = None,
+    max_new_tokens: int = 0,
+    initial_state: BLAState | None = None,
+    state_dtype: torch.dtype | None = None,
+    cuda_graph: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, BLAState]:
+    """Prefill a prompt with the chunked kernels, then decode ``max_new_tokens`` tokens one at a time, the
+    state updated in place (a copy of the prefill's: ``initial_state`` is never written).
+
+    Args:
+        q, k, v: the prompt, `[B, T, HQ, K]`, `[B, T, H, K]`, `[B, T, H, V]` (T >= 0).
+        window, resolution, num_slots, scale: as in `blurry_window_attention`.
+        next_token: `next_token(o, i) -> (q, k, v)`: given the attention output of the previous token `o`
+            `[B, HQ, V]` (None after an empty prompt) and the index i of the token to produce (0 for the first
+            new token), the next token's
+            `[B, HQ, K]`, `[B, H, K]`, `[B, H, V]` (a model's layer would project them from its hidden state).
+        max_new_tokens: how many tokens to decode after the prompt (needs `next_token` when > 0).
+        initial_state: a `BLAState` to continue from (default: a fresh sequence), as in `blurry_window_attention`.
+        state_dtype: dtype the decoded tokens' state is kept in (see `decode_step`); default the accumulation
+            dtype. The prefill runs with the accumulation dtype and its final state is then converted.
+        cuda_graph: run the step as a CUDA graph (`bla_tvm.DecodeGraph`): per token, `next_token`, one copy of
+            its tensors into the graph's inputs, one replay (the kernel and seen + 1) and one copy of o out.
+            None (default): on CUDA inputs. False: one eager in-place `decode_step` per token.
+
+    Returns:
+        (o_prompt `[B, T, HQ, V]`, o_new `[B, max_new_tokens, HQ, V]`, the state after the last token).
+
+    Example:
+        >>> q = k = torch.randn(1, 100, 2, 64); v = torch.randn(1, 100, 2, 64)
+        >>> step = lambda o, i: (torch.randn(1, 2, 64), torch.randn(1, 2, 64), o)
+        >>> o, new, state = generate(q, k, v, 64, 15, next_token=step, max_new_tokens=8)
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens and not callable(next_token):
+        raise TypeError(f"next_token must be callable when max_new_tokens > 0, got {type(next_token).__name__}")
+    if cuda_graph not in (None, True, False):
+        raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+    if cuda_graph and not (isinstance(q, torch.Tensor) and q.is_cuda):
+        raise ValueError(f"cuda_graph=True needs CUDA inputs, got q on {getattr(q, 'device', None)}")
+    o_prompt, state = blurry_window_attention(
+        q, k, v, window, resolution, num_slots, scale, initial_state=initial_state, output_final_state=True
+    )
+    acc = state.key_state.dtype
+    dtype = acc if state_dtype is None else state_dtype
+    if dtype not in (acc, *REDUCED_STATE_KERNELS):
+        raise TypeError(f"state_dtype must be None, {acc}, torch.float16 or torch.bfloat16, got {state_dtype}")
+    dtypes = (dtype, dtype, torch.int64)
+    state = BLAState(*(x.detach().to(dt, copy=True).contiguous() for x, dt in zip(state, dtypes)), state.window)
+    B, HQ, V = o_prompt.shape[0], o_prompt.shape[2], o_prompt.shape[3]
+    outputs = o_prompt.new_empty(max_new_tokens, B, HQ, V)  # token-major: each token's o one contiguous block
+    if max_new_tokens and (q.is_cuda if cuda_graph is None else cuda_graph) and B:
+        step = DecodeGraph(state, window, resolution, num_slots, scale, query_heads=HQ, dtype=q.dtype)
+    else:
+
+        def step(tq, tk, tv):
+            return decode_step(tq, tk, tv, state, window, resolution, num_slots, scale, in_place=True)[0]
+
+    last = o_prompt[:, -1] if o_prompt.shape[1] else None
+    for i in range(max_new_tokens):
+        last = outputs[i].copy_(step(*_check_next_token(next_token(last, i), i, q, k, v)))
+    return o_prompt, outputs.transpose(0, 1).contiguous(), state
