@@ -185,5 +185,6 @@ def build_to_path(
 
 register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)
-for _decode in kernels.DECODE:  # the TE schedule of schedules/cuda_decode.py serves the other specs
-    register_builder(_decode, "cuda", _decode_tile_serves, tile_decode_module)
+# the tile decode step for the accumulation-dtype state only: its float16 / bfloat16-state kernels have not run on
+# a GPU yet (the TE schedule of schedules/cuda_decode.py serves them, and the specs the tile program does not)
+register_builder("decode_step", "cuda", _decode_tile_serves, tile_decode_module)

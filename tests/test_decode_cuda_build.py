@@ -34,12 +34,14 @@ print(json.dumps(out))
 @pytest.mark.parametrize(
     "spec, kernels, builder",
     [
+        # the 16-bit-state kernels keep the TE schedule until the tile program's have run on a GPU (build.py)
         (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE,
-         "tile_decode_module"),
+         {"decode_step": "tile_decode_module", "decode_step_state_float16": "scheduled_module",
+          "decode_step_state_bfloat16": "scheduled_module"}),
         (dict(window=512, resolution=63, num_slots=512, head_k=64, head_v=64, dtype="float32", group_size=4),
-         ("decode_step",), "scheduled_module"),
+         ("decode_step",), {"decode_step": "scheduled_module"}),
         (dict(window=16, resolution=16, num_slots=16, head_k=40, head_v=130, dtype="float16", group_size=3),
-         ("decode_step",), "tile_decode_module"),
+         ("decode_step",), {"decode_step": "tile_decode_module"}),
     ],
     ids=["bench-bf16", "fine-slots-gqa-fp32", "swa-odd-dims-fp16"],
 )  # fmt: skip
@@ -57,5 +59,5 @@ def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, builde
         assert report[kernel]["stack_frame"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
         assert report[kernel]["spill_stores"] <= SPILL_ALLOWANCE, f"{kernel}: {report[kernel]}"
         assert 0 < report[kernel]["registers"] <= 255
-        assert report[kernel]["builder"] == builder
+        assert report[kernel]["builder"] == builder[kernel]
         assert report[kernel]["exported"], f"{kernel}: the module does not export {kernels.get(kernel).symbol}"
