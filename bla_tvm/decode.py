@@ -72,9 +72,9 @@ def _decode_step_impl(
     X, Y in the state dtype, seen [B] int64. Arguments validated by the caller (``bla_tvm.decode_step``) but
     seen's values, checked here on the CPU, eager or compiled (on a GPU the check would wait for the device at
     every token)."""
-    B, HQ, K = q.shape
     if not seen.is_cuda:
         check_seen(seen, 1, "state.seen")
+    B, HQ, K = q.shape
     H, V = k.shape[1], v.shape[-1]
     spec = layer_spec(window, resolution, num_slots, K, V, dtype_name(q.dtype), HQ // H).kernel(DECODE_CHUNK)
     acc = getattr(torch, spec.acc_dtype)
