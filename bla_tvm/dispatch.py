@@ -40,15 +40,19 @@ def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: b
     chunk_backward``, which recomputes the forward's) at once, as if none reused another's space.
 
     q [L, K]; [k|v; X|Y] [L + N, F]; k'|v' [L, F]; [k'; X] [L + N, K]; qx [L, L + N]; z, z_intra, w [L, N];
-    scores, probs [L, M]; g [L, L]; mix [L, L + N]; [v'; Y] [L + N, V]; o [L, V]; row max and sum [L].
+    scores, probs [L, M]; g [L, L]; mix [L, L + N]; [v'; Y] [L + N, V]; o [L, V]; row max and sum [L]; the first
+    non-finite rows of [k|v; X|Y] and [v'; Y] [F + V] (int32, 4 bytes too).
     """
     F = K + V
     rows = L + N
     forward = L * K + rows * F + L * F + rows * K + 2 * L * rows + 3 * L * N + 2 * L * M + L * L + rows * V + L * V
+    forward += F + V
     # the backward recomputes those and adds: dO, P, mix / rowsum, dmix, d[v'; Y], dw (twice), dP, dscores,
-    # dz, dqx (lagged and stacked), dq, d[k'; X], d[kv; X|Y] and the row dot products
+    # dz, dqx (lagged and stacked), dq, d[k'; X], d[kv; X|Y], the row dot products, and the finite copies of
+    # [k'; X], q and dO with their first or last non-finite rows
     gradients = L * V + L * M + 2 * L * rows + rows * V + 2 * L * N + 2 * L * M + L * N + L * L + L * rows
     gradients += L * K + rows * K + rows * F
+    gradients += rows * K + L * K + L * V + 2 * K + V
     return 4 * (forward + (gradients if backward else 0) + 3 * L)
 
 

@@ -36,7 +36,7 @@ def _initial_state(initial_state, B, H, N, K, V):
     seen [B] (zeros without an initial state)."""
     if initial_state is None:
         return torch.zeros(B, H, N, K, dtype=F64), torch.zeros(B, H, N, V, dtype=F64), torch.zeros(B, dtype=torch.long)
-    X, Y, seen = initial_state
+    X, Y, seen = initial_state[:3]  # a BLAState's window, if given, is not needed here
     group = H // X.shape[1]
     return (*(x.to(F64).repeat_interleave(group, dim=1) for x in (X, Y)), seen.to(torch.long))
 
@@ -51,7 +51,7 @@ def bla_recurrent(q, k, v, window, resolution, num_slots=None, scale=None, initi
     """The recurrent definition: for t = 0..T-1, X_t = A X_{t-1} + b k_t^T, Y_t = A Y_{t-1} + b v_t^T,
     s_t = scale * C X_t q_t (masked where tau_i > t0 + t), o_t = softmax(s_t)^T C Y_t.
 
-    initial_state: (X [B, H, N, K], Y [B, H, N, V], t0 [B] tokens already seen), zeros by default.
+    initial_state: (X [B, H, N, K], Y [B, H, N, V], t0 [B] tokens already seen), or a BLAState; zeros by default.
     Returns o, or (o, (X, Y, t0 + T)) with ``output_final_state`` (float64, autograd flows through; with GQA
     per query head, every head of a group holding its key/value head's state).
     """

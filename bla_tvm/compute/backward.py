@@ -161,6 +161,7 @@ def chunk_backward(spec: KernelSpec):
 
     def dq_at(b, c, h, j, kk):
         return poisoned(j >= fwd.keys_bad[b, c, h, kk], dq_chunk[b, c, h, j, kk], acc)
+
     j2 = te.reduce_axis((0, L), name="j2")
     q_clean = te.compute((B, NC, H, L, K), lambda *i: finite(fwd.q_chunk[i], acc), name="bla_bwd_q_clean")
     q_bad = last_non_finite("bla_bwd_q_bad", (B, NC, H, K), L, lambda *i: fwd.q_chunk[i])
