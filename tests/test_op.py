@@ -301,8 +301,12 @@ def cached_modules_of_a_call(folder, q, k, v) -> dict:
 
 
 def damage(path, how: str) -> None:
+    """Replace the file at ``path`` by a damaged copy (a new file renamed over it: a module this process has
+    mapped keeps its pages, where writing in place would make them vanish and fault at exit)."""
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": os.urandom(len(data))}[how])
+    staging = path.with_name(path.name + ".damaged")
+    staging.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": os.urandom(len(data))}[how])
+    os.replace(staging, path)
 
 
 @pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
