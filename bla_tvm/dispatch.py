@@ -6,9 +6,10 @@ Chunk length: the tuning log's record for this device, layer and mode (inference
 backward of one call must agree on L) nearest the running shape (``tuning_logs``); else 64 on the CPU and, on
 CUDA, the longest L whose per-chunk blocks fit in shared memory by ``cuda_shared_memory_bound`` (an upper bound,
 as if no buffer reused another's space: no kernel is lowered to measure it), the shortest where none does. A
-logged L that would take a buffer past 32-bit indexing is refused for the default. Inference on CUDA takes
-L = 64 wherever the tile-program forward serves the layer (16-bit inputs; ``implementation``), which then runs
-in place of ``chunk_output``; the tile-program scan runs in place of ``state_scan`` and ``chunk_state``.
+logged L that would take a buffer past 32-bit indexing is refused for the default. CUDA calls take L = 64
+wherever the tile programs serve the layer (16-bit inputs; ``implementation``): the tile forward runs in place
+of ``chunk_output``, the tile backward in place of ``chunk_backward``, the tile scan in place of ``state_scan``
+and ``chunk_state``.
 
 Which logs: ``log_folders()``, the user's (``BLA_TVM_TUNING_DIR``) then the shipped ones, none with
 ``BLA_TVM_NO_TUNING=1``; a caller (the tuner) may pass its own folders and kernel library instead.
@@ -57,11 +58,11 @@ def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: b
 
 
 def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool) -> int:
-    """L where no log has one: 64 on the CPU; on CUDA, for inference the tile forward's where it serves the layer,
-    else the longest that fits ``cuda_shared_memory_bound``, else the shortest."""
+    """L where no log has one: 64 on the CPU; on CUDA the tile programs' where they serve the layer, else the
+    longest that fits ``cuda_shared_memory_bound``, else the shortest."""
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
-    if not backward and tile_forward_serves(layer.kernel(TILE_CHUNK)):
+    if tile_forward_serves(layer.kernel(TILE_CHUNK)):
         return TILE_CHUNK
     N, M, K, V = layer.resolution, layer.num_slots, layer.head_k, layer.head_v
     fits = [L for L in CHUNK_SIZES if cuda_shared_memory_bound(L, N, M, K, V, backward) <= CUDA_SHARED_MEMORY_LIMIT]
@@ -145,8 +146,8 @@ def chunk_size(device: torch.device, layer: LayerSpec, shape, backward: bool, fo
     the shape is read only where the records disagree between buckets (which then specialises a dynamic-shape
     graph on B, T, H)."""
     folders = None if folders is None else tuple(map(str, folders))
-    if not backward and device_kind(device) == "cuda" and tile_forward_serves(layer.kernel(TILE_CHUNK)):
-        return TILE_CHUNK  # the tile forward has one chunk length (the logs measured the TE kernels)
+    if device_kind(device) == "cuda" and tile_forward_serves(layer.kernel(TILE_CHUNK)):
+        return TILE_CHUNK  # the tile programs have one chunk length (the logs measured the TE kernels)
     if not _any_logged(str(device), bool(backward), folders):
         return default_chunk_size(device, layer, backward)
     found = _logged_chunk_sizes(str(device), _layer_key(layer), bool(backward), folders)
@@ -217,6 +218,7 @@ def _acc(spec: KernelSpec) -> torch.dtype:
 
 #: the tile programs that stand in for a kernel on CUDA, and the specs each serves (``tile_constants``)
 TILE_PROGRAMS = {"chunk_output": ("chunk_output_tile", tile_forward_serves),
+                 "chunk_backward": ("chunk_backward_tile", tile_forward_serves),
                  "state_scan": ("state_scan_tile", tile_scan_serves)}  # fmt: skip
 
 
@@ -246,6 +248,8 @@ def tile_device_constants(runs: str, params: BLAParams, chunk_size: int, device:
     tc = tile_constants(params, chunk_size, SLOT_TILE)
     half = {"tile_input_map": tc.input_map, "tile_lag": tc.lag, "tile_lag_t": tc.lag_t, "tile_slots": tc.slots,
             "tile_slots_t": tc.slots_t}  # fmt: skip
+    if runs == "chunk_backward_tile":
+        half["tile_input_map_t"] = tc.input_map_t
     single = {"tile_rot_diag": tc.rot_diag, "tile_rot_pair": tc.rot_pair, "tile_rot_pair_t": tc.rot_pair_t}
     return {
         **{name: x.to(device=device, dtype=torch.float16).contiguous() for name, x in half.items()},

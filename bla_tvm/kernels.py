@@ -24,6 +24,8 @@ TILE_CONSTANTS = (
     "tile_input_map", "tile_lag", "tile_lag_t", "tile_slots", "tile_slots_t", "tile_rot_diag", "tile_rot_pair",
     "tile_rot_pair_t",
 )  # fmt: skip
+#: the tables the tile-program backward reads beyond the forward's
+TILE_BACKWARD_CONSTANTS = ("tile_input_map_t",)
 #: the tables of the tile-program scan (``tile_constants.scan_tables``)
 TILE_SCAN_CONSTANTS = ("tile_state_in_hi", "tile_state_in_lo", "tile_decay_hi", "tile_decay_lo")
 #: the decode step's arguments less its state dtype (``compute.decode.decode_step``)
@@ -80,6 +82,9 @@ TABLE = (
            final_state=True),  # fmt: skip
     Kernel("final_state_backward", ("dfinal", "end_length", "final_map", "final_grads"), "backward", final_state=True),
     Kernel("chunk_backward", (*CHUNK_INPUTS, "do", "grads"), "backward", tunable=True),
+    # the CUDA backward's per-chunk gradients as a tile program, for 16-bit inputs (schedules/cuda_tile_backward.py)
+    Kernel("chunk_backward_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS,
+                                   *TILE_BACKWARD_CONSTANTS, "do", "grads"), "backward", implements="chunk_backward"),
     Kernel("state_scan_reverse", ("grads", "state_decay_t", "starts", "state_grads"), "backward"),
     *(Kernel(f"input_gradient_{x}", ("grads", "state_grads", "starts", "state_in", f"d{x}"), "backward", tunable=True)
       for x in "qkv"),  # fmt: skip

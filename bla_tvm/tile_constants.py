@@ -47,7 +47,8 @@ class TileConstants:
     """Tables of the tile forward for chunk length L, basis padded to NP, slots padded to MP (float64).
 
     perm [N]: see ``rotation_order``.
-    input_map [L, L + NP]: [Inv | -Inv Psi] with Psi's columns permuted, so k' = input_map [k; X] (X permuted).
+    input_map [L, L + NP]: [Inv | -Inv Psi] with Psi's columns permuted, so k' = input_map [k; X] (X permuted);
+        input_map_t [L + NP, L] its transpose (the backward's d[k; X] = input_map_t d k').
     lag [L, NP]: lag[s, p] = (R^{-(s+1)} b)[perm p];  lag_t [NP, L] its transpose.
     slots [MP, NP]: C with permuted columns; slots_t [NP, MP] its transpose.
     rot_diag, rot_pair, rot_pair_t [L, NP]: with p' = p xor 1,
@@ -57,6 +58,7 @@ class TileConstants:
 
     perm: torch.Tensor
     input_map: torch.Tensor
+    input_map_t: torch.Tensor
     lag: torch.Tensor
     lag_t: torch.Tensor
     slots: torch.Tensor
@@ -145,5 +147,5 @@ def tile_constants(params: BLAParams, chunk_size: int, slot_tile: int) -> TileCo
         p = torch.arange(NP)
         rot_diag[j], rot_pair[j], rot_pair_t[j] = P[p, p], P[p, partner], P[partner, p]
 
-    return TileConstants(perm, input_map, lag, lag.T.contiguous(), slots, slots.T.contiguous(), rot_diag, rot_pair,
+    return TileConstants(perm, input_map, input_map.T.contiguous(), lag, lag.T.contiguous(), slots, slots.T.contiguous(), rot_diag, rot_pair,
                          rot_pair_t)  # fmt: skip

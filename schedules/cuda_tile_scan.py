@@ -43,12 +43,13 @@ def state_scan_tile(spec: KernelSpec):
     FB = COLUMN_BLOCK
     WARPS = NP // 16
     THREADS = 32 * WARPS
-    LOADS = L * FB // THREADS  # elements of a chunk's [k | v] columns each thread loads
+    PAIRS_LOADED = L * FB // 2 // THREADS  # pairs of adjacent [k | v] columns each thread loads per chunk
     dt, h16 = spec.dtype, "float16"
     X_STRIDE, KV_STRIDE = NP + 8, L + 8
+    # one stage of shared memory: X^T hi, X^T lo, [k | v]^T; two stages alternate from chunk to chunk
     XLO_AT = FB * X_STRIDE
     KV_AT = 2 * FB * X_STRIDE
-    SHARED_HALVES = KV_AT + FB * KV_STRIDE
+    STAGE = KV_AT + FB * KV_STRIDE
 
     @T.prim_func
     def state_scan(
@@ -76,17 +77,14 @@ def state_scan_tile(spec: KernelSpec):
         warp = T.warp_id([WARPS])
         lane = T.lane_id([32])
 
-        pool = T.alloc_buffer((SHARED_HALVES,), h16, scope="shared.dyn")
-        x_hi = T.decl_buffer((FB, X_STRIDE), h16, data=pool.data, elem_offset=0, scope="shared.dyn")  # X^T
-        x_lo = T.decl_buffer((FB, X_STRIDE), h16, data=pool.data, elem_offset=XLO_AT, scope="shared.dyn")
-        kv = T.decl_buffer((FB, KV_STRIDE), h16, data=pool.data, elem_offset=KV_AT, scope="shared.dyn")  # [k|v]^T
-        x_hi_w = x_hi.view("uint32")
-        x_lo_w = x_lo.view("uint32")
-        kv_w = kv.view("uint32")
+        pool = T.alloc_buffer((2 * STAGE,), h16, scope="shared.dyn")
+        pool_w = pool.view("uint32")
         state_in_hi_w = state_in_hi.view("uint32")
         state_in_lo_w = state_in_lo.view("uint32")
         decay_hi_w = decay_hi.view("uint32")
         decay_lo_w = decay_lo.view("uint32")
+        k_w = k.view("uint32")
+        v_w = v.view("uint32")
 
         fb = block % (F // FB)
         h = block // (F // FB) % H
@@ -114,31 +112,54 @@ def state_scan_tile(spec: KernelSpec):
         a_slice_w = a_slice.local(8).view("uint32")
         b_tile = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
         b_tile_w = b_tile.local(FB // 8 * 4).view("uint32")
+        # X_{c+1} = sum of five independent products, each its own accumulator (mma chains of NP / 16 or L / 16)
         x = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
         x_r = x.local(FB // 8, 2, 2)
+        hh = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_hi X_hi
+        lh = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_lo X_hi
+        hl = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_hi X_lo
+        in_hi = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # S_hi [k|v]
+        in_lo = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # S_lo [k|v]
+        hh_r, lh_r, hl_r = hh.local(FB // 8, 2, 2), lh.local(FB // 8, 2, 2), hl.local(FB // 8, 2, 2)
+        in_hi_r, in_lo_r = in_hi.local(FB // 8, 2, 2), in_lo.local(FB // 8, 2, 2)
         for nt, rM, rN in T.grid(FB // 8, 2, 2):
             x_r[nt, rM, rN] = T.float32(0)
 
-        # [k | v] of the next chunk is loaded into registers while this chunk's products run
-        ahead = T.alloc_buffer((LOADS,), h16, scope="local")
-        for it in T.unroll(LOADS):
-            j = (it * THREADS + tid) // FB
-            f = fb * FB + (it * THREADS + tid) % FB
-            value = T.if_then_else(f < K, k[b, T.min(j, TT - 1), h, T.min(f, K - 1)],
-                                   v[b, T.min(j, TT - 1), h, T.max(f - K, 0)])  # fmt: skip
-            ahead[it] = T.if_then_else(j < TT, T.Cast(h16, value), T.float16(0))
+        # a chunk's [k | v] columns, two adjacent ones per 32-bit word, loaded one chunk ahead in the input dtype
+        # (converted to float16 only when stored, so no step waits on its own loads)
+        ahead = T.alloc_buffer((PAIRS_LOADED,), "uint32", scope="local")
+        ahead_x = ahead.view(dt)
+        for it in T.unroll(PAIRS_LOADED):
+            j = (it * THREADS + tid) // (FB // 2)
+            f = fb * FB + (it * THREADS + tid) % (FB // 2) * 2
+            if fb * FB < K:
+                ahead[it] = k_w[b, T.min(j, TT - 1), h, T.min(f, K - 2) // 2]
+            else:
+                ahead[it] = v_w[b, T.min(j, TT - 1), h, T.max(f - K, 0) // 2]
+        start_next = T.alloc_buffer((1,), "int32", scope="local")
+        start_next[0] = starts[b, 0]
 
         for c in T.serial(NC):
-            # 1. the chunk's [k | v] columns, and X_c: from the sequence's initial state where c starts one
-            for it in T.unroll(LOADS):
-                kv[(it * THREADS + tid) % FB, (it * THREADS + tid) // FB] = ahead[it]
-            for it in T.unroll(LOADS):
-                j = (c + 1) * L + (it * THREADS + tid) // FB
-                f = fb * FB + (it * THREADS + tid) % FB
-                value = T.if_then_else(f < K, k[b, T.min(j, TT - 1), h, T.min(f, K - 1)],
-                                       v[b, T.min(j, TT - 1), h, T.max(f - K, 0)])  # fmt: skip
-                ahead[it] = T.if_then_else(j < TT, T.Cast(h16, value), T.float16(0))
-            start = starts[b, c]
+            stage = c % 2 * STAGE
+            start = start_next[0]
+            start_next[0] = starts[b, T.min(c + 1, NC - 1)]
+            # 1. the chunk's [k | v] columns (zero past the sequence's end) -> shared; the next chunk's loads issue
+            for it in T.unroll(PAIRS_LOADED):
+                j = (it * THREADS + tid) // (FB // 2)
+                pair = (it * THREADS + tid) % (FB // 2)
+                valid = c * L + j < TT
+                pool[stage + KV_AT + (2 * pair) * KV_STRIDE + j] = T.if_then_else(
+                    valid, T.Cast(h16, ahead_x[2 * it]), T.float16(0))
+                pool[stage + KV_AT + (2 * pair + 1) * KV_STRIDE + j] = T.if_then_else(
+                    valid, T.Cast(h16, ahead_x[2 * it + 1]), T.float16(0))
+            for it in T.unroll(PAIRS_LOADED):
+                j = (c + 1) * L + (it * THREADS + tid) // (FB // 2)
+                f = fb * FB + (it * THREADS + tid) % (FB // 2) * 2
+                if fb * FB < K:
+                    ahead[it] = k_w[b, T.min(j, TT - 1), h, T.min(f, K - 2) // 2]
+                else:
+                    ahead[it] = v_w[b, T.min(j, TT - 1), h, T.max(f - K, 0) // 2]
+            # X_c (from the sequence's initial state where chunk c starts one) -> states, and as hi + lo -> shared
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
@@ -148,35 +169,43 @@ def state_scan_tile(spec: KernelSpec):
                 if p < N:
                     states[b, c, h, p, f] = x_r[nt, rM, rN]
                 hi = T.Cast(h16, x_r[nt, rM, rN])
-                x_hi[nt * 8 + 2 * tq + rN, p] = hi
-                x_lo[nt * 8 + 2 * tq + rN, p] = T.Cast(h16, x_r[nt, rM, rN] - T.Cast("float32", hi))
-            T.cuda.cta_sync()
-            # 2. X_{c+1} = A_hi X_hi + A_hi X_lo + A_lo X_hi + state_in [k | v]
+                pool[stage + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = hi
+                pool[stage + XLO_AT + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = T.Cast(
+                    h16, x_r[nt, rM, rN] - T.Cast("float32", hi))
+            T.cuda.cta_sync()  # the stage is complete; the other stage is free (read before this barrier)
+            # 2. X_{c+1} = A_hi X_hi + A_lo X_hi + A_hi X_lo + S_hi [k | v] + S_lo [k | v]
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                x_r[nt, rM, rN] = T.float32(0)
+                hh_r[nt, rM, rN] = T.float32(0)
+                lh_r[nt, rM, rN] = T.float32(0)
+                hl_r[nt, rM, rN] = T.float32(0)
+                in_hi_r[nt, rM, rN] = T.float32(0)
+                in_lo_r[nt, rM, rN] = T.float32(0)
             for kt in T.unroll(NP // 16):
                 for nt, kHi in T.grid(FB // 8, 2):
-                    b_tile_w[nt * 2 + kHi] = x_hi_w[nt * 8 + g, kt * 8 + kHi * 4 + tq]
+                    b_tile_w[nt * 2 + kHi] = pool_w[(stage + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
                 for word in T.unroll(4):
                     a_slice_w[word] = a_hi_w[kt * 4 + word]
-                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                Tx.warp.gemm(hh, a_slice, b_tile, hh, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
                 for word in T.unroll(4):
                     a_slice_w[word] = a_lo_w[kt * 4 + word]
-                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                Tx.warp.gemm(lh, a_slice, b_tile, lh, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
                 for nt, kHi in T.grid(FB // 8, 2):
-                    b_tile_w[nt * 2 + kHi] = x_lo_w[nt * 8 + g, kt * 8 + kHi * 4 + tq]
+                    b_tile_w[nt * 2 + kHi] = pool_w[
+                        (stage + XLO_AT + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
                 for word in T.unroll(4):
                     a_slice_w[word] = a_hi_w[kt * 4 + word]
-                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                Tx.warp.gemm(hl, a_slice, b_tile, hl, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
             for kt in T.unroll(L // 16):
                 for nt, kHi in T.grid(FB // 8, 2):
-                    b_tile_w[nt * 2 + kHi] = kv_w[nt * 8 + g, kt * 8 + kHi * 4 + tq]
+                    b_tile_w[nt * 2 + kHi] = pool_w[(stage + KV_AT + (nt * 8 + g) * KV_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
                 for word in T.unroll(4):
                     a_slice_w[word] = a_in_hi_w[kt * 4 + word]
-                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                Tx.warp.gemm(in_hi, a_slice, b_tile, in_hi, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
                 for word in T.unroll(4):
                     a_slice_w[word] = a_in_lo_w[kt * 4 + word]
-                Tx.warp.gemm(x, a_slice, b_tile, x, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
-            T.cuda.cta_sync()  # every warp has read X_c and the chunk before they are overwritten
+                Tx.warp.gemm(in_lo, a_slice, b_tile, in_lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                x_r[nt, rM, rN] = (hh_r[nt, rM, rN] + (lh_r[nt, rM, rN] + hl_r[nt, rM, rN])) + (
+                    in_hi_r[nt, rM, rN] + in_lo_r[nt, rM, rN])
 
     return state_scan

@@ -131,8 +131,9 @@ def test_scan_tables_split_into_float16_parts_that_sum_to_the_constants():
 
 
 def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
-    """dispatch: on CUDA the tile scan stands in for the scan and absorbs chunk_state; the tile forward stands in
-    for chunk_output at L = 64; float32 and the CPU keep the TE kernels."""
+    """dispatch: on CUDA the tile scan stands in for the scan and absorbs chunk_state; the tile forward and backward
+    stand in for chunk_output and chunk_backward at L = 64 (inference and training); float32 and the CPU keep the
+    TE kernels."""
     from bla_tvm import dispatch
     from bla_tvm.layer import LayerSpec
 
@@ -145,3 +146,7 @@ def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
     fp32 = LayerSpec(512, 63, 63, 64, 64, "float32").kernel(64)
     assert dispatch.implementations(names, fp32, cuda) == {name: name for name in names}
     assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), False) == 64
+    training = dispatch.phase_kernels(True, final_state=False)
+    assert dispatch.implementations(training, bf16, cuda)["chunk_backward"] == "chunk_backward_tile"
+    assert dispatch.implementations(training, fp32, cuda)["chunk_backward"] == "chunk_backward"
+    assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), True) == 64

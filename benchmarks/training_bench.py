@@ -1,0 +1,126 @@
+"""Training step (forward + backward) of the public op on CUDA at the shape of record, against FlexAttention SWA
+and SDPA timed in the same run: time, peak memory above the inputs, the time of each kernel (torch.profiler) and
+the gradients' error against the float64 definition on a slice (one call on the GPU machine; kernels prebuilt:
+see README "GPU tests" for the bundle).
+
+    BLA_TVM_PREBUILT_DIR=.bundle/kernels BLA_TVM_RUNTIME_DIR=.bundle/lib BLA_TVM_NO_BUILD=1 BLA_TVM_NO_TUNING=1 \\
+        python benchmarks/training_bench.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton.testing
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from bla_tvm import blurry_window_attention
+from bla_tvm.reference import bla_recurrent
+
+SHAPE = dict(B=4, T=4096, H=16, K=64, V=64)
+WINDOW = 512
+LAYERS = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
+
+
+def relative(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def gradient_errors(N: int, M: int, device, dtype) -> dict:
+    """Relative error of o, dq, dk, dv against autograd through the float64 recurrence (B=1, T=300, H=2)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(1, 300, 2, 64, generator=gen) for _ in range(4))
+    leaves = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+    o, _ = blurry_window_attention(*leaves, WINDOW, N, M)
+    grads = torch.autograd.grad(o, leaves, do.to(device, dtype))
+    refs = [x.double().requires_grad_() for x in (q, k, v)]
+    o_ref = bla_recurrent(*refs, WINDOW, N, M)
+    ref_grads = torch.autograd.grad(o_ref, refs, do.double())
+    errors = {"o": relative(o, o_ref.detach())}
+    errors.update({name: relative(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    return errors
+
+
+def step_ms(step, inputs) -> float:
+    return triton.testing.do_bench(step, grad_to_none=inputs, return_mode="median")
+
+
+def peak_mb(step) -> float:
+    """Peak memory of one step above what was allocated before it (MB)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def kernel_ms(step, repeats: int = 5) -> dict:
+    """CUDA time per step of each kernel name (ms), from torch.profiler."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time_total / 1e3 / repeats
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def main(out: Path, lengths: list[int]) -> None:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, d, generator=gen).to(device, dtype).requires_grad_() for d in (K, K, V))
+    do = torch.randn(B, T, H, V, generator=gen).to(device, dtype)
+    results = {"device": torch.cuda.get_device_name(), "shape": dict(SHAPE, W=WINDOW, dtype="bfloat16"), "ms": {},
+               "peak_mb_above_inputs": {}, "kernels_ms": {}, "errors": {}}  # fmt: skip
+    for name, (N, M) in LAYERS.items():
+        results["errors"][name] = gradient_errors(N, M, device, dtype)
+
+        def step(N=N, M=M):
+            blurry_window_attention(q, k, v, WINDOW, N, M)[0].backward(do)
+
+        results["ms"][name] = step_ms(step, [q, k, v])
+        results["peak_mb_above_inputs"][name] = peak_mb(step)
+        results["kernels_ms"][name] = kernel_ms(step)
+        print(name, results["ms"][name], results["errors"][name], flush=True)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    dot = do.transpose(1, 2).contiguous()
+    mask = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < WINDOW), None, None, T, T, device=device)
+    flex = torch.compile(flex_attention)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    baselines = {"Flex SWA-512": lambda: flex(qt, kt, vt, block_mask=mask).backward(dot),
+                 "SDPA causal": lambda: sdpa(qt, kt, vt, is_causal=True).backward(dot)}  # fmt: skip
+    for name, step in baselines.items():
+        results["ms"][name] = step_ms(step, [qt, kt, vt])
+        results["peak_mb_above_inputs"][name] = peak_mb(step)
+    results["long"] = {}
+    del q, k, v, qt, kt, vt
+    for length in lengths:  # does a long sequence train, and with how much memory
+        ql, kl, vl = (torch.randn(B, length, H, d, generator=gen).to(device, dtype).requires_grad_() for d in (K, K, V))
+        dol = torch.randn(B, length, H, V, generator=gen).to(device, dtype)
+
+        def long_step():
+            blurry_window_attention(ql, kl, vl, WINDOW, 63, 63)[0].backward(dol)
+
+        results["long"][length] = dict(ms=step_ms(long_step, [ql, kl, vl]), peak_mb=peak_mb(long_step),
+                                       finite=bool(torch.isfinite(ql.grad).all()))  # fmt: skip
+        del ql, kl, vl, dol
+    print(json.dumps(results, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training_bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--lengths", type=int, nargs="*", default=[65536])
+    args = parser.parse_args()
+    main(args.out, args.lengths)
