@@ -157,7 +157,7 @@ def run_checks(torch, bla) -> list[dict]:
         start = bla.BLAState(*(torch.randn(B, H, SHAPE["resolution"], d, device=DEVICE, generator=g) for d in (K, V)),
                              seen)  # fmt: skip
         tokens = [torch.randn(B, 64, H, d, device=DEVICE, generator=g, dtype=torch.bfloat16) for d in (K, K, V)]
-        decoder = bla.DecodeGraph(bla.BLAState(*(x.clone() for x in start)), *layer_args(), query_heads=H)
+        decoder = bla.DecodeGraph(bla.BLAState(*(x.clone() for x in start[:3])), *layer_args(), query_heads=H)
         state, worst = start, 0.0
         for t in range(64):
             o, state = bla.decode_step(*(x[:, t] for x in tokens), state, *layer_args())

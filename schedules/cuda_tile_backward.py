@@ -84,7 +84,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     HT_AT = GT_AT + LR * ROW_STRIDE
     QT_AT = HT_AT + LR * ROW_STRIDE
     DOT_AT = QT_AT + K * ROW_STRIDE
-    SHARED_HALVES = max(VALUES_AT + LR * VY_STRIDE, DOT_AT + V * ROW_STRIDE)
+    BAD_AT = round_up(max(VALUES_AT + LR * VY_STRIDE, DOT_AT + V * ROW_STRIDE), 2)  # int32 masks after the rest
+    SHARED_HALVES = BAD_AT + 4 * (F + V)
 
     @T.prim_func
     def chunk_backward(
@@ -123,8 +124,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         lane = T.lane_id([32])
 
         pool = T.alloc_buffer((SHARED_HALVES,), h16, scope="shared.dyn")
-        # bit j % 32 of word [f, j // 32]: row j of column f was not finite (d[k'|v'], then dO)
-        bad = T.alloc_buffer((2 * (F + V),), "int32", scope="shared")
+        # bit j % 32 of word [f, j // 32]: row j of column f was not finite (d[k'|v'], then dO); in the dynamic
+        # pool, as a static array would take the block past 48 KB without the dynamic size's opt-in
+        bad = T.decl_buffer((2 * (F + V),), "int32", data=pool.data, elem_offset=BAD_AT // 2, scope="shared.dyn")
         kv_raw = T.decl_buffer((F, RAW_STRIDE), h16, data=pool.data, elem_offset=0, scope="shared.dyn")  # [k|v; X|Y]^T
         keys = T.decl_buffer((LR, KX_STRIDE), h16, data=pool.data, elem_offset=KEYS_AT, scope="shared.dyn")  # [k'; X]
         keys_t = T.decl_buffer((K, KXT_STRIDE), h16, data=pool.data, elem_offset=KEYS_T_AT, scope="shared.dyn")

@@ -206,7 +206,7 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
             for mj in T.unroll(MJ):
                 i = lane + 32 * mj
                 probs[g, mj] = NEG
-                if i < M and T.Cast("int64", i) * W <= seen[b] * M:
+                if i < M and T.Cast("int64", i) * W <= T.min(seen[b], T.int64(W)) * M:  # no int64 overflow
                     probs[g, mj] = T.float32(0)
                     for w in T.unroll(WARPS):
                         probs[g, mj] = probs[g, mj] + score_part[w, g, T.min(i, M - 1)]
