@@ -17,15 +17,13 @@ same state, so any split of a sequence into calls gives the output of one call.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..api import blurry_window_attention
 from ..decode import decode_step
-from ..params import BLAParams, check_int, check_scale
+from ..params import BLAParams, check_bool, check_int, check_positive, check_scale
 from ..state import check_state
 from .cache import BLACache, LayerState
 from .conv import ShortConvolution
@@ -42,21 +40,6 @@ STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: feature maps applied to q and k (after the short convolution); None: none
 FEATURE_MAPS = {"swish": F.silu, "relu": F.relu, "elu": elu_plus_one}
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-def check_positive(name: str, value) -> float:
-    """A finite real number > 0, or a TypeError / ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite float > 0, got {value}")
-    return float(value)
 
 
 def per_head(name: str, total: float, heads: int, of: str) -> int:

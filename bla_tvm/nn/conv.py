@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import check_int
+
 
 def sequence_offsets(batch: int, length: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
     """cu_seqlens [S + 1] of the sequences in x [B, T, ...]: the given offsets (B = 1), else B rows of T."""
@@ -34,7 +36,8 @@ class ShortConvolution(nn.Module):
 
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
         super().__init__()
-        self.hidden_size, self.kernel_size = hidden_size, kernel_size
+        self.hidden_size = check_int("hidden_size", hidden_size, 1)
+        self.kernel_size = check_int("kernel_size", kernel_size, 1)
         bound = 1.0 / math.sqrt(kernel_size)
         self.weight = nn.Parameter(torch.empty(hidden_size, kernel_size).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(hidden_size).uniform_(-bound, bound)) if bias else None
