@@ -137,3 +137,19 @@ def test_bad_layer_arguments_stop_the_sweep_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="resolution"):
         sweep.main(["--toy", "--no-progress", "--bla-resolutions", "5", "4", "--out", str(out)])
     assert not out.exists()
+
+
+def test_list_specs_names_the_kernels_of_the_bla_runs(capsys):
+    """--list-specs: KernelSpec fields of the toy's one BLA layer, at the training chunk length with the backward
+    kernels and at the evaluation's with the forward's; no run starts."""
+    from bla_tvm.kernels import BACKWARD, FORWARD
+    from bla_tvm.layer import KernelSpec
+
+    sweep.main(["--toy", "--list-specs"])
+    specs = json.loads(capsys.readouterr().out)
+    kernels = set()
+    for fields in specs:
+        spec = KernelSpec(**{k: v for k, v in fields.items() if k != "kernels"})
+        assert (spec.window, spec.resolution, spec.num_slots, spec.head_k, spec.head_v) == (8, 5, 5, 16, 16)
+        kernels |= set(fields["kernels"])
+    assert set(FORWARD) | set(BACKWARD) == kernels and 1 <= len(specs) <= 2

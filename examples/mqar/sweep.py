@@ -3,6 +3,7 @@ head_dim floats) and BLA (resolution N: 2 N head_dim floats), over several seeds
 
     python -m examples.mqar --toy                       # seconds on a CPU
     python -m examples.mqar --device cuda               # the full sweep (defaults below)
+    python -m examples.mqar --list-specs > specs.json   # its CUDA kernels, for `bla-tvm build --specs`
 
 Writes the JSON of results after every run ({"runs": [{"config", "result", "state_floats", "device",
 "compiled", "command"}, ...]}) and, at the end, the PNG beside it (``plot``). A run whose config is already in
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import check_task
-from .model import state_floats
+from .model import num_slots, state_floats
 from .plot import plot
 from .train import build_model, train_run
 
@@ -88,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--out", type=Path, help="results JSON; the PNG is written beside it (examples/mqar/results/mqar.json, "
         "toy.json with --toy)")
     add("--no-progress", action="store_true", help="no progress bars")
+    add("--list-specs", action="store_true",
+        help="print the CUDA kernel specs the sweep's BLA runs load, as `bla-tvm build --specs` reads them, and exit")
     args = parser.parse_args(argv)
     preset = TOY if args.toy else FULL
     for name, value in preset.items():
@@ -150,9 +153,35 @@ def label(run: dict) -> str:
     return f"BLA W={method['window']} M={method['slots']}" + "".join(f", {o}" for o in options)
 
 
+def kernel_specs(configs: list[dict]) -> list[dict]:
+    """The CUDA kernels the BLA runs of ``configs`` load, as KernelSpec fields with "kernels": per layer, the
+    forward and backward kernels at the training chunk length and the forward's at the evaluation's (no grad),
+    each the op's default (``dispatch.default_chunk_size``; no shipped tuning log has these layers)."""
+    from bla_tvm.dispatch import default_chunk_size
+    from bla_tvm.kernels import BACKWARD, FORWARD
+    from bla_tvm.layer import LayerSpec
+
+    specs = {}
+    for config in configs:
+        method, model = config["method"], config["model"]
+        if method["name"] != "bla":
+            continue
+        head_dim = model["d_model"] // model["heads"]
+        layer = LayerSpec(method["window"], method["resolution"], num_slots(method), head_dim, head_dim,
+                          config["training"]["dtype"], 1)  # fmt: skip
+        for backward in (True, False):
+            spec = dict(layer.as_dict(), chunk_size=default_chunk_size(torch.device("cuda"), layer, backward))
+            names = specs.setdefault(key(spec), (spec, set()))[1]
+            names.update(FORWARD + (BACKWARD if backward else ()))
+    return [dict(spec, kernels=sorted(names)) for spec, names in specs.values()]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     configs = run_configs(args)
+    if args.list_specs:
+        print(json.dumps(kernel_specs(configs), indent=1))
+        return
     for config in configs:  # every layer's arguments are checked before the first run starts
         build_model(config)
     runs = load(args.out)
