@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bla_tvm.dispatch import default_chunk_size
+from bla_tvm.kernels import BACKWARD, FORWARD
+from bla_tvm.layer import LayerSpec
+
 from .data import check_task
 from .model import num_slots, state_floats
 from .plot import plot
@@ -157,10 +161,6 @@ def kernel_specs(configs: list[dict]) -> list[dict]:
     """The CUDA kernels the BLA runs of ``configs`` load, as KernelSpec fields with "kernels": per layer, the
     forward and backward kernels at the training chunk length and the forward's at the evaluation's (no grad),
     each the op's default (``dispatch.default_chunk_size``; no shipped tuning log has these layers)."""
-    from bla_tvm.dispatch import default_chunk_size
-    from bla_tvm.kernels import BACKWARD, FORWARD
-    from bla_tvm.layer import LayerSpec
-
     specs = {}
     for config in configs:
         method, model = config["method"], config["model"]
