@@ -4,6 +4,7 @@ Importing the package loads no compiler: kernels are loaded through tvm_ffi, and
 when a kernel has to be built.
 """
 
+from . import nn
 from .api import blurry_window_attention
 from .decode import decode_step
 from .decode_graph import DecodeGraph
@@ -14,5 +15,5 @@ from .state import BLAState
 
 __all__ = [
     "BLAParams", "BLAState", "DecodeGraph", "blurry_window_attention", "decode_step", "generate", "bla_chunked",
-    "bla_quadratic", "bla_recurrent",
+    "bla_quadratic", "bla_recurrent", "nn",
 ]  # fmt: skip

@@ -21,6 +21,22 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool; else a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    """A finite real number > 0, or a TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class BLAParams:
     """The shape of a BLA layer: window W, resolution N, slots M.
