@@ -45,10 +45,11 @@ NAN = T.float32("nan")
 
 
 def rows_at_or_after(bad, word, row):
-    """Whether the 64-bit row mask at bad[word], bad[word + 1] has a bit at ``row`` or after (row < 64)."""
+    """Whether the 64-bit row mask at bad[word], bad[word + 1] has a bit at ``row`` or after (row < 64). Plain
+    Python, called while the kernel is parsed: T.Or, not ``or`` (which would test the first PrimExpr's truth)."""
     return T.if_then_else(
         row < 32,
-        T.shift_right(bad[word], T.min(row, 31)) != 0 or bad[word + 1] != 0,
+        T.Or(T.shift_right(bad[word], T.min(row, 31)) != 0, bad[word + 1] != 0),
         T.shift_right(bad[word + 1], T.max(row - 32, 0)) != 0,
     )
 

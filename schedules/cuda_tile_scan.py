@@ -112,15 +112,15 @@ def state_scan_tile(spec: KernelSpec):
         a_slice_w = a_slice.local(8).view("uint32")
         b_tile = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
         b_tile_w = b_tile.local(FB // 8 * 4).view("uint32")
-        # X_{c+1} = sum of five independent products, each its own accumulator (mma chains of NP / 16 or L / 16)
+        # X_{c+1} = sum of four independent products, each its own accumulator (mma chains of NP / 16 or L / 16,
+        # 2 NP / 16 for the two small correction terms together)
         x = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
         x_r = x.local(FB // 8, 2, 2)
         hh = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_hi X_hi
-        lh = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_lo X_hi
-        hl = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_hi X_lo
+        lo = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # A_lo X_hi + A_hi X_lo
         in_hi = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # S_hi [k|v]
         in_lo = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # S_lo [k|v]
-        hh_r, lh_r, hl_r = hh.local(FB // 8, 2, 2), lh.local(FB // 8, 2, 2), hl.local(FB // 8, 2, 2)
+        hh_r, lo_r = hh.local(FB // 8, 2, 2), lo.local(FB // 8, 2, 2)
         in_hi_r, in_lo_r = in_hi.local(FB // 8, 2, 2), in_lo.local(FB // 8, 2, 2)
         for nt, rM, rN in T.grid(FB // 8, 2, 2):
             x_r[nt, rM, rN] = T.float32(0)
@@ -176,8 +176,7 @@ def state_scan_tile(spec: KernelSpec):
             # 2. X_{c+1} = A_hi X_hi + A_lo X_hi + A_hi X_lo + S_hi [k | v] + S_lo [k | v]
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 hh_r[nt, rM, rN] = T.float32(0)
-                lh_r[nt, rM, rN] = T.float32(0)
-                hl_r[nt, rM, rN] = T.float32(0)
+                lo_r[nt, rM, rN] = T.float32(0)
                 in_hi_r[nt, rM, rN] = T.float32(0)
                 in_lo_r[nt, rM, rN] = T.float32(0)
             for kt in T.unroll(NP // 16):
@@ -188,13 +187,13 @@ def state_scan_tile(spec: KernelSpec):
                 Tx.warp.gemm(hh, a_slice, b_tile, hh, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
                 for word in T.unroll(4):
                     a_slice_w[word] = a_lo_w[kt * 4 + word]
-                Tx.warp.gemm(lh, a_slice, b_tile, lh, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                Tx.warp.gemm(lo, a_slice, b_tile, lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
                 for nt, kHi in T.grid(FB // 8, 2):
                     b_tile_w[nt * 2 + kHi] = pool_w[
                         (stage + XLO_AT + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
                 for word in T.unroll(4):
                     a_slice_w[word] = a_hi_w[kt * 4 + word]
-                Tx.warp.gemm(hl, a_slice, b_tile, hl, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                Tx.warp.gemm(lo, a_slice, b_tile, lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
             for kt in T.unroll(L // 16):
                 for nt, kHi in T.grid(FB // 8, 2):
                     b_tile_w[nt * 2 + kHi] = pool_w[(stage + KV_AT + (nt * 8 + g) * KV_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
@@ -205,7 +204,7 @@ def state_scan_tile(spec: KernelSpec):
                     a_slice_w[word] = a_in_lo_w[kt * 4 + word]
                 Tx.warp.gemm(in_lo, a_slice, b_tile, in_lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                x_r[nt, rM, rN] = (hh_r[nt, rM, rN] + (lh_r[nt, rM, rN] + hl_r[nt, rM, rN])) + (
+                x_r[nt, rM, rN] = (hh_r[nt, rM, rN] + lo_r[nt, rM, rN]) + (
                     in_hi_r[nt, rM, rN] + in_lo_r[nt, rM, rN])
 
     return state_scan
