@@ -8,10 +8,22 @@ fragments (mma.sync m16n8k16, float16 operands, float32 accumulation); the rotat
 ``bla_tvm/tile_constants.py`` replaces the diagonal gathers. Per block:
 
   1. [k|v; X|Y] -> shared (float16; X, Y in the rotation-paired basis)                         all threads
+     then, after a barrier, per column of [k|v] (a thread each): its first non-finite row -> first_bad,
+     its non-finite elements -> 0
   2. [k'|v'] rows of warp w = input_map[rows] [k|v; X|Y]    -> shared: k' [L, K], [v'; Y]^T [V, L + NP]
   3. qx = q k'^T (masked s <= j);  z = scale R^{j+1} (q X^T + qx lag)                            [16, NP]
   4. over slot tiles of ``slot_tile``: logits = z C^T, masked; online softmax; w += E C         [16, NP]
   5. w' = (R^{j+1})^T w;  o = ((w' lag^T, masked s <= j) v' + w' Y) / rowsum(E)                [16, V]
+     o[j, f] = NaN (its accumulator starts at NaN) from the first non-finite row of k (any column) on and
+     of v[:, f] on
+
+Non-finite tokens: a masked product (input_map's zero upper triangle, the masked qx and mix) multiplies its
+zeros by the rows after j, and 0 * NaN = NaN, so a non-finite k or v row would reach the earlier outputs of its
+chunk. Stage 1 sets such elements to 0 and stage 5 makes non-finite exactly the outputs the definition makes
+non-finite: a non-finite k at row t every o[j >= t] (the key state's column enters every score), a non-finite
+v[t, f] only o[j >= t, f]. A value float16 cannot hold (a bfloat16 beyond 65504) counts as non-finite. A
+non-finite q row or carried state (X, Y) needs nothing: the products carry it to the outputs the definition's
+do (a q row: its own output row; a state column: every row of the chunk).
 
 Fragment registers are addressed through ``.local()`` views whose axis order is the one PTX's m16n8k16 fixes
 (g = lane / 4, t = lane % 4):
@@ -39,8 +51,15 @@ _A_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)]).tile_to([
 _B_TILE = TileLayout(S[(4, 2, 8) : (1 @ laneid, 1, 4 @ laneid)]).tile_to([16, 8], [8, 8])
 
 CHUNK = TILE_CHUNK
+NAN = float("nan")
 WARPS = CHUNK // 16
 THREADS = 32 * WARPS
+
+
+def non_finite_half(word, h):
+    """Whether float16 number h (0: the low, 1: the high 16 bits) of the 32-bit ``word`` is inf or NaN, i.e. its
+    exponent bits are all ones: an integer test, which no fast-math flag folds away."""
+    return ((word >> T.uint32(16 * h)) & T.uint32(0x7C00)) == T.uint32(0x7C00)
 
 
 def accumulator_layout(columns: int) -> TileLayout:
@@ -91,7 +110,8 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     RAW_REGION = max(F * KV_STRIDE, LAG_AT + L * (NP + 8))
     KEYS_AT = RAW_REGION
     VALUES_AT = KEYS_AT + LR * KX_STRIDE
-    SHARED_HALVES = VALUES_AT + V * VY_STRIDE
+    FIRST_BAD_AT = (VALUES_AT + V * VY_STRIDE) // 2  # in 32-bit words
+    SHARED_HALVES = 2 * (FIRST_BAD_AT + V + 1)
 
     @T.prim_func
     def chunk_output(
@@ -134,6 +154,8 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         slots_s = T.decl_buffer((MT, NP + 8), h16, data=pool.data, elem_offset=SLOTS_AT, scope="shared.dyn")
         slots_t_s = T.decl_buffer((NP, MT + 8), h16, data=pool.data, elem_offset=SLOTS_T_AT, scope="shared.dyn")
         lag_s = T.decl_buffer((L, NP + 8), h16, data=pool.data, elem_offset=LAG_AT, scope="shared.dyn")
+        # the chunk's first row with a non-finite v[:, f] (f < V), with a non-finite k (V); L where there is none
+        first_bad = T.decl_buffer((V + 1,), "int32", data=pool.data, elem_offset=FIRST_BAD_AT, scope="shared.dyn")
         # 32-bit views: fragment loads move two adjacent reduction elements at once
         kv_raw_w = kv_raw.view("uint32")
         keys_w = keys.view("uint32")
@@ -187,6 +209,28 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
             x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), K + f]), T.float16(0))
             kv_raw[K + f, L + p] = x
             values[f, L + p] = x
+        if tid == 0:
+            first_bad[V] = L  # k's, lowered atomically after the barrier
+        T.cuda.cta_sync()
+        # non-finite k, v: thread tid takes column f = tid (+ THREADS) of [k|v] in shared memory, records its first
+        # non-finite row (k's first_bad is the least over k's columns) and, rarely, sets those elements to 0. A test
+        # of each element as the loop above loads it changed how ptxas schedules those loads (all in flight, or one
+        # at a time behind a branch; 132 -> 205-255 registers), hence this pass and its barrier.
+        bad_row = T.alloc_buffer((1,), "int32", scope="local")
+        for it in T.serial((F + THREADS - 1) // THREADS):
+            f = it * THREADS + tid
+            if f < F:
+                bad_row[0] = L
+                for r2, h in T.grid(L // 2, 2):
+                    bad_row[0] = T.min(bad_row[0], T.if_then_else(non_finite_half(kv_raw_w[f, r2], h), 2 * r2 + h, L))
+                if f >= K:
+                    first_bad[T.max(f - K, 0)] = bad_row[0]
+                if bad_row[0] < L:
+                    if f < K:
+                        T.ptx.red.shared.min.s32(first_bad.ptr_to([V]), bad_row[0])
+                    for r2, h in T.grid(L // 2, 2):
+                        if non_finite_half(kv_raw_w[f, r2], h):
+                            kv_raw[f, 2 * r2 + h] = T.float16(0)
         T.cuda.cta_sync()
 
         # ---- 2. k', v' of this warp's rows: input_map[rows] [k|v; X|Y] ---------------------------------------
@@ -350,7 +394,8 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
                     a_slice_r[0, kHi, rM, kp] = probs_r[kt, kHi, rM, kp]
                 Tx.warp.gemm(w, a_slice, b_slots_t, w, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
 
-        # ---- 5. o = (mix v' + w' Y) / rowsum, mix = (w' lag^T) masked to s <= j, w' = (R^{j+1})^T w ----------
+        # ---- 5. o = (mix v' + w' Y) / rowsum, mix = (w' lag^T) masked to s <= j, w' = (R^{j+1})^T w; ---------
+        #         NaN from the first non-finite row of k on and, in column f, of v[:, f] on (stage 1's first_bad)
         w_a = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
         w_a_r = w_a.local(NP // 16, 2, 2, 2)
         for nt, rM in T.grid(NP // 8, 2):
@@ -383,8 +428,10 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         out_r = out.local(V // 8, 2, 2)
         b_values = T.alloc_buffer((16, V), h16, scope="local", layout=operand_b_layout(16, V))
         b_values_w = b_values.local(V // 8 * 4).view("uint32")
-        for nt, rM, rN in T.grid(V // 8, 2, 2):
-            out_r[nt, rM, rN] = T.float32(0)
+        for nt, rM, rN in T.grid(V // 8, 2, 2):  # NaN where a non-finite k or v (first_bad) reaches o
+            j = warp * 16 + g + 8 * rM
+            out_r[nt, rM, rN] = T.if_then_else(
+                j >= first_bad[V] or j >= first_bad[nt * 8 + 2 * tq + rN], T.float32(NAN), T.float32(0))
         for kt in T.unroll(L // 16):
             for nt, kHi in T.grid(V // 8, 2):
                 b_values_w[nt * 2 + kHi] = values_w[nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]

@@ -1,7 +1,7 @@
 """The tile forward's algorithm (schedules/cuda_tile_forward.py) carried out in float64 torch with its own
 constants (bla_tvm/tile_constants.py) must equal the chunked reference: this checks the basis permutation, the
-rotation identity that replaces the diagonal gathers, the padding and the online softmax over slot tiles
-without a GPU."""
+rotation identity that replaces the diagonal gathers, the padding, the online softmax over slot tiles and the
+kernel's rule for non-finite tokens without a GPU."""
 
 import math
 
@@ -10,7 +10,7 @@ import torch
 
 from bla_tvm.constants import chunk_constants
 from bla_tvm.params import BLAParams
-from bla_tvm.reference import bla_chunked
+from bla_tvm.reference import bla_chunked, bla_recurrent
 from bla_tvm.tile_constants import padded_resolution, rotation_order, tile_constants
 
 F64 = torch.float64
@@ -22,16 +22,23 @@ def rotate(x, diag, pair):
     return diag * x + pair * x[..., partner]
 
 
-def tile_algorithm(q, k, v, params, L, slot_tile, scale):
+def tile_algorithm(q, k, v, params, L, slot_tile, scale, initial_state=None):
     """o [B, T, H, V] (float64) computed chunk by chunk the way the tile kernel does, states carried with the
-    float64 scan. q, k, v [B, T, H, D] float64."""
+    float64 scan from ``initial_state`` (X [B, H, N, K], Y [B, H, N, V], seen [B]; zeros by default).
+    q, k, v [B, T, H, D] float64. A non-finite k or v element enters the products as 0 (stage 1), and o is NaN
+    from its chunk's first non-finite k row on and, in column f, from its first non-finite v[:, f] row on
+    (stage 5); the scan reads k and v as they are."""
     tc = tile_constants(params, L, slot_tile)
     cc = chunk_constants(params, L)
     B, T, H, K = q.shape
     V, N, M, W = v.shape[-1], params.resolution, params.num_slots, params.window
     NP = padded_resolution(N)
-    X = q.new_zeros(B, H, N, K + V)
-    causal = torch.arange(L)[None, :] <= torch.arange(L)[:, None]  # [j, s]: s <= j
+    if initial_state is None:
+        X, seen_before = q.new_zeros(B, H, N, K + V), torch.zeros(B, dtype=torch.long)
+    else:
+        X, seen_before = torch.cat(initial_state[:2], dim=-1), initial_state[2]
+    rows = torch.arange(L)[:, None]
+    causal = torch.arange(L)[None, :] <= rows  # [j, s]: s <= j
     out = []
     for start in range(0, T, L):
         n = min(L, T - start)
@@ -41,7 +48,11 @@ def tile_algorithm(q, k, v, params, L, slot_tile, scale):
             padded[:, :n] = x[:, start:start + n]
             return padded.transpose(1, 2)  # [B, H, L, D]
 
-        qc, kvc = chunk(q), torch.cat([chunk(k), chunk(v)], dim=-1)
+        qc, raw = chunk(q), torch.cat([chunk(k), chunk(v)], dim=-1)
+        finite = torch.isfinite(raw)
+        kvc = torch.where(finite, raw, 0.0)
+        first_bad = torch.where(finite, L, rows).amin(dim=2, keepdim=True)  # [B, H, 1, F]
+        poisoned = (rows >= first_bad[..., :K].amin(-1, keepdim=True)) | (rows >= first_bad[..., K:])  # [B, H, L, V]
         Xp = X.new_zeros(B, H, NP, K + V)
         Xp[:, :, :N] = X[:, :, tc.perm]
         kv_eff = tc.input_map @ torch.cat([kvc, Xp], dim=2)  # [B, H, L, F]
@@ -52,7 +63,7 @@ def tile_algorithm(q, k, v, params, L, slot_tile, scale):
         row_max = torch.full((B, H, L, 1), -math.inf, dtype=F64)
         row_sum = torch.zeros(B, H, L, 1, dtype=F64)
         w = torch.zeros(B, H, L, NP, dtype=F64)
-        seen = start + torch.arange(L)[:, None]
+        seen = seen_before[:, None, None, None] + start + rows  # [B, 1, L, 1]
         for first in range(0, tc.slots.shape[0], slot_tile):
             i = first + torch.arange(slot_tile)[None, :]
             logits = z @ tc.slots[first:first + slot_tile].T
@@ -66,9 +77,9 @@ def tile_algorithm(q, k, v, params, L, slot_tile, scale):
             row_max = new_max
         w_rot = rotate(w, tc.rot_diag, tc.rot_pair_t)
         mix = torch.where(causal, w_rot @ tc.lag_t, 0.0)
-        o = (mix @ vp + w_rot @ Xp[..., K:]) / row_sum
+        o = torch.where(poisoned, math.nan, (mix @ vp + w_rot @ Xp[..., K:]) / row_sum)
         out.append(o.transpose(1, 2)[:, :n])
-        X = cc.state_decay @ X + cc.state_in[:, :n] @ kvc[:, :, :n] if n == L else None
+        X = cc.state_decay @ X + cc.state_in[:, :n] @ raw[:, :, :n] if n == L else None
     return torch.cat(out, dim=1)
 
 
@@ -86,6 +97,28 @@ def test_tile_algorithm_matches_the_chunked_reference(window, resolution, slots,
     expected = bla_chunked(q, k, v, window, resolution, slots, scale, chunk_size=L)
     actual = tile_algorithm(q, k, v, params, L, slot_tile, scale)
     assert (actual - expected).abs().max() < 1e-10
+
+
+def test_tile_algorithm_is_non_finite_exactly_where_the_definition_is():
+    """Non-finite k and v mid-chunk (NaN, inf, -inf; two columns of v in one chunk), from a carried state: the
+    tile kernel's rule (``tile_algorithm``) gives non-finite outputs exactly where the float64 definition does
+    (a k at token t: every o[j >= t] of its head; a v[t, f]: o[j >= t, f] only) and its values elsewhere."""
+    torch.manual_seed(1)
+    window, resolution, slots, L = 64, 15, 40, 64
+    params = BLAParams.make(window, resolution, slots)
+    B, T, H, K, V = 2, 150, 2, 16, 24
+    q, k, v = (torch.randn(B, T, H, d, dtype=F64) for d in (K, K, V))
+    X0, Y0 = (torch.randn(B, H, resolution, d, dtype=F64) for d in (K, V))
+    seen = torch.tensor([3, 2 * window])
+    k[1, 37, 0, 1], k[0, 70, 0, 5] = math.nan, math.inf  # mid-chunk 0 and chunk 1
+    v[0, 100, 1, 2], v[0, 90, 1, 7], v[1, 5, 1, 0] = math.nan, -math.inf, math.inf
+    expected = bla_recurrent(q, k, v, window, resolution, slots, K**-0.5, initial_state=(X0, Y0, seen))
+    actual = tile_algorithm(q, k, v, params, L, 64, K**-0.5, initial_state=(X0, Y0, seen))
+    non_finite = ~torch.isfinite(expected)
+    assert non_finite[1, 37:, 0].all() and not non_finite[1, :37, 0].any()
+    assert non_finite[0, 90:, 1, 7].all() and not non_finite[0, :90, 1, 7].any() and not non_finite[0, :, 1, 3].any()
+    assert torch.equal(~torch.isfinite(actual), non_finite)
+    assert (actual - expected)[~non_finite].abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("resolution", [1, 2, 7, 16, 63])
