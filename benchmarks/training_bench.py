@@ -5,6 +5,7 @@ see README "GPU tests" for the bundle).
 
     BLA_TVM_PREBUILT_DIR=.bundle/kernels BLA_TVM_RUNTIME_DIR=.bundle/lib BLA_TVM_NO_BUILD=1 BLA_TVM_NO_TUNING=1 \\
         python benchmarks/training_bench.py --out $OUT
+``--profile`` runs two steps of N = M = 63 and nothing else (for Nsight Compute: ``ncu --launch-skip`` the first).
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def kernel_ms(step, repeats: int = 5) -> dict:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+def profile_steps() -> None:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
+    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype, requires_grad=True) for d in (K, K, V))
+    do = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    for _ in range(2):
+        blurry_window_attention(q, k, v, WINDOW, 63, 63)[0].backward(do)
+    torch.cuda.synchronize()
+
+
 def main(out: Path, lengths: list[int]) -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
@@ -122,5 +133,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--lengths", type=int, nargs="*", default=[65536])
+    parser.add_argument("--profile", action="store_true", help="two training steps only (for ncu)")
     args = parser.parse_args()
-    main(args.out, args.lengths)
+    if args.profile:
+        profile_steps()
+    else:
+        main(args.out, args.lengths)

@@ -70,8 +70,8 @@ def _tile_options() -> dict:
 
 def tile_program_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
     """The builder of the tile programs (``schedules/cuda_tile_forward.py``, ``cuda_tile_scan.py``,
-    ``cuda_tile_backward.py``): TVMScript TIRx."""
-    from bla_tvm.schedules import cuda_tile_backward, cuda_tile_forward, cuda_tile_scan
+    ``cuda_tile_backward.py``, ``cuda_tile_scan_reverse.py``): TVMScript TIRx."""
+    from bla_tvm.schedules import cuda_tile_backward, cuda_tile_forward, cuda_tile_scan, cuda_tile_scan_reverse
 
     if device_kind != "cuda":
         raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
@@ -79,6 +79,7 @@ def tile_program_module(kernel: str, spec: KernelSpec, device_kind: str, config=
         "chunk_output_tile": cuda_tile_forward.chunk_output_tile,
         "state_scan_tile": cuda_tile_scan.state_scan_tile,
         "chunk_backward_tile": cuda_tile_backward.chunk_backward_tile,
+        "state_scan_reverse_tile": cuda_tile_scan_reverse.state_scan_reverse_tile,
     }
     func = programs[kernel](spec)
     return tvm.IRModule({kernels.get(kernel).symbol: func}), _tile_options()
@@ -190,6 +191,7 @@ def build_to_path(
 register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("chunk_backward_tile", "cuda", lambda spec: True, tile_program_module)
+register_builder("state_scan_reverse_tile", "cuda", lambda spec: True, tile_program_module)
 # the tile decode step for the accumulation-dtype state only: its float16 / bfloat16-state kernels have not run on
 # a GPU yet (the TE schedule of schedules/cuda_decode.py serves them, and the specs the tile program does not)
 register_builder("decode_step", "cuda", _decode_tile_serves, tile_decode_module)

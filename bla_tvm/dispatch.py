@@ -8,8 +8,8 @@ CUDA, the longest L whose per-chunk blocks fit in shared memory by ``cuda_shared
 as if no buffer reused another's space: no kernel is lowered to measure it), the shortest where none does. A
 logged L that would take a buffer past 32-bit indexing is refused for the default. CUDA calls take L = 64
 wherever the tile programs serve the layer (16-bit inputs; ``implementation``): the tile forward runs in place
-of ``chunk_output``, the tile backward in place of ``chunk_backward``, the tile scan in place of ``state_scan``
-and ``chunk_state``.
+of ``chunk_output``, the tile backward in place of ``chunk_backward``, the tile scans in place of ``state_scan``
+(and ``chunk_state``) and ``state_scan_reverse``.
 
 Which logs: ``log_folders()``, the user's (``BLA_TVM_TUNING_DIR``) then the shipped ones, none with
 ``BLA_TVM_NO_TUNING=1``; a caller (the tuner) may pass its own folders and kernel library instead.
@@ -29,7 +29,9 @@ from .constants import chunk_constants
 from .layer import CHUNK_SIZES, MAX_ELEMENTS, KernelSpec, LayerSpec
 from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
-from .tile_constants import SLOT_TILE, TILE_CHUNK, scan_tables, tile_constants, tile_forward_serves, tile_scan_serves
+from .tile_constants import (
+    SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_constants, tile_forward_serves, tile_scan_serves,
+)  # fmt: skip
 
 #: shared memory one CUDA thread block may use on sm_90 (227 KB)
 CUDA_SHARED_MEMORY_LIMIT = 232448
@@ -219,7 +221,8 @@ def _acc(spec: KernelSpec) -> torch.dtype:
 #: the tile programs that stand in for a kernel on CUDA, and the specs each serves (``tile_constants``)
 TILE_PROGRAMS = {"chunk_output": ("chunk_output_tile", tile_forward_serves),
                  "chunk_backward": ("chunk_backward_tile", tile_forward_serves),
-                 "state_scan": ("state_scan_tile", tile_scan_serves)}  # fmt: skip
+                 "state_scan": ("state_scan_tile", tile_scan_serves),
+                 "state_scan_reverse": ("state_scan_reverse_tile", tile_scan_serves)}  # fmt: skip
 
 
 def implementation(name: str, spec: KernelSpec, device: torch.device) -> str:
@@ -242,8 +245,8 @@ def implementations(names, spec: KernelSpec, device: torch.device) -> dict[str, 
 def tile_device_constants(runs: str, params: BLAParams, chunk_size: int, device: torch.device) -> dict:
     """The tables of the tile program ``runs`` by argument name, on ``device``: float16 operands, float32
     rotations."""
-    if runs == "state_scan_tile":
-        tables = scan_tables(params, chunk_size)
+    if runs in ("state_scan_tile", "state_scan_reverse_tile"):
+        tables = (scan_tables if runs == "state_scan_tile" else reverse_scan_tables)(params, chunk_size)
         return {name: x.to(device=device, dtype=torch.float16).contiguous() for name, x in tables.items()}
     tc = tile_constants(params, chunk_size, SLOT_TILE)
     half = {"tile_input_map": tc.input_map, "tile_lag": tc.lag, "tile_lag_t": tc.lag_t, "tile_slots": tc.slots,

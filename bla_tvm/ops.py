@@ -193,9 +193,24 @@ def backward(
     # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
     # the odd strides of size-1 dims), which is what the fake implementation promises
     dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
+    factor = gradient_scale(do) if q.is_cuda and q.dtype != torch.float32 else None
+    if factor is not None:  # the CUDA kernels' float16 operands: dO scaled by a power of two, undone exactly
+        do, dfinal = kernel_ready(do * factor), dfinal * factor
     dfinal = kernel_ready(dfinal) if dfinal.shape[0] else None
     dinitial = launch_backward(plan, q, k, v, states.contiguous(), do, dfinal, dq, dk, dv, tables)
+    if factor is not None:
+        dq, dk, dv, dinitial = (x.div_(factor) for x in (dq, dk, dv, dinitial))  # exact: a power of two
     return unpack(dq, tables), unpack(dk, tables), unpack(dv, tables), dinitial
+
+
+def gradient_scale(do: torch.Tensor) -> torch.Tensor:
+    """s, a power of two (float32, 0-d, on do's device) with max |s dO| in [1, 2) (1 where dO is all zeros or holds
+    a non-finite value). The CUDA backward multiplies 16-bit operands as float16, whose normal range
+    starts at 6e-5: a mean loss's dO (~1e-7) would keep a few bits; s dO keeps all of them, and as s is a power
+    of two, dividing the gradients by it is exact."""
+    largest = torch.linalg.vector_norm(do, float("inf"), dtype=torch.float32)  # one pass; NaN if dO has one
+    scale = torch.exp2(-torch.floor(torch.log2(largest)))
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
 
 
 @backward.register_fake

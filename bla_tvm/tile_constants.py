@@ -112,6 +112,16 @@ def scan_tables(params: BLAParams, chunk_size: int) -> dict[str, torch.Tensor]:
     return {"tile_state_in_hi": in_hi, "tile_state_in_lo": in_lo, "tile_decay_hi": decay_hi, "tile_decay_lo": decay_lo}
 
 
+@functools.lru_cache(maxsize=32)
+def reverse_scan_tables(params: BLAParams, chunk_size: int) -> dict[str, torch.Tensor]:
+    """The tile reverse scan's tables: (A^L)^T [NP, NP] split hi + lo (float64 values exact in float16)."""
+    N, NP = params.resolution, padded_resolution(params.resolution)
+    decay_t = torch.zeros(NP, NP, dtype=F64)
+    decay_t[:N, :N] = chunk_constants(params, chunk_size).state_decay.T
+    hi, lo = split_half(decay_t)
+    return {"tile_decay_t_hi": hi, "tile_decay_t_lo": lo}
+
+
 def padded_resolution(resolution: int) -> int:
     """NP: N rounded up to the mma's reduction length 16."""
     return round_up(resolution, 16)

@@ -62,6 +62,12 @@ def non_finite_half(word, h):
     return ((word >> T.uint32(16 * h)) & T.uint32(0x7C00)) == T.uint32(0x7C00)
 
 
+def non_finite_halves(word):
+    """Non-zero where either float16 number of the 32-bit ``word`` is inf or NaN: an all-ones exponent (0x7C00) plus
+    0x0400 carries into the number's sign bit, and no smaller exponent does (nor crosses into the other half)."""
+    return ((word & T.uint32(0x7C007C00)) + T.uint32(0x04000400)) & T.uint32(0x80008000)
+
+
 def accumulator_layout(columns: int) -> TileLayout:
     return _D_TILE.tile_to([16, columns], [16, 8])
 
@@ -220,9 +226,16 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         for it in T.serial((F + THREADS - 1) // THREADS):
             f = it * THREADS + tid
             if f < F:
-                bad_row[0] = L
-                for r2, h in T.grid(L // 2, 2):
-                    bad_row[0] = T.min(bad_row[0], T.if_then_else(non_finite_half(kv_raw_w[f, r2], h), 2 * r2 + h, L))
+                # first a cheap test of the whole column (three integer operations a word), then the rows
+                bad_row[0] = 0
+                for r2 in T.serial(L // 2):
+                    bad_row[0] = bad_row[0] | T.Cast("int32", non_finite_halves(kv_raw_w[f, r2]))
+                if bad_row[0] != 0:
+                    bad_row[0] = L
+                    for r2, h in T.grid(L // 2, 2):
+                        bad_row[0] = T.min(bad_row[0], T.if_then_else(non_finite_half(kv_raw_w[f, r2], h), 2 * r2 + h, L))
+                else:
+                    bad_row[0] = L
                 if f >= K:
                     first_bad[T.max(f - K, 0)] = bad_row[0]
                 if bad_row[0] < L:

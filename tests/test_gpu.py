@@ -91,6 +91,25 @@ def test_carried_state_forward_and_gradients(device, layer):
         assert relative_error(grad, ref, floor) <= tol, name
 
 
+@pytest.mark.parametrize("magnitude", [1e-7, 1e5])
+@pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS, CPU_LAYERS))
+def test_gradients_keep_their_precision_at_any_loss_scale(device, layer, magnitude):
+    """dO of a mean loss (~1e-7) or a large one (1e5): the gradients of q, k, v and the initial state stay within
+    the dtype's tolerance of the definition (16-bit CUDA kernels multiply float16 operands, whose normal range is
+    6e-5 to 65504: the op scales dO by a power of two around them)."""
+    (q, k, v, X0, Y0), seen, do = inputs(layer, 2, 130, 2, device, seed=5)
+    do = (do.double() * magnitude).to(q.dtype)
+    grads = torch.autograd.grad(
+        blurry_window_attention(q, k, v, **layer_args(layer), initial_state=BLAState(X0, Y0, seen))[0],
+        (q, k, v, X0, Y0), do)  # fmt: skip
+    refs = [x.detach().double().cpu().requires_grad_() for x in (q, k, v, X0, Y0)]
+    o_ref = bla_recurrent(*refs[:3], **layer_args(layer), initial_state=(refs[3], refs[4], seen.cpu()))
+    ref_grads = torch.autograd.grad(o_ref, refs, do.double().cpu())
+    floor = do.double().norm().item()
+    for name, grad, ref in zip(("dq", "dk", "dv", "dX0", "dY0"), grads, ref_grads):
+        assert relative_error(grad, ref, floor) <= TOLERANCE[layer.dtype], name
+
+
 @pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS, CPU_LAYERS))
 def test_packed_sequences_forward_and_gradients(device, layer):
     """Packed sequences (empty and one-token ones among them) from fresh starts: o, each final state and the

@@ -149,7 +149,7 @@ def test_rotations_mix_only_adjacent_column_pairs(window, resolution):
 
 def test_scan_tables_split_into_float16_parts_that_sum_to_the_constants():
     """The tile scan multiplies float16 hi and lo parts: together they carry A^L and state_in to ~2^-22."""
-    from bla_tvm.tile_constants import scan_tables
+    from bla_tvm.tile_constants import reverse_scan_tables, scan_tables
 
     params = BLAParams.make(512, 63, 63)
     tables = scan_tables(params, 64)
@@ -161,6 +161,9 @@ def test_scan_tables_split_into_float16_parts_that_sum_to_the_constants():
         rows, cols = exact.shape
         assert (hi[:rows, :cols] + lo[:rows, :cols] - exact).abs().max() <= 2**-20 * exact.abs().max()
         assert hi[rows:].abs().sum() == 0 and hi[:, cols:].abs().sum() == 0
+    reverse = reverse_scan_tables(params, 64)
+    hi, lo = reverse["tile_decay_t_hi"], reverse["tile_decay_t_lo"]
+    assert (hi[:63, :63] + lo[:63, :63] - cc.state_decay.T).abs().max() <= 2**-20 * cc.state_decay.abs().max()
 
 
 def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
@@ -181,5 +184,6 @@ def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
     assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), False) == 64
     training = dispatch.phase_kernels(True, final_state=False)
     assert dispatch.implementations(training, bf16, cuda)["chunk_backward"] == "chunk_backward_tile"
+    assert dispatch.implementations(training, bf16, cuda)["state_scan_reverse"] == "state_scan_reverse_tile"
     assert dispatch.implementations(training, fp32, cuda)["chunk_backward"] == "chunk_backward"
     assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), True) == 64

@@ -1,0 +1,152 @@
+"""The CUDA backward's reverse state scan as a tile program (stands in for ``compute.scan``'s reverse scan).
+
+G_c = D_c + (A^L)^T G_{c+1}, the second term dropped where chunk c ends its sequence (c is the row's last chunk,
+or chunk c + 1 starts another: starts[b, c + 1] >= 0); D_c = sum over the G query heads of key/value head h of
+grads[b, c, hq, L + n, f] (the gradient of chunk c's outputs with respect to its start state, rows in
+bla-math.md's basis order). Output G [B, NC, H, N, F] (float32), the gradient with respect to each chunk's
+start state.
+
+Like the forward's tile scan (``cuda_tile_scan``): one block of NP / 16 warps per (b, h, 16 columns of F), warp w
+owns rows 16 w .. 16 w + 15 of G in float32 registers from chunk to chunk, and the product runs on mma.sync with
+(A^L)^T = T_hi + T_lo and G = G_hi + G_lo split into float16 parts (T_hi G_hi + T_lo G_hi + T_hi G_lo, ~1e-6
+relative). Per chunk, from the last to the first:
+
+  1. D_c (loaded one chunk ahead) + the product with G_{c+1} (from the other shared stage) -> G_c
+  2. G_c -> the output, and as hi + lo -> this chunk's shared stage; one barrier
+
+Float16's range bounds the state gradients the split carries: |G| beyond 65504 overflows, and below ~6e-5 the
+parts lose relative precision (as the backward's float16 operands do).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+from tvm.script.tirx import tile as Tx
+
+from bla_tvm.layer import KernelSpec
+from bla_tvm.tile_constants import padded_resolution, tile_scan_serves
+
+from .cuda_tile_forward import accumulator_layout, operand_a_layout, operand_b_layout
+from .cuda_tile_scan import COLUMN_BLOCK
+
+
+def state_scan_reverse_tile(spec: KernelSpec):
+    """The PrimFunc ``bla_state_scan_reverse_tile``: state_grads [B, NC, H, N, F] (float32) from grads
+    [B, NC, HQ, L + N, F + K] (float32), the float16 tables decay_t_hi, decay_t_lo [NP, NP] ((A^L)^T split,
+    ``tile_constants.reverse_scan_tables``) and starts [B, NC] int32."""
+    if not tile_scan_serves(spec):
+        raise ValueError(f"the tile reverse scan does not serve {spec}")
+    L, K, V, N, G = spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.group_size
+    F = K + V
+    NP = padded_resolution(N)
+    FB = COLUMN_BLOCK
+    WARPS = NP // 16
+    h16 = "float16"
+    X_STRIDE = NP + 8
+    LO_AT = FB * X_STRIDE
+    STAGE = 2 * FB * X_STRIDE  # G^T hi, G^T lo; two stages alternate from chunk to chunk
+
+    @T.prim_func
+    def state_scan_reverse(grads_h: T.handle, decay_t_hi_h: T.handle, decay_t_lo_h: T.handle, starts_h: T.handle,
+                           state_grads_h: T.handle):  # fmt: skip
+        T.func_attr({"global_symbol": "bla_state_scan_reverse_tile"})
+        B = T.int32()
+        H = T.int32()
+        NC = T.int32()
+        grads = T.match_buffer(grads_h, (B, NC, H * G, L + N, F + K), "float32")
+        decay_t_hi = T.match_buffer(decay_t_hi_h, (NP, NP), h16)
+        decay_t_lo = T.match_buffer(decay_t_lo_h, (NP, NP), h16)
+        starts = T.match_buffer(starts_h, (B, NC), "int32")
+        state_grads = T.match_buffer(state_grads_h, (B, NC, H, N, F), "float32")
+
+        T.device_entry()
+        block = T.cta_id([B * H * (F // FB)])
+        warp = T.warp_id([WARPS])
+        lane = T.lane_id([32])
+
+        pool = T.alloc_buffer((2 * STAGE,), h16, scope="shared.dyn")
+        pool_w = pool.view("uint32")
+        decay_t_hi_w = decay_t_hi.view("uint32")
+        decay_t_lo_w = decay_t_lo.view("uint32")
+
+        fb = block % (F // FB)
+        h = block // (F // FB) % H
+        b = block // (F // FB * H)
+        g = lane // 4
+        tq = lane % 4
+
+        # this warp's rows of (A^L)^T, in registers for the whole scan
+        a_hi = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
+        a_lo = T.alloc_buffer((16, NP), h16, scope="local", layout=operand_a_layout(NP))
+        a_hi_w = a_hi.local(NP // 16 * 8).view("uint32")
+        a_lo_w = a_lo.local(NP // 16 * 8).view("uint32")
+        for kt, kHi, rM in T.grid(NP // 16, 2, 2):
+            a_hi_w[kt * 4 + kHi * 2 + rM] = decay_t_hi_w[warp * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+            a_lo_w[kt * 4 + kHi * 2 + rM] = decay_t_lo_w[warp * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+        a_slice = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
+        a_slice_w = a_slice.local(8).view("uint32")
+        b_tile = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
+        b_tile_w = b_tile.local(FB // 8 * 4).view("uint32")
+        hh = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # D + T_hi G_hi
+        lo = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # T_lo G_hi + T_hi G_lo
+        hh_r, lo_r = hh.local(FB // 8, 2, 2), lo.local(FB // 8, 2, 2)
+        # D_c of this thread's accumulator elements, loaded one chunk ahead
+        ahead = T.alloc_buffer((FB // 8, 2, 2), "float32", scope="local")
+        next_start = T.alloc_buffer((1,), "int32", scope="local")  # starts[b, c + 1], read a chunk ahead
+
+        for nt, rM, rN in T.grid(FB // 8, 2, 2):
+            p = warp * 16 + g + 8 * rM
+            ahead[nt, rM, rN] = T.float32(0)
+            for head in T.unroll(G):
+                ahead[nt, rM, rN] = ahead[nt, rM, rN] + T.if_then_else(
+                    p < N, grads[b, NC - 1, h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN],
+                    T.float32(0))  # fmt: skip
+        next_start[0] = 0  # the last chunk takes nothing from after it
+        for step in T.serial(NC):
+            c = NC - 1 - step
+            stage = c % 2 * STAGE
+            other = (c + 1) % 2 * STAGE
+            carry = step > 0 and next_start[0] < 0
+            next_start[0] = starts[b, c]
+            # 1. G_c = D_c + (A^L)^T G_{c+1}
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                hh_r[nt, rM, rN] = ahead[nt, rM, rN]
+                lo_r[nt, rM, rN] = T.float32(0)
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                p = warp * 16 + g + 8 * rM
+                ahead[nt, rM, rN] = T.float32(0)
+                for head in T.unroll(G):
+                    ahead[nt, rM, rN] = ahead[nt, rM, rN] + T.if_then_else(
+                        p < N,
+                        grads[b, T.max(c - 1, 0), h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN],
+                        T.float32(0),
+                    )
+            if carry:
+                for kt in T.unroll(NP // 16):
+                    for nt, kHi in T.grid(FB // 8, 2):
+                        b_tile_w[nt * 2 + kHi] = pool_w[(other + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
+                    for word in T.unroll(4):
+                        a_slice_w[word] = a_hi_w[kt * 4 + word]
+                    Tx.warp.gemm(hh, a_slice, b_tile, hh, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                    for word in T.unroll(4):
+                        a_slice_w[word] = a_lo_w[kt * 4 + word]
+                    Tx.warp.gemm(lo, a_slice, b_tile, lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+                    for nt, kHi in T.grid(FB // 8, 2):
+                        b_tile_w[nt * 2 + kHi] = pool_w[
+                            (other + LO_AT + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
+                    for word in T.unroll(4):
+                        a_slice_w[word] = a_hi_w[kt * 4 + word]
+                    Tx.warp.gemm(lo, a_slice, b_tile, lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
+            # 2. G_c -> the output, and as hi + lo -> this chunk's stage
+            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                p = warp * 16 + g + 8 * rM
+                f = fb * FB + nt * 8 + 2 * tq + rN
+                x = hh_r[nt, rM, rN] + lo_r[nt, rM, rN]
+                if p < N:
+                    state_grads[b, c, h, p, f] = x
+                hi = T.Cast(h16, x)
+                pool[stage + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = hi
+                pool[stage + LO_AT + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = T.Cast(h16, x - T.Cast("float32", hi))
+            T.cuda.cta_sync()  # the stage is complete; the other one was read before this barrier
+
+    return state_scan_reverse
