@@ -50,18 +50,22 @@ def decode_specs() -> list[dict]:
     """Every decode kernel the script loads: the benchmark layer (bf16 inputs, each state dtype), float32 inputs,
     and GQA (G = 2). The prefill check loads the chunked forward kernels too when they are in the bundle (built
     from gpu_bench.py's specs); without them it reports an error and the decode checks stand alone."""
+    import torch
+
+    from bla_tvm.dispatch import implementations
     from bla_tvm.kernels import DECODE, FORWARD
+    from bla_tvm.layer import KernelSpec
     from bla_tvm.tile_constants import TILE_CHUNK
 
     W, N, M, K, V = (SHAPE[x] for x in ("window", "resolution", "num_slots", "K", "V"))
     layer = dict(window=W, resolution=N, num_slots=M, chunk_size=1, head_k=K, head_v=V)
+    prefill = dict(layer, dtype="bfloat16", chunk_size=TILE_CHUNK)  # bf16 inference, BLA_TVM_NO_TUNING=1
+    runs = implementations(FORWARD, KernelSpec(**prefill), torch.device("cuda"))  # the tile programs
     return [
         dict(layer, dtype="bfloat16", kernels=list(DECODE)),
         dict(layer, dtype="float32", kernels=["decode_step"]),
         dict(layer, dtype="bfloat16", group_size=2, kernels=["decode_step"]),
-        # generate's prefill (bf16 inference: the tile forward's chunk length, BLA_TVM_NO_TUNING=1)
-        dict(layer, dtype="bfloat16", chunk_size=TILE_CHUNK,
-             kernels=[x for x in FORWARD if x != "chunk_output"] + ["chunk_output_tile"]),
+        dict(prefill, kernels=sorted(set(runs.values()))),  # generate's prefill
     ]  # fmt: skip
 
 

@@ -31,15 +31,17 @@ def relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def gradient_errors(N: int, M: int, device, dtype) -> dict:
-    """Relative error of o, dq, dk, dv against autograd through the float64 recurrence (B=1, T=300, H=2)."""
+def gradient_errors(N: int, M: int, device, dtype, group: int = 1) -> dict:
+    """Relative error of o, dq, dk, dv against autograd through the float64 recurrence (B=1, T=300, H=2, and
+    2 ``group`` query heads)."""
     gen = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(1, 300, 2, 64, generator=gen) for _ in range(4))
+    q, do = (torch.randn(1, 300, 2 * group, 64, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, 300, 2, 64, generator=gen) for _ in range(2))
     leaves = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
     o, _ = blurry_window_attention(*leaves, WINDOW, N, M)
     grads = torch.autograd.grad(o, leaves, do.to(device, dtype))
     refs = [x.double().requires_grad_() for x in (q, k, v)]
-    o_ref = bla_recurrent(*refs, WINDOW, N, M)
+    o_ref = bla_recurrent(refs[0], *(x.repeat_interleave(group, dim=2) for x in refs[1:]), WINDOW, N, M)
     ref_grads = torch.autograd.grad(o_ref, refs, do.double())
     errors = {"o": relative(o, o_ref.detach())}
     errors.update({name: relative(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
@@ -92,6 +94,7 @@ def main(out: Path, lengths: list[int]) -> None:
     do = torch.randn(B, T, H, V, generator=gen).to(device, dtype)
     results = {"device": torch.cuda.get_device_name(), "shape": dict(SHAPE, W=WINDOW, dtype="bfloat16"), "ms": {},
                "peak_mb_above_inputs": {}, "kernels_ms": {}, "errors": {}}  # fmt: skip
+    results["errors"]["BLA N=M=63, GQA G=2"] = gradient_errors(63, 63, device, dtype, group=2)
     for name, (N, M) in LAYERS.items():
         results["errors"][name] = gradient_errors(N, M, device, dtype)
 

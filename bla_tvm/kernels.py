@@ -27,7 +27,7 @@ TILE_CONSTANTS = (
 #: the tables the tile-program backward reads beyond the forward's
 TILE_BACKWARD_CONSTANTS = ("tile_input_map_t",)
 #: the tables of the tile-program reverse scan (``tile_constants.reverse_scan_tables``)
-TILE_REVERSE_SCAN_CONSTANTS = ("tile_decay_t_hi", "tile_decay_t_lo")
+TILE_REVERSE_SCAN_CONSTANTS = ("tile_decay_t_hi", "tile_decay_t_lo", "tile_state_in_t_hi", "tile_state_in_t_lo")
 #: the tables of the tile-program scan (``tile_constants.scan_tables``)
 TILE_SCAN_CONSTANTS = ("tile_state_in_hi", "tile_state_in_lo", "tile_decay_hi", "tile_decay_lo")
 #: the decode step's arguments less its state dtype (``compute.decode.decode_step``)
@@ -86,11 +86,13 @@ TABLE = (
     Kernel("chunk_backward", (*CHUNK_INPUTS, "do", "grads"), "backward", tunable=True),
     # the CUDA backward's per-chunk gradients as a tile program, for 16-bit inputs (schedules/cuda_tile_backward.py)
     Kernel("chunk_backward_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS,
-                                   *TILE_BACKWARD_CONSTANTS, "do", "grads"), "backward", implements="chunk_backward"),
+                                   *TILE_BACKWARD_CONSTANTS, "do", "gradient_scale", "grads"), "backward",
+           implements="chunk_backward"),
     Kernel("state_scan_reverse", ("grads", "state_decay_t", "starts", "state_grads"), "backward"),
-    # the CUDA backward's reverse scan as a tile program (schedules/cuda_tile_scan_reverse.py)
-    Kernel("state_scan_reverse_tile", ("grads", *TILE_REVERSE_SCAN_CONSTANTS, "starts", "state_grads"), "backward",
-           implements="state_scan_reverse"),  # fmt: skip
+    # the CUDA backward's reverse scan with the gradients of k and v, a tile program (cuda_tile_scan_reverse.py)
+    Kernel("state_scan_reverse_tile",
+           ("grads", *TILE_REVERSE_SCAN_CONSTANTS, "starts", "gradient_scale", "state_grads", "dk", "dv"),
+           "backward", implements="state_scan_reverse", absorbs=("input_gradient_k", "input_gradient_v")),  # fmt: skip
     *(Kernel(f"input_gradient_{x}", ("grads", "state_grads", "starts", "state_in", f"d{x}"), "backward", tunable=True)
       for x in "qkv"),  # fmt: skip
     # one decode kernel per stored state dtype: the accumulation dtype, or float16 / bfloat16

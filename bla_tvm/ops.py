@@ -62,10 +62,13 @@ def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, fin
     return states, torch.where(layout.empty[:, None, None, None], initial, final)
 
 
-def launch_backward(plan: CallPlan, q, k, v, states, do, dfinal, dq, dk, dv, layout: ChunkLayout):
+def launch_backward(
+    plan: CallPlan, q, k, v, states, do, dfinal, dq, dk, dv, layout: ChunkLayout, gradient_scale=None
+):  # fmt: skip
     """Run the backward kernels of ``plan``, writing dq, dk, dv; inputs as saved by the forward, dfinal
-    [S, H, N, F] the gradient of the final states, or None where the forward returned none. Returns dinitial
-    [S, H, N, F].
+    [S, H, N, F] the gradient of the final states, or None where the forward returned none; ``gradient_scale``
+    [1] the factor the tile kernels apply to dO (``gradient_scale``; None: 1). Returns
+    dinitial [S, H, N, F].
 
     Temporaries: grads [B, NC, HQ, L + N, F + K], the state gradients at chunk starts [B, NC, H, N, F] and the
     final states' gradient spread over the last chunks [S, H, L + N, F].
@@ -76,7 +79,10 @@ def launch_backward(plan: CallPlan, q, k, v, states, do, dfinal, dq, dk, dv, lay
     if states.numel() == 0:
         return states.new_zeros(S, H, spec.resolution, spec.state_width) if dfinal is None else dfinal.clone()
     grads = chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + spec.head_k)
-    shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "states": states, "grads": grads}
+    if gradient_scale is None:
+        gradient_scale = torch.ones(1, device=q.device)  # for the kernels that take one
+    shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "states": states, "grads": grads,
+              "gradient_scale": gradient_scale}  # fmt: skip
     launch(run["chunk_backward"], shared, do=do)
     if dfinal is not None:  # the final state reads the last chunk's tokens and start state
         dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's passes straight through
@@ -86,9 +92,11 @@ def launch_backward(plan: CallPlan, q, k, v, states, do, dfinal, dq, dk, dv, lay
         spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
         grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
     state_grads = torch.empty_like(states)
-    launch(run["state_scan_reverse"], shared, state_grads=state_grads)
-    for part, grad in zip("qkv", (dq, dk, dv)):
-        launch(run[f"input_gradient_{part}"], shared, state_grads=state_grads, **{f"d{part}": grad})
+    # the tile reverse scan writes dk and dv as well (it absorbs their input-gradient kernels)
+    launch(run["state_scan_reverse"], {**shared, "dk": dk, "dv": dv}, state_grads=state_grads)
+    for part, grad in zip("qkv", (dq, dk, dv)):  # less those an implementation absorbs (``Kernel.absorbs``)
+        if f"input_gradient_{part}" in run:
+            launch(run[f"input_gradient_{part}"], shared, state_grads=state_grads, **{f"d{part}": grad})
     dinitial = state_grads[layout.start_row.long(), layout.start_chunk.long()]
     return torch.where(empty, 0.0 if dfinal is None else dfinal, dinitial)
 
@@ -193,13 +201,17 @@ def backward(
     # new_empty, not empty_like: gradients always have the standard contiguous strides (empty_like would keep
     # the odd strides of size-1 dims), which is what the fake implementation promises
     dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))
+    # the CUDA kernels' float16 operands: dO scaled by a power of two, undone exactly (in the tile kernels, which
+    # take the factor; around the others)
     factor = gradient_scale(do) if q.is_cuda and q.dtype != torch.float32 else None
-    if factor is not None:  # the CUDA kernels' float16 operands: dO scaled by a power of two, undone exactly
+    in_kernels = "gradient_scale" in plan.kernels["chunk_backward"].kernel.args
+    if factor is not None and not in_kernels:
         do, dfinal = kernel_ready(do * factor), dfinal * factor
     dfinal = kernel_ready(dfinal) if dfinal.shape[0] else None
-    dinitial = launch_backward(plan, q, k, v, states.contiguous(), do, dfinal, dq, dk, dv, tables)
-    if factor is not None:
-        dq, dk, dv, dinitial = (x.div_(factor) for x in (dq, dk, dv, dinitial))  # exact: a power of two
+    dinitial = launch_backward(plan, q, k, v, states.contiguous(), do, dfinal, dq, dk, dv, tables,
+                               factor.view(1) if in_kernels else None)  # fmt: skip
+    if factor is not None and not in_kernels:
+        dq, dk, dv, dinitial = (x.div_(factor) for x in (dq, dk, dv, dinitial))
     return unpack(dq, tables), unpack(dk, tables), unpack(dv, tables), dinitial
 
 

@@ -114,12 +114,17 @@ def scan_tables(params: BLAParams, chunk_size: int) -> dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=32)
 def reverse_scan_tables(params: BLAParams, chunk_size: int) -> dict[str, torch.Tensor]:
-    """The tile reverse scan's tables: (A^L)^T [NP, NP] split hi + lo (float64 values exact in float16)."""
+    """The tile reverse scan's tables, split hi + lo (float64 values exact in float16): (A^L)^T [NP, NP] and
+    state_in^T [L, NP], zero-padded."""
+    cc = chunk_constants(params, chunk_size)
     N, NP = params.resolution, padded_resolution(params.resolution)
     decay_t = torch.zeros(NP, NP, dtype=F64)
-    decay_t[:N, :N] = chunk_constants(params, chunk_size).state_decay.T
-    hi, lo = split_half(decay_t)
-    return {"tile_decay_t_hi": hi, "tile_decay_t_lo": lo}
+    decay_t[:N, :N] = cc.state_decay.T
+    state_in_t = torch.zeros(chunk_size, NP, dtype=F64)
+    state_in_t[:, :N] = cc.state_in.T
+    (decay_hi, decay_lo), (in_hi, in_lo) = split_half(decay_t), split_half(state_in_t)
+    return {"tile_decay_t_hi": decay_hi, "tile_decay_t_lo": decay_lo, "tile_state_in_t_hi": in_hi,
+            "tile_state_in_t_lo": in_lo}  # fmt: skip
 
 
 def padded_resolution(resolution: int) -> int:

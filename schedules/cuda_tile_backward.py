@@ -57,7 +57,9 @@ def rows_at_or_after(bad, word, row):
 def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     """The PrimFunc ``bla_chunk_backward_tile``: grads (see the module docstring) from q, k, v, states, positions,
     scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots, slots_t, rot_diag,
-    rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16) and do [B, T, HQ, V]."""
+    rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
+    a power of two s that dO is multiplied by as it is loaded (its float16 copies then keep full precision,
+    ``ops.gradient_scale``) and the outputs divided by, exactly."""
     if not tile_forward_serves(spec):
         raise ValueError(f"the tile backward does not serve {spec}")
     L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,
@@ -93,7 +95,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         q_h: T.handle, k_h: T.handle, v_h: T.handle, states_h: T.handle, positions_h: T.handle, scale_h: T.handle,
         input_map_h: T.handle, lag_h: T.handle, lag_t_h: T.handle, slots_h: T.handle, slots_t_h: T.handle,
         rot_diag_h: T.handle, rot_pair_h: T.handle, rot_pair_t_h: T.handle, input_map_t_h: T.handle,
-        do_h: T.handle, grads_h: T.handle,
+        do_h: T.handle, gradient_scale_h: T.handle, grads_h: T.handle,
     ):  # fmt: skip
         T.func_attr({"global_symbol": "bla_chunk_backward_tile"})
         B = T.int32()
@@ -117,6 +119,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         rot_pair_t = T.match_buffer(rot_pair_t_h, (L, NP), "float32")
         input_map_t = T.match_buffer(input_map_t_h, (LR, L), h16)
         do = T.match_buffer(do_h, (B, TT, HQ, V), dt)
+        gradient_scale = T.match_buffer(gradient_scale_h, (1,), "float32")
         grads = T.match_buffer(grads_h, (B, NC, HQ, L + N, F + K), "float32")
 
         T.device_entry()
@@ -373,7 +376,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         for kt, kHi, rM, kp in T.grid(V // 16, 2, 2, 2):
             t = first + row0 + g + 8 * rM
             do_r[kt, kHi, rM, kp] = T.if_then_else(
-                t < TT, T.Cast(h16, do[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp]), T.float16(0)
+                t < TT,
+                T.Cast(h16, gradient_scale[0] * T.Cast("float32", do[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp])),
+                T.float16(0),
             )
         # dmix = (dO v'^T) masked;  dw' = dO Y^T + dmix lag
         for nt, rM, rN in T.grid(L // 8, 2, 2):
@@ -503,7 +508,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                 a_slice_r[0, kHi, rM, kp] = l_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(dq, a_slice, b_k, dq, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
         for nt, rM, rN in T.grid(K // 8, 2, 2):
-            grads[b, c, hq, row0 + g + 8 * rM, F + nt * 8 + 2 * tq + rN] = dq_r[nt, rM, rN]
+            grads[b, c, hq, row0 + g + 8 * rM, F + nt * 8 + 2 * tq + rN] = dq_r[nt, rM, rN] / gradient_scale[0]
 
         # ---- 4. chunk-wide: the row operands transposed into shared memory, then products over all rows -----
         # mix = (w' lag^T) masked, recomputed here (not kept in registers through stage 3)
@@ -534,7 +539,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         for it in T.serial(L * V // THREADS):
             j = (it * THREADS + tid) // V
             f = (it * THREADS + tid) % V
-            x = T.Cast("float32", do[b, T.min(first + j, TT - 1), hq, f])
+            x = gradient_scale[0] * T.Cast("float32", do[b, T.min(first + j, TT - 1), hq, f])
             finite = T.isfinite(x)
             do_t[f, j] = T.if_then_else(first + j < TT and finite, T.Cast(h16, x), T.float16(0))
             if first + j < TT and not finite:
@@ -583,7 +588,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 r = row0 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
-                grads[b, c, hq, r, f] = T.if_then_else(rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN])
+                grads[b, c, hq, r, f] = T.if_then_else(
+                    rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN] / gradient_scale[0])
         # D of the state rows this warp owns: the direct products plus input_map^T d[k'|v'], back in N's order
         for xt in T.serial((X_TILES + WARPS - 1) // WARPS):
             if xt * WARPS + warp < X_TILES:
@@ -615,7 +621,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                         spoilt = rows_at_or_after(bad, 2 * f, 0) or (
                             f >= K and rows_at_or_after(bad, 2 * F + 2 * T.max(f - K, 0), 0))
                         if p < N:
-                            grads[b, c, hq, L + n, f] = T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN])
+                            grads[b, c, hq, L + n, f] = T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN] / gradient_scale[0])
                 for nt, rM, rN in T.grid(K // 8, 2, 2):
                     p = p0 + g + 8 * rM
                     n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))

@@ -1,10 +1,12 @@
-"""The CUDA backward's reverse state scan as a tile program (stands in for ``compute.scan``'s reverse scan).
+"""The CUDA backward's reverse state scan as a tile program, with the gradients of k and v (stands in for
+``compute.scan``'s reverse scan and ``compute.backward.input_gradient`` of k and v).
 
 G_c = D_c + (A^L)^T G_{c+1}, the second term dropped where chunk c ends its sequence (c is the row's last chunk,
 or chunk c + 1 starts another: starts[b, c + 1] >= 0); D_c = sum over the G query heads of key/value head h of
 grads[b, c, hq, L + n, f] (the gradient of chunk c's outputs with respect to its start state, rows in
 bla-math.md's basis order). Output G [B, NC, H, N, F] (float32), the gradient with respect to each chunk's
-start state.
+start state; and d[k | v] of chunk c's tokens = sum over the query heads of grads[b, c, hq, j, :F] + (that
+same carry) state_in^T G_{c+1}, in the input dtype.
 
 Like the forward's tile scan (``cuda_tile_scan``): one block of NP / 16 warps per (b, h, 16 columns of F), warp w
 owns rows 16 w .. 16 w + 15 of G in float32 registers from chunk to chunk, and the product runs on mma.sync with
@@ -12,7 +14,9 @@ owns rows 16 w .. 16 w + 15 of G in float32 registers from chunk to chunk, and t
 relative). Per chunk, from the last to the first:
 
   1. D_c (loaded one chunk ahead) + the product with G_{c+1} (from the other shared stage) -> G_c
-  2. G_c -> the output, and as hi + lo -> this chunk's shared stage; one barrier
+  2. the chunk's local d[k | v] (loaded one chunk ahead) + state_in^T G_{c+1} (the same B operands; warp w takes
+     rows 16 w, 16 (w + NP / 16), ... of the chunk) -> dk, dv
+  3. G_c -> the output, and as hi + lo -> this chunk's shared stage; one barrier
 
 Float16's range bounds the state gradients the split carries: |G| beyond 65504 overflows, and below ~6e-5 the
 parts lose relative precision (as the backward's float16 operands do).
@@ -31,9 +35,11 @@ from .cuda_tile_scan import COLUMN_BLOCK
 
 
 def state_scan_reverse_tile(spec: KernelSpec):
-    """The PrimFunc ``bla_state_scan_reverse_tile``: state_grads [B, NC, H, N, F] (float32) from grads
-    [B, NC, HQ, L + N, F + K] (float32), the float16 tables decay_t_hi, decay_t_lo [NP, NP] ((A^L)^T split,
-    ``tile_constants.reverse_scan_tables``) and starts [B, NC] int32."""
+    """The PrimFunc ``bla_state_scan_reverse_tile``: state_grads [B, NC, H, N, F] (float32), dk [B, T, H, K] and
+    dv [B, T, H, V] from grads [B, NC, HQ, L + N, F + K] (float32), the float16 tables decay_t_hi, decay_t_lo
+    [NP, NP] ((A^L)^T split) and state_in_t_hi, state_in_t_lo [L, NP] (state_in^T split;
+    ``tile_constants.reverse_scan_tables``), starts [B, NC] int32 and gradient_scale [1] (float32, a power of two
+    s: G is carried as s G, so that its float16 parts keep their precision; the outputs are divided by s)."""
     if not tile_scan_serves(spec):
         raise ValueError(f"the tile reverse scan does not serve {spec}")
     L, K, V, N, G = spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.group_size
@@ -45,19 +51,30 @@ def state_scan_reverse_tile(spec: KernelSpec):
     X_STRIDE = NP + 8
     LO_AT = FB * X_STRIDE
     STAGE = 2 * FB * X_STRIDE  # G^T hi, G^T lo; two stages alternate from chunk to chunk
+    ROW_TILES = -(-(L // 16) // WARPS)  # 16-row tiles of the chunk's d[k | v] per warp
+    dt = spec.dtype
 
     @T.prim_func
-    def state_scan_reverse(grads_h: T.handle, decay_t_hi_h: T.handle, decay_t_lo_h: T.handle, starts_h: T.handle,
-                           state_grads_h: T.handle):  # fmt: skip
+    def state_scan_reverse(
+        grads_h: T.handle, decay_t_hi_h: T.handle, decay_t_lo_h: T.handle, state_in_t_hi_h: T.handle,
+        state_in_t_lo_h: T.handle, starts_h: T.handle, gradient_scale_h: T.handle, state_grads_h: T.handle,
+        dk_h: T.handle, dv_h: T.handle,
+    ):  # fmt: skip
         T.func_attr({"global_symbol": "bla_state_scan_reverse_tile"})
         B = T.int32()
+        TT = T.int32()
         H = T.int32()
         NC = T.int32()
         grads = T.match_buffer(grads_h, (B, NC, H * G, L + N, F + K), "float32")
         decay_t_hi = T.match_buffer(decay_t_hi_h, (NP, NP), h16)
         decay_t_lo = T.match_buffer(decay_t_lo_h, (NP, NP), h16)
+        state_in_t_hi = T.match_buffer(state_in_t_hi_h, (L, NP), h16)
+        state_in_t_lo = T.match_buffer(state_in_t_lo_h, (L, NP), h16)
         starts = T.match_buffer(starts_h, (B, NC), "int32")
+        gradient_scale = T.match_buffer(gradient_scale_h, (1,), "float32")
         state_grads = T.match_buffer(state_grads_h, (B, NC, H, N, F), "float32")
+        dk = T.match_buffer(dk_h, (B, TT, H, K), dt)
+        dv = T.match_buffer(dv_h, (B, TT, H, V), dt)
 
         T.device_entry()
         block = T.cta_id([B * H * (F // FB)])
@@ -68,6 +85,8 @@ def state_scan_reverse_tile(spec: KernelSpec):
         pool_w = pool.view("uint32")
         decay_t_hi_w = decay_t_hi.view("uint32")
         decay_t_lo_w = decay_t_lo.view("uint32")
+        state_in_t_hi_w = state_in_t_hi.view("uint32")
+        state_in_t_lo_w = state_in_t_lo.view("uint32")
 
         fb = block % (F // FB)
         h = block // (F // FB) % H
@@ -90,8 +109,12 @@ def state_scan_reverse_tile(spec: KernelSpec):
         hh = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # D + T_hi G_hi
         lo = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))  # T_lo G_hi + T_hi G_lo
         hh_r, lo_r = hh.local(FB // 8, 2, 2), lo.local(FB // 8, 2, 2)
-        # D_c of this thread's accumulator elements, loaded one chunk ahead
+        # D_c of this thread's accumulator elements, loaded one chunk ahead; likewise the chunk's local d[k | v]
         ahead = T.alloc_buffer((FB // 8, 2, 2), "float32", scope="local")
+        local_ahead = T.alloc_buffer((ROW_TILES, FB // 8, 2, 2), "float32", scope="local")
+        dkv = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
+        dkv_lo = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
+        dkv_r, dkv_lo_r = dkv.local(FB // 8, 2, 2), dkv_lo.local(FB // 8, 2, 2)
         next_start = T.alloc_buffer((1,), "int32", scope="local")  # starts[b, c + 1], read a chunk ahead
 
         for nt, rM, rN in T.grid(FB // 8, 2, 2):
@@ -101,6 +124,12 @@ def state_scan_reverse_tile(spec: KernelSpec):
                 ahead[nt, rM, rN] = ahead[nt, rM, rN] + T.if_then_else(
                     p < N, grads[b, NC - 1, h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN],
                     T.float32(0))  # fmt: skip
+        for i, nt, rM, rN in T.grid(ROW_TILES, FB // 8, 2, 2):
+            local_ahead[i, nt, rM, rN] = T.float32(0)
+            for head in T.unroll(G):
+                local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + grads[
+                    b, NC - 1, h * G + head, T.min((warp + i * WARPS) * 16 + g + 8 * rM, L - 1),
+                    fb * FB + nt * 8 + 2 * tq + rN]  # fmt: skip
         next_start[0] = 0  # the last chunk takes nothing from after it
         for step in T.serial(NC):
             c = NC - 1 - step
@@ -110,7 +139,7 @@ def state_scan_reverse_tile(spec: KernelSpec):
             next_start[0] = starts[b, c]
             # 1. G_c = D_c + (A^L)^T G_{c+1}
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                hh_r[nt, rM, rN] = ahead[nt, rM, rN]
+                hh_r[nt, rM, rN] = ahead[nt, rM, rN] * gradient_scale[0]
                 lo_r[nt, rM, rN] = T.float32(0)
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
@@ -137,13 +166,52 @@ def state_scan_reverse_tile(spec: KernelSpec):
                     for word in T.unroll(4):
                         a_slice_w[word] = a_hi_w[kt * 4 + word]
                     Tx.warp.gemm(lo, a_slice, b_tile, lo, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
-            # 2. G_c -> the output, and as hi + lo -> this chunk's stage
+            # 2. d[k | v] of the chunk's rows = local + state_in^T G_{c+1}
+            for i in T.serial(ROW_TILES):
+                rt = warp + i * WARPS
+                if rt < L // 16:
+                    for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                        dkv_r[nt, rM, rN] = local_ahead[i, nt, rM, rN] * gradient_scale[0]
+                        dkv_lo_r[nt, rM, rN] = T.float32(0)
+                        local_ahead[i, nt, rM, rN] = T.float32(0)
+                        for head in T.unroll(G):
+                            local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + grads[
+                                b, T.max(c - 1, 0), h * G + head, rt * 16 + g + 8 * rM, fb * FB + nt * 8 + 2 * tq + rN]
+                    if carry:
+                        for kt in T.unroll(NP // 16):
+                            for nt, kHi in T.grid(FB // 8, 2):
+                                b_tile_w[nt * 2 + kHi] = pool_w[
+                                    (other + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
+                            for kHi, rM in T.grid(2, 2):
+                                a_slice_w[kHi * 2 + rM] = state_in_t_hi_w[rt * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+                            Tx.warp.gemm(dkv, a_slice, b_tile, dkv, transpose_A=False, transpose_B=False, alpha=1.0,
+                                         beta=1.0)  # fmt: skip
+                            for kHi, rM in T.grid(2, 2):
+                                a_slice_w[kHi * 2 + rM] = state_in_t_lo_w[rt * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+                            Tx.warp.gemm(dkv_lo, a_slice, b_tile, dkv_lo, transpose_A=False, transpose_B=False,
+                                         alpha=1.0, beta=1.0)  # fmt: skip
+                            for nt, kHi in T.grid(FB // 8, 2):
+                                b_tile_w[nt * 2 + kHi] = pool_w[
+                                    (other + LO_AT + (nt * 8 + g) * X_STRIDE) // 2 + kt * 8 + kHi * 4 + tq]
+                            for kHi, rM in T.grid(2, 2):
+                                a_slice_w[kHi * 2 + rM] = state_in_t_hi_w[rt * 16 + g + 8 * rM, kt * 8 + kHi * 4 + tq]
+                            Tx.warp.gemm(dkv_lo, a_slice, b_tile, dkv_lo, transpose_A=False, transpose_B=False,
+                                         alpha=1.0, beta=1.0)  # fmt: skip
+                    for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                        t = c * L + rt * 16 + g + 8 * rM
+                        f = fb * FB + nt * 8 + 2 * tq + rN
+                        if t < TT:
+                            if fb * FB < K:
+                                dk[b, t, h, T.min(f, K - 1)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) / gradient_scale[0])
+                            else:
+                                dv[b, t, h, T.max(f - K, 0)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) / gradient_scale[0])
+            # 3. G_c -> the output, and as hi + lo -> this chunk's stage
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
                 x = hh_r[nt, rM, rN] + lo_r[nt, rM, rN]
                 if p < N:
-                    state_grads[b, c, h, p, f] = x
+                    state_grads[b, c, h, p, f] = x / gradient_scale[0]
                 hi = T.Cast(h16, x)
                 pool[stage + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = hi
                 pool[stage + LO_AT + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = T.Cast(h16, x - T.Cast("float32", hi))

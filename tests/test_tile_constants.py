@@ -185,5 +185,6 @@ def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
     training = dispatch.phase_kernels(True, final_state=False)
     assert dispatch.implementations(training, bf16, cuda)["chunk_backward"] == "chunk_backward_tile"
     assert dispatch.implementations(training, bf16, cuda)["state_scan_reverse"] == "state_scan_reverse_tile"
+    assert not {"input_gradient_k", "input_gradient_v"} & set(dispatch.implementations(training, bf16, cuda))
     assert dispatch.implementations(training, fp32, cuda)["chunk_backward"] == "chunk_backward"
     assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), True) == 64
