@@ -86,7 +86,7 @@ def profile_steps() -> None:
     torch.cuda.synchronize()
 
 
-def main(out: Path, lengths: list[int]) -> None:
+def main(out: Path, lengths: list[int], fla: bool) -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
     gen = torch.Generator().manual_seed(0)
@@ -115,6 +115,26 @@ def main(out: Path, lengths: list[int]) -> None:
     for name, step in baselines.items():
         results["ms"][name] = step_ms(step, [qt, kt, vt])
         results["peak_mb_above_inputs"][name] = peak_mb(step)
+    # inference forwards in the same run (the forward's own benchmark is forward_bench.py)
+    results["forward_ms"] = {}
+    with torch.no_grad():
+        for name, (N, M) in LAYERS.items():
+            results["forward_ms"][name] = triton.testing.do_bench(
+                lambda N=N, M=M: blurry_window_attention(q, k, v, WINDOW, N, M), return_mode="median")
+        results["forward_ms"]["Flex SWA-512"] = triton.testing.do_bench(lambda: flex(qt, kt, vt, block_mask=mask),
+                                                                        return_mode="median")  # fmt: skip
+    if fla:  # FLA's Gated Slot Attention with 64 slots (its chunk kernel), the Triton peer
+        from fla.ops.gsa import chunk_gsa
+
+        slots = torch.randn(B, T, H, 64, generator=gen).to(device, dtype)
+        gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, 64, generator=gen)).to(device, dtype)
+        fla_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, slots, gate)]
+        with torch.no_grad():
+            results["forward_ms"]["FLA chunk_gsa M=64"] = triton.testing.do_bench(
+                lambda: chunk_gsa(q, k, v, slots, gate), return_mode="median")  # fmt: skip
+        fla_step = lambda: chunk_gsa(*fla_inputs)[0].backward(do)  # noqa: E731
+        results["ms"]["FLA chunk_gsa M=64"] = step_ms(fla_step, fla_inputs)
+        results["peak_mb_above_inputs"]["FLA chunk_gsa M=64"] = peak_mb(fla_step)
     results["long"] = {}
     del q, k, v, qt, kt, vt
     for length in lengths:  # does a long sequence train, and with how much memory
@@ -137,8 +157,9 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--lengths", type=int, nargs="*", default=[65536])
     parser.add_argument("--profile", action="store_true", help="two training steps only (for ncu)")
+    parser.add_argument("--fla", action="store_true", help="time FLA's chunk_gsa too (flash-linear-attention)")
     args = parser.parse_args()
     if args.profile:
         profile_steps()
     else:
-        main(args.out, args.lengths)
+        main(args.out, args.lengths, args.fla)

@@ -182,6 +182,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         for it in T.serial((2 * (F + V) + THREADS - 1) // THREADS):
             if it * THREADS + tid < 2 * (F + V):
                 bad[it * THREADS + tid] = 0
+        factor = T.alloc_buffer((2,), "float32", scope="local")  # s and 1 / s (exact: s is a power of two)
+        factor[0] = gradient_scale[0]
+        factor[1] = T.float32(1) / gradient_scale[0]
 
         # ---- 1. the raw chunk and its start state; [k'|v'] = input_map [k|v; X|Y] --------------------------
         for it in T.serial(L * K // THREADS):
@@ -377,7 +380,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
             t = first + row0 + g + 8 * rM
             do_r[kt, kHi, rM, kp] = T.if_then_else(
                 t < TT,
-                T.Cast(h16, gradient_scale[0] * T.Cast("float32", do[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp])),
+                T.Cast(h16, factor[0] * T.Cast("float32", do[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp])),
                 T.float16(0),
             )
         # dmix = (dO v'^T) masked;  dw' = dO Y^T + dmix lag
@@ -508,7 +511,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                 a_slice_r[0, kHi, rM, kp] = l_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(dq, a_slice, b_k, dq, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
         for nt, rM, rN in T.grid(K // 8, 2, 2):
-            grads[b, c, hq, row0 + g + 8 * rM, F + nt * 8 + 2 * tq + rN] = dq_r[nt, rM, rN] / gradient_scale[0]
+            grads[b, c, hq, row0 + g + 8 * rM, F + nt * 8 + 2 * tq + rN] = dq_r[nt, rM, rN] * factor[1]
 
         # ---- 4. chunk-wide: the row operands transposed into shared memory, then products over all rows -----
         # mix = (w' lag^T) masked, recomputed here (not kept in registers through stage 3)
@@ -539,7 +542,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         for it in T.serial(L * V // THREADS):
             j = (it * THREADS + tid) // V
             f = (it * THREADS + tid) % V
-            x = gradient_scale[0] * T.Cast("float32", do[b, T.min(first + j, TT - 1), hq, f])
+            x = factor[0] * T.Cast("float32", do[b, T.min(first + j, TT - 1), hq, f])
             finite = T.isfinite(x)
             do_t[f, j] = T.if_then_else(first + j < TT and finite, T.Cast(h16, x), T.float16(0))
             if first + j < TT and not finite:
@@ -589,7 +592,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                 r = row0 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
                 grads[b, c, hq, r, f] = T.if_then_else(
-                    rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN] / gradient_scale[0])
+                    rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN] * factor[1])
         # D of the state rows this warp owns: the direct products plus input_map^T d[k'|v'], back in N's order
         for xt in T.serial((X_TILES + WARPS - 1) // WARPS):
             if xt * WARPS + warp < X_TILES:
@@ -621,7 +624,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                         spoilt = rows_at_or_after(bad, 2 * f, 0) or (
                             f >= K and rows_at_or_after(bad, 2 * F + 2 * T.max(f - K, 0), 0))
                         if p < N:
-                            grads[b, c, hq, L + n, f] = T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN] / gradient_scale[0])
+                            grads[b, c, hq, L + n, f] = T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN] * factor[1])
                 for nt, rM, rN in T.grid(K // 8, 2, 2):
                     p = p0 + g + 8 * rM
                     n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))

@@ -130,6 +130,9 @@ def state_scan_reverse_tile(spec: KernelSpec):
                 local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + grads[
                     b, NC - 1, h * G + head, T.min((warp + i * WARPS) * 16 + g + 8 * rM, L - 1),
                     fb * FB + nt * 8 + 2 * tq + rN]  # fmt: skip
+        factor = T.alloc_buffer((2,), "float32", scope="local")  # s and 1 / s (exact: s is a power of two)
+        factor[0] = gradient_scale[0]
+        factor[1] = T.float32(1) / gradient_scale[0]
         next_start[0] = 0  # the last chunk takes nothing from after it
         for step in T.serial(NC):
             c = NC - 1 - step
@@ -139,7 +142,7 @@ def state_scan_reverse_tile(spec: KernelSpec):
             next_start[0] = starts[b, c]
             # 1. G_c = D_c + (A^L)^T G_{c+1}
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                hh_r[nt, rM, rN] = ahead[nt, rM, rN] * gradient_scale[0]
+                hh_r[nt, rM, rN] = ahead[nt, rM, rN] * factor[0]
                 lo_r[nt, rM, rN] = T.float32(0)
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
@@ -171,7 +174,7 @@ def state_scan_reverse_tile(spec: KernelSpec):
                 rt = warp + i * WARPS
                 if rt < L // 16:
                     for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                        dkv_r[nt, rM, rN] = local_ahead[i, nt, rM, rN] * gradient_scale[0]
+                        dkv_r[nt, rM, rN] = local_ahead[i, nt, rM, rN] * factor[0]
                         dkv_lo_r[nt, rM, rN] = T.float32(0)
                         local_ahead[i, nt, rM, rN] = T.float32(0)
                         for head in T.unroll(G):
@@ -202,16 +205,16 @@ def state_scan_reverse_tile(spec: KernelSpec):
                         f = fb * FB + nt * 8 + 2 * tq + rN
                         if t < TT:
                             if fb * FB < K:
-                                dk[b, t, h, T.min(f, K - 1)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) / gradient_scale[0])
+                                dk[b, t, h, T.min(f, K - 1)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) * factor[1])
                             else:
-                                dv[b, t, h, T.max(f - K, 0)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) / gradient_scale[0])
+                                dv[b, t, h, T.max(f - K, 0)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) * factor[1])
             # 3. G_c -> the output, and as hi + lo -> this chunk's stage
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
                 x = hh_r[nt, rM, rN] + lo_r[nt, rM, rN]
                 if p < N:
-                    state_grads[b, c, h, p, f] = x / gradient_scale[0]
+                    state_grads[b, c, h, p, f] = x * factor[1]
                 hi = T.Cast(h16, x)
                 pool[stage + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = hi
                 pool[stage + LO_AT + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = T.Cast(h16, x - T.Cast("float32", hi))
