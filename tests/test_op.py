@@ -562,3 +562,19 @@ def test_decode_state_past_32_bit_indexing_is_refused_naming_it():
     state = BLAState(huge(B, 1, 3, K), huge(B, 1, 3, 1), torch.zeros(B, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"key_state \[16384, 1, 3, 65536\] \(3221225472 elements\)"):
         decode_step(q, q, huge(B, 1, 1), state, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradient_scale_brings_do_into_float16s_normal_range(dtype):
+    """The backward's dO factor (ops.gradient_scale): a power of two with max |s dO| in [1, 2) for a mean loss's
+    tiny dO and a large one alike, so s dO and the gradients divided by s are exact; 1 where dO is all zeros or
+    holds a NaN or an infinity (the kernels then carry the non-finite values as the definition does)."""
+    from bla_tvm.ops import gradient_scale
+
+    for largest in (3e-7, 1e-4, 1.0, 1.5, 4e4):
+        do = torch.tensor([largest, -largest / 3, 0.0]).to(dtype)
+        s = gradient_scale(do)
+        assert s.dtype == torch.float32 and s.item() == 2.0 ** round(math.log2(s.item()))
+        assert 1.0 <= (do.float().abs().max() * s).item() < 2.0, largest
+    for special in ([0.0, 0.0], [float("nan"), 1e-7], [float("inf"), 1e-7], [float("-inf"), 1e-7]):
+        assert gradient_scale(torch.tensor(special).to(dtype)).item() == 1.0, special
