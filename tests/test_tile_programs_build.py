@@ -35,8 +35,10 @@ SWA_GQA_FP16 = dict(window=16, resolution=16, num_slots=40, chunk_size=64, head_
     [
         ("chunk_output_tile", BENCH_BF16), ("chunk_output_tile", SWA_GQA_FP16), ("state_scan_tile", BENCH_BF16),
         ("state_scan_tile", SWA_GQA_FP16), ("chunk_backward_tile", SWA_GQA_FP16),  # the backward takes ~1 min
+        ("state_scan_reverse_tile", BENCH_BF16), ("state_scan_reverse_tile", SWA_GQA_FP16),
     ],
-    ids=["forward-bench-bf16", "forward-swa-gqa-fp16", "scan-bench-bf16", "scan-swa-gqa-fp16", "backward-swa-gqa-fp16"],
+    ids=["forward-bench-bf16", "forward-swa-gqa-fp16", "scan-bench-bf16", "scan-swa-gqa-fp16", "backward-swa-gqa-fp16",
+         "reverse-scan-bench-bf16", "reverse-scan-swa-gqa-fp16"],
 )  # fmt: skip
 def test_tile_programs_build_into_tensor_core_code(kernel, spec, tmp_path):
     result = subprocess.run(
