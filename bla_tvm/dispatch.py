@@ -30,11 +30,12 @@ from .layer import CHUNK_SIZES, MAX_ELEMENTS, KernelSpec, LayerSpec
 from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
 from .tile_constants import (
-    SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_constants, tile_forward_serves, tile_scan_serves,
+    SHARED_MEMORY_LIMIT, SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_backward_serves, tile_constants,
+    tile_forward_serves, tile_scan_serves,
 )  # fmt: skip
 
 #: shared memory one CUDA thread block may use on sm_90 (227 KB)
-CUDA_SHARED_MEMORY_LIMIT = 232448
+CUDA_SHARED_MEMORY_LIMIT = SHARED_MEMORY_LIMIT
 
 
 def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: bool = True) -> int:  # noqa: E741
@@ -64,7 +65,7 @@ def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool) -
     longest that fits ``cuda_shared_memory_bound``, else the shortest."""
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
-    if tile_forward_serves(layer.kernel(TILE_CHUNK)):
+    if (tile_backward_serves if backward else tile_forward_serves)(layer.kernel(TILE_CHUNK)):
         return TILE_CHUNK
     N, M, K, V = layer.resolution, layer.num_slots, layer.head_k, layer.head_v
     fits = [L for L in CHUNK_SIZES if cuda_shared_memory_bound(L, N, M, K, V, backward) <= CUDA_SHARED_MEMORY_LIMIT]
@@ -148,7 +149,8 @@ def chunk_size(device: torch.device, layer: LayerSpec, shape, backward: bool, fo
     the shape is read only where the records disagree between buckets (which then specialises a dynamic-shape
     graph on B, T, H)."""
     folders = None if folders is None else tuple(map(str, folders))
-    if device_kind(device) == "cuda" and tile_forward_serves(layer.kernel(TILE_CHUNK)):
+    serves = tile_backward_serves if backward else tile_forward_serves
+    if device_kind(device) == "cuda" and serves(layer.kernel(TILE_CHUNK)):
         return TILE_CHUNK  # the tile programs have one chunk length (the logs measured the TE kernels)
     if not _any_logged(str(device), bool(backward), folders):
         return default_chunk_size(device, layer, backward)
@@ -220,7 +222,7 @@ def _acc(spec: KernelSpec) -> torch.dtype:
 
 #: the tile programs that stand in for a kernel on CUDA, and the specs each serves (``tile_constants``)
 TILE_PROGRAMS = {"chunk_output": ("chunk_output_tile", tile_forward_serves),
-                 "chunk_backward": ("chunk_backward_tile", tile_forward_serves),
+                 "chunk_backward": ("chunk_backward_tile", tile_backward_serves),
                  "state_scan": ("state_scan_tile", tile_scan_serves),
                  "state_scan_reverse": ("state_scan_reverse_tile", tile_scan_serves)}  # fmt: skip
 

@@ -85,6 +85,65 @@ def tile_forward_serves(spec) -> bool:
     )  # fmt: skip
 
 
+#: shared memory one CUDA thread block may use on sm_90 (227 KB)
+SHARED_MEMORY_LIMIT = 232448
+
+
+@dataclass(frozen=True)
+class BackwardSharedLayout:
+    """Where the tile backward (``schedules/cuda_tile_backward.py``) keeps each buffer in its dynamic shared
+    memory, in float16 elements from the start. Region 1 holds the raw chunk [k|v; X|Y]^T, then the constant
+    tables (lag_t, slots, slots_t, lag), then d[k'|v']^T; region 2 (from ``keys``) holds [k'; X], its transpose
+    and [v'; Y], then the transposed row operands gt, ht, q_t, do_t; the int32 row masks come last."""
+
+    raw_stride: int
+    keys_stride: int
+    keys_t_stride: int
+    values_stride: int
+    row_stride: int
+    lag_t: int
+    slots: int
+    slots_t: int
+    lag: int
+    keys: int
+    keys_t: int
+    values: int
+    gt: int
+    ht: int
+    q_t: int
+    do_t: int
+    bad: int
+    halves: int
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.halves
+
+
+def backward_shared_layout(spec, slot_tile: int = SLOT_TILE) -> BackwardSharedLayout:
+    L, K, V, NP, MT = spec.chunk_size, spec.head_k, spec.head_v, padded_resolution(spec.resolution), slot_tile
+    F, LR = K + V, L + NP
+    raw_stride, keys_stride, keys_t_stride, values_stride, row_stride = LR + 8, K + 8, LR + 8, V + 8, L + 8
+    slots = NP * (L + 8)
+    slots_t = slots + MT * (NP + 8)
+    lag = slots_t + NP * (MT + 8)
+    keys = max(F * raw_stride, lag + L * (NP + 8), F * row_stride)
+    keys_t = keys + LR * keys_stride
+    values = keys_t + K * keys_t_stride
+    ht = keys + LR * row_stride
+    q_t = ht + LR * row_stride
+    do_t = q_t + K * row_stride
+    bad = round_up(max(values + LR * values_stride, do_t + V * row_stride), 2)
+    return BackwardSharedLayout(raw_stride, keys_stride, keys_t_stride, values_stride, row_stride, 0, slots, slots_t,
+                                lag, keys, keys_t, values, keys, ht, q_t, do_t, bad, bad + 4 * (F + V))  # fmt: skip
+
+
+def tile_backward_serves(spec) -> bool:
+    """Whether the tile-program backward computes ``spec`` on CUDA: where the tile forward does and its shared
+    memory fits a block (K = V = 128 with N > 63 does not)."""
+    return tile_forward_serves(spec) and backward_shared_layout(spec).bytes <= SHARED_MEMORY_LIMIT
+
+
 def tile_scan_serves(spec) -> bool:
     """Whether the tile-program scan (``schedules/cuda_tile_scan.py``) runs ``spec`` on CUDA: 16-bit inputs,
     N up to 127 (eight warps of 16 state rows), F = K + V a multiple of 16, L a multiple of 16."""

@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 from tvm.script.tirx import tile as Tx
 
 from bla_tvm.layer import KernelSpec
-from bla_tvm.tile_constants import SLOT_TILE, padded_resolution, round_up, tile_forward_serves
+from bla_tvm.tile_constants import SLOT_TILE, backward_shared_layout, padded_resolution, round_up, tile_backward_serves
 
 from .cuda_tile_forward import CHUNK, THREADS, WARPS, accumulator_layout, operand_a_layout, operand_b_layout
 
@@ -60,7 +60,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
     a power of two s that dO is multiplied by as it is loaded (its float16 copies then keep full precision,
     ``ops.gradient_scale``) and the outputs divided by, exactly."""
-    if not tile_forward_serves(spec):
+    if not tile_backward_serves(spec):
         raise ValueError(f"the tile backward does not serve {spec}")
     L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,
                            spec.window, spec.group_size)  # fmt: skip
@@ -73,22 +73,13 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     X_TILES = NP // 16  # 16-row tiles of the state rows; warp w takes tiles w, w + 4, ...
     FB = 64 if F % 64 == 0 and K % 64 == 0 else 16  # column block of the chunk-wide products (inside k or v)
     dt, h16 = spec.dtype, "float16"
-    # shared memory (halves): region 1 holds the raw chunk, then the constant tables, then d[k'|v']^T;
-    # region 2 holds [k'; X], its transpose and [v'; Y], then the transposed row operands of stage 4
-    RAW_STRIDE, KX_STRIDE, KXT_STRIDE, VY_STRIDE, ROW_STRIDE = LR + 8, K + 8, LR + 8, V + 8, L + 8
-    LAG_T_AT, SLOTS_AT = 0, NP * (L + 8)
-    SLOTS_T_AT = SLOTS_AT + MT * (NP + 8)
-    LAG_AT = SLOTS_T_AT + NP * (MT + 8)
-    REGION_1 = max(F * RAW_STRIDE, LAG_AT + L * (NP + 8), F * ROW_STRIDE)
-    KEYS_AT = REGION_1
-    KEYS_T_AT = KEYS_AT + LR * KX_STRIDE
-    VALUES_AT = KEYS_T_AT + K * KXT_STRIDE
-    GT_AT = REGION_1
-    HT_AT = GT_AT + LR * ROW_STRIDE
-    QT_AT = HT_AT + LR * ROW_STRIDE
-    DOT_AT = QT_AT + K * ROW_STRIDE
-    BAD_AT = round_up(max(VALUES_AT + LR * VY_STRIDE, DOT_AT + V * ROW_STRIDE), 2)  # int32 masks after the rest
-    SHARED_HALVES = BAD_AT + 4 * (F + V)
+    shared = backward_shared_layout(spec, slot_tile)  # in float16 elements (see its docstring)
+    RAW_STRIDE, KX_STRIDE, KXT_STRIDE, VY_STRIDE, ROW_STRIDE = (
+        shared.raw_stride, shared.keys_stride, shared.keys_t_stride, shared.values_stride, shared.row_stride)
+    LAG_T_AT, SLOTS_AT, SLOTS_T_AT, LAG_AT = shared.lag_t, shared.slots, shared.slots_t, shared.lag
+    KEYS_AT, KEYS_T_AT, VALUES_AT = shared.keys, shared.keys_t, shared.values
+    GT_AT, HT_AT, QT_AT, DOT_AT, BAD_AT = shared.gt, shared.ht, shared.q_t, shared.do_t, shared.bad
+    SHARED_HALVES = shared.halves
 
     @T.prim_func
     def chunk_backward(
