@@ -18,8 +18,9 @@ relative). Per chunk, from the last to the first:
      rows 16 w, 16 (w + NP / 16), ... of the chunk) -> dk, dv
   3. G_c -> the output, and as hi + lo -> this chunk's shared stage; one barrier
 
-Float16's range bounds the state gradients the split carries: |G| beyond 65504 overflows, and below ~6e-5 the
-parts lose relative precision (as the backward's float16 operands do).
+G is carried as s G with s the backward's gradient scale (a power of two that brings max |dO| into [1, 2),
+``ops.gradient_scale``), so its float16 parts keep their precision whatever the loss's scale; the outputs are
+divided by s, exactly.
 """
 
 from __future__ import annotations
