@@ -13,15 +13,22 @@ Here (build machine, no GPU):
     python -m bla_tvm.cli bundle --out .bundle-decode
 On the GPU machine (FLA 0.6.0 wheels in .whl/ for the FLA baseline; BLA_TVM_NO_TUNING=1 for generate's prefill):
     python benchmarks/decode_bench.py --bundle .bundle-decode --out $OUT
+Where generate's time per token goes (issue 14; fp32 and bf16 states, ~15-30 s), instead of the above:
+    BLA_TVM_NO_TUNING=1 python benchmarks/decode_bench.py --bundle .bundle-decode --profile-generate --out $OUT
 
-Writes decode_bench.json (every measurement).
+Writes decode_bench.json (every measurement); with --profile-generate, profile_generate.json (CPU time of each
+part of generate's loop against GPU time per token, each layer timed alone), profile_generate_tables.txt
+(torch.profiler's tables) and profile_generate_<state>.trace.json.gz (Chrome traces of one generate call).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -539,6 +546,303 @@ def profile_launches(torch, kernel_file: str | None, launches: int = 5) -> None:
     synchronize(torch)
 
 
+#: --profile-generate: tokens per timed or profiled loop, and loops per measurement (medians kept)
+PROFILE_TOKENS = 64
+PROFILE_REPEATS = 3
+#: the state dtypes of issue 14's gap (generate 73.9 us a token against a 32.1 us replay with fp32, 49.5 against
+#: a 40.5 us kernel with bf16)
+PROFILE_STATES = ("float32", "bfloat16")
+#: generate's loop (bla_tvm/generate.py), as the parts timed apart: the DecodeGraph call whole, or split into the
+#: copy of the token into the graph's inputs and the replay (DecodeGraph.__call__'s argument checks left out)
+GENERATE_PARTS = ("next_token", "check_next_token", "decoder_call", "copy_out")
+SPLIT_PARTS = ("next_token", "check_next_token", "copy_in", "replay", "copy_out")
+
+
+class EagerDecoder:
+    """DecodeGraph's interface over eager in-place steps (generate's cuda_graph=False path): where there is no
+    CUDA graph (the --device cpu dry run of --profile-generate)."""
+
+    def __init__(self, torch, bla, state, query_heads: int, dtype):
+        B, H, _, K = state.key_state.shape
+        device = state.key_state.device
+        self.torch, self.bla, self.state = torch, bla, state
+        self.q = torch.zeros(B, query_heads, K, dtype=dtype, device=device)
+        self.k = torch.zeros(B, H, K, dtype=dtype, device=device)
+        self.v = torch.zeros(B, H, state.value_state.shape[-1], dtype=dtype, device=device)
+
+    def replay(self):
+        return self.bla.decode_step(self.q, self.k, self.v, self.state, *layer_args(), in_place=True)[0]
+
+    def __call__(self, q, k, v):
+        self.torch._foreach_copy_((self.q, self.k, self.v), (q, k, v))
+        return self.replay()
+
+
+def _stats(samples) -> dict:
+    ordered = sorted(samples)
+    return {"median": statistics.median(ordered), "mean": statistics.fmean(ordered),
+            "p90": ordered[int(0.9 * (len(ordered) - 1))], "min": ordered[0]}  # fmt: skip
+
+
+def loop_timing(torch, body, n: int, repeats: int = PROFILE_REPEATS) -> dict:
+    """Microseconds per iteration of ``body(i)``, i < n, medians over ``repeats`` loops of each kind:
+    wall_us: free-running (as generate runs), host clock, synchronised before and after;
+    gpu_span_us: CUDA events around that free-running loop: the GPU's work plus any time it waits for the CPU;
+    gpu_busy_us: CUDA events around the same loop issued while the GPU is held behind a sleep kernel, so that
+      it runs the whole loop's work back to back: the GPU time of the work itself, no waiting for the CPU;
+    cpu_issue_us: the host clock over that held-back loop: the CPU's cost of issuing it, no call waiting on
+      the GPU (held_back_ok: the GPU had not reached the loop when the CPU finished issuing it, every repeat).
+    On the CPU (the dry run) only wall_us."""
+    cuda = DEVICE == "cuda"
+    times = {"wall_us": [], "gpu_span_us": [], "gpu_busy_us": [], "cpu_issue_us": []}
+    held_back_ok = True
+    for _ in range(repeats):
+        synchronize(torch)
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        start = time.perf_counter()
+        for i in range(n):
+            body(i)
+        if cuda:
+            end.record()
+        synchronize(torch)
+        wall = (time.perf_counter() - start) / n
+        times["wall_us"].append(wall * 1e6)
+        if not cuda:
+            continue
+        times["gpu_span_us"].append(begin.elapsed_time(end) / n * 1e3)
+        # hold the GPU for ~3x the free-running loop's wall time (cycles at ~2 GHz; longer at lower clocks)
+        torch.cuda._sleep(int(max(1e7, 3 * n * wall * 2e9)))
+        begin.record()
+        start = time.perf_counter()
+        for i in range(n):
+            body(i)
+        issue = (time.perf_counter() - start) / n
+        end.record()
+        held_back_ok = held_back_ok and not begin.query()
+        synchronize(torch)
+        times["cpu_issue_us"].append(issue * 1e6)
+        times["gpu_busy_us"].append(begin.elapsed_time(end) / n * 1e3)
+    row = {name: statistics.median(x) for name, x in times.items() if x}
+    if cuda:
+        row["held_back_ok"] = held_back_ok
+        row["cpu_bound"] = row["cpu_issue_us"] > row["gpu_busy_us"]
+    return row
+
+
+def generate_loop_parts(torch, decoder, prompt, next_token, outputs, n: int, split: bool,
+                        repeats: int = PROFILE_REPEATS) -> dict:  # fmt: skip
+    """generate's decoding loop (bla_tvm/generate.py), copied with a host clock read between its parts: CPU
+    microseconds per token of each part (GENERATE_PARTS, or SPLIT_PARTS with ``split``) over n tokens x
+    ``repeats`` loops, their sum (cpu_us, the means), and the loop's wall time per token (synchronised)."""
+    from bla_tvm.generate import _check_next_token
+
+    clock = time.perf_counter
+    names = SPLIT_PARTS if split else GENERATE_PARTS
+    samples = {name: [] for name in names}
+    walls = []
+    for _ in range(repeats):
+        last = None
+        synchronize(torch)
+        start = clock()
+        for i in range(n):
+            t0 = clock()
+            token = next_token(last, i)
+            t1 = clock()
+            token = _check_next_token(token, i, *prompt)
+            t2 = clock()
+            if split:
+                torch._foreach_copy_((decoder.q, decoder.k, decoder.v), token)
+                t3 = clock()
+                o = decoder.replay()
+                t4 = clock()
+                last = outputs[i].copy_(o)
+                marks = (t0, t1, t2, t3, t4, clock())
+            else:
+                o = decoder(*token)
+                t3 = clock()
+                last = outputs[i].copy_(o)
+                marks = (t0, t1, t2, t3, clock())
+            for name, a, b in zip(names, marks, marks[1:]):
+                samples[name].append((b - a) * 1e6)
+        synchronize(torch)
+        walls.append((clock() - start) / n * 1e6)
+    parts = {name: _stats(x) for name, x in samples.items()}
+    return {"parts_us": parts, "cpu_us": sum(p["mean"] for p in parts.values()), "wall_us": statistics.median(walls)}
+
+
+def profiler_run(torch, fn, title: str, trace: Path | None = None) -> tuple[str, dict]:
+    """``fn()`` under torch.profiler (CPU and CUDA activities): its key_averages tables sorted by self CPU time
+    and by CUDA time (text), and the CUDA time of each kernel name over the run (us; the profiler's view of the
+    GPU's work, no gaps). ``trace``: a Chrome trace, gzipped, there."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        synchronize(torch)
+    averages = prof.key_averages()
+    text = "".join(
+        f"\n## {title}: sorted by {key}\n{averages.table(sort_by=key, row_limit=30, max_name_column_width=70)}\n"
+        for key in ("self_cpu_time_total", "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total")
+    )
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total, count = kernels.get(event.name, (0.0, 0))
+            kernels[event.name] = (total + event.device_time_total, count + 1)
+    if trace is not None:
+        raw = trace.with_suffix("")  # name.json.gz -> name.json
+        prof.export_chrome_trace(str(raw))
+        trace.write_bytes(gzip.compress(raw.read_bytes()))
+        raw.unlink()
+    return text, kernels
+
+
+def profile_generate(torch, bla, out: Path, n: int = PROFILE_TOKENS, states=PROFILE_STATES) -> dict:
+    """Where ``generate``'s time per decoded token goes at the benchmark shape (issue 14), for each state dtype:
+    generate per token end to end (generate_per_token); generate's loop copied with the CPU time of each part
+    (next_token, _check_next_token, the DecodeGraph call or its copy in and replay apart, the copy of o out),
+    against the GPU time per token (CUDA events, the GPU held back so it runs the loop's work without waiting);
+    the layers under it timed alone (loop_timing: replay only, the copy in only, DecodeGraph(q, k, v) with
+    contiguous tokens and with generate's slices, + the copy out, the whole loop, eager in-place steps). Then,
+    every timing on disk, torch.profiler over the copied loop (parts labelled with record_function) and over
+    one generate call (prefill, graph capture and n tokens). Writes profile_generate.json,
+    profile_generate_tables.txt and profile_generate_<state>.trace.json.gz (the generate call's Chrome trace)."""
+    from bla_tvm.generate import _check_next_token
+
+    start_time = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    B, H, K, V = (SHAPE[x] for x in "BHKV")
+    bf16, cuda = torch.bfloat16, DEVICE == "cuda"
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    summary = {"shape": dict(SHAPE, dtype="bfloat16"), "tokens": n, "repeats": PROFILE_REPEATS, "device": DEVICE,
+               "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
+               "host_kernel": platform.release(), "python": platform.python_version(),
+               "fields": "us per token. generate_per_token: bla.generate end to end (runs of n and 5n tokens, "
+               "differenced). generate_loop: its loop copied, CPU time of each part (host clock; cpu_us = sum of "
+               "the means) against gpu_busy_us (CUDA events, the GPU held back behind a sleep kernel so it runs "
+               "the loop's work back to back); cpu_bound = cpu_us > gpu_busy_us. layers: loop_timing's wall_us, "
+               "gpu_span_us (events, free-running), gpu_busy_us, cpu_issue_us. profile_loop / profile_generate: "
+               "torch.profiler's CUDA time per token by kernel (profile_generate's includes the 64-token prefill "
+               "and the graph's capture, divided by n too)", "states": {}}  # fmt: skip
+    tables = []
+    # the prompt (64 tokens, as generate_per_token) and the new tokens: slices of [B, n, H, D] as next_token gives
+    prompt = [torch.randn(B, 64, H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
+    tokens = [torch.randn(B, n, H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
+    slices = [tuple(x[:, i] for x in tokens) for i in range(n)]
+    contiguous = [tuple(x.contiguous() for x in token) for token in slices]
+    outputs = torch.empty(n, B, H, V, device=DEVICE, dtype=bf16)
+
+    def next_token(o, i):  # as generate_per_token's
+        return tokens[0][:, i], tokens[1][:, i], tokens[2][:, i]
+
+    def save():
+        summary["seconds"] = time.time() - start_time
+        (out / "profile_generate.json").write_text(json.dumps(summary, indent=1))
+        (out / "profile_generate_tables.txt").write_text("".join(tables))
+
+    decoders = {}
+    with torch.no_grad():
+        for state_name in states:
+            sd = getattr(torch, state_name)
+            case = summary["states"][state_name] = {}
+            print(f"--- profile generate, {state_name} state", flush=True)
+            try:
+                case["generate_per_token"] = generate_per_token(torch, bla, sd, cuda, g, lengths=(n, 5 * n))
+            except Exception as error:  # noqa: BLE001 - needs the prefill kernels; the loop below does not
+                case["generate_per_token"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print("generate per token:", json.dumps(case["generate_per_token"]), flush=True)
+            # generate's step at the benchmark state (every sequence past the window, as the replay benchmark)
+            state = bench_state(torch, sd, g)
+            if cuda:
+                decoder = bla.DecodeGraph(state, *layer_args(), query_heads=H, dtype=bf16)
+            else:
+                decoder = EagerDecoder(torch, bla, state, H, bf16)
+            decoders[state_name] = decoder
+            decoder(*contiguous[0])  # warm-up
+            synchronize(torch)
+            # the copied loop, its parts timed apart; CPU-bound where the CPU's time per token exceeds the GPU's
+            loop = case["generate_loop"] = generate_loop_parts(torch, decoder, prompt, next_token, outputs, n, False)
+            case["generate_loop_split"] = generate_loop_parts(torch, decoder, prompt, next_token, outputs, n, True)
+            last = [None]
+
+            def whole_loop(i, decoder=decoder):  # generate's loop body, unlabelled
+                last[0] = outputs[i].copy_(decoder(*_check_next_token(next_token(last[0], i), i, *prompt)))
+
+            eager_state = bench_state(torch, sd, g)
+            buffers = (decoder.q, decoder.k, decoder.v)
+            whole_name = "generate's loop (next_token, _check_next_token, decoder, copy out)"
+            layers = {
+                "decoder.replay() only": lambda i: decoder.replay(),
+                "torch._foreach_copy_ of generate's slices into the graph inputs only":
+                    lambda i: torch._foreach_copy_(buffers, slices[i]),
+                "decoder(q, k, v), pre-made contiguous tokens": lambda i: decoder(*contiguous[i]),
+                "decoder(q, k, v), generate's slices of [B, T, H, D]": lambda i: decoder(*slices[i]),
+                "decoder(slices) + outputs[i].copy_(o)": lambda i: outputs[i].copy_(decoder(*slices[i])),
+                whole_name: whole_loop,
+                "eager in-place decode_step (generate with cuda_graph=False)":
+                    lambda i: bla.decode_step(*slices[i], eager_state, *layer_args(), in_place=True),
+            }  # fmt: skip
+            case["layers"] = {}
+            for name, body in layers.items():
+                try:
+                    case["layers"][name] = loop_timing(torch, body, n)
+                except Exception as error:  # noqa: BLE001
+                    case["layers"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+                print(f"{name}: {json.dumps(case['layers'][name])}", flush=True)
+            whole = case["layers"][whole_name]
+            for key in ("gpu_busy_us", "gpu_span_us", "cpu_issue_us"):
+                loop[key] = whole.get(key)
+            if loop["gpu_busy_us"] is not None:
+                loop["cpu_bound"] = loop["cpu_us"] > loop["gpu_busy_us"]
+            print("generate loop parts (us per token, means):",
+                  {k: round(v["mean"], 2) for k, v in loop["parts_us"].items()}, "cpu", round(loop["cpu_us"], 2),
+                  "gpu busy", loop["gpu_busy_us"], "wall", round(loop["wall_us"], 2), flush=True)  # fmt: skip
+            del eager_state
+            save()
+        # torch.profiler last (every timing already on disk): the copied loop, each part a record_function
+        # range, then one whole generate call (its prefill and graph capture inside the profile too)
+        record = torch.profiler.record_function
+        for state_name in states:
+            sd, decoder, case = getattr(torch, state_name), decoders[state_name], summary["states"][state_name]
+
+            def labelled_loop(decoder=decoder):
+                last = None
+                for i in range(n):
+                    with record("gen.next_token"):
+                        token = next_token(last, i)
+                    with record("gen.check_next_token"):
+                        token = _check_next_token(token, i, *prompt)
+                    with record("gen.decoder_call"):
+                        o = decoder(*token)
+                    with record("gen.copy_out"):
+                        last = outputs[i].copy_(o)
+
+            def one_generate(sd=sd):
+                bla.generate(*prompt, *layer_args(), next_token=next_token, max_new_tokens=n, state_dtype=sd,
+                             cuda_graph=cuda)  # fmt: skip
+
+            runs = [("loop", f"{state_name} state: generate's loop copied, {n} tokens", labelled_loop, None),
+                    ("generate", f"{state_name} state: bla.generate (prefill 64 + {n} new tokens)", one_generate,
+                     out / f"profile_generate_{state_name}.trace.json.gz")]  # fmt: skip
+            for key, title, fn, trace in runs:
+                try:
+                    text, kernels = profiler_run(torch, fn, title, trace)
+                    tables.append(text)
+                    case[f"profile_{key}"] = {
+                        "gpu_kernel_us_per_token": sum(t for t, _ in kernels.values()) / n,
+                        "kernels_per_token": {name: {"us": t / n, "calls": c / n}
+                                              for name, (t, c) in sorted(kernels.items(), key=lambda x: -x[1][0])},
+                    }  # fmt: skip
+                except Exception as error:  # noqa: BLE001
+                    case[f"profile_{key}"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+                print(f"profile {key}, {state_name} state:", json.dumps(case[f"profile_{key}"])[:800], flush=True)
+                save()
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list-specs", action="store_true", help="print the kernel specs to build, as JSON")
@@ -552,6 +856,12 @@ def main() -> int:
     parser.add_argument("--check-tokens", type=int, default=4096, help="tokens decoded by each check")
     parser.add_argument("--profile", metavar="KERNEL", help="only launch a decode kernel 5 times, for a profiler: "
                         "'default' (the library's) or a variant's module file")  # fmt: skip
+    parser.add_argument("--profile-generate", action="store_true",
+                        help="only where generate's time per token goes (fp32 and bf16 states): CPU time of each "
+                        "part of its loop against GPU time (CUDA events), each layer timed alone, torch.profiler "
+                        "tables; writes profile_generate.json, profile_generate_tables.txt, *.trace.json.gz")
+    parser.add_argument("--profile-tokens", type=int, default=PROFILE_TOKENS,
+                        help="tokens per loop of --profile-generate")  # fmt: skip
     args = parser.parse_args()
     global DEVICE, CHECK_TOKENS, PARTIAL
     DEVICE, CHECK_TOKENS, PARTIAL = args.device, args.check_tokens, args.out / "decode_bench_rows.jsonl"
@@ -569,6 +879,19 @@ def main() -> int:
 
     if args.profile:
         profile_launches(torch, None if args.profile == "default" else args.profile)
+        return 0
+    if args.profile_generate:
+        summary = profile_generate(torch, bla_tvm, args.out, args.profile_tokens)
+        for state_name, case in summary["states"].items():
+            loop, per_token = case["generate_loop"], case["generate_per_token"].get("per_token_us")
+            parts = {k: round(v["mean"], 1) for k, v in loop["parts_us"].items()}
+            print(f"{state_name} state: generate end to end {per_token} us/token; its loop copied: CPU "
+                  f"{loop['cpu_us']:.1f} us/token {parts}, GPU busy {loop.get('gpu_busy_us')}, wall "
+                  f"{loop['wall_us']:.1f}, CPU-bound: {loop.get('cpu_bound')}")  # fmt: skip
+            for name, row in case["layers"].items():
+                numbers = "  ".join(f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float))
+                print(f"  {name:70s} {numbers}")
+        print(f"profile-generate: {summary['seconds']:.1f} s, files in {args.out}")
         return 0
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
