@@ -141,8 +141,9 @@ def test_bad_layer_arguments_stop_the_sweep_before_any_run(tmp_path):
 
 def test_list_specs_names_the_kernels_of_the_bla_runs(capsys):
     """--list-specs: KernelSpec fields of the toy's one BLA layer, at the training chunk length with the backward
-    kernels and at the evaluation's with the forward's; no run starts."""
-    from bla_tvm.kernels import BACKWARD, FORWARD
+    kernels and at the evaluation's with the forward's, no final-state kernel (the model asks for none); no run
+    starts."""
+    from bla_tvm.dispatch import phase_kernels
     from bla_tvm.layer import KernelSpec
 
     sweep.main(["--toy", "--list-specs"])
@@ -152,4 +153,22 @@ def test_list_specs_names_the_kernels_of_the_bla_runs(capsys):
         spec = KernelSpec(**{k: v for k, v in fields.items() if k != "kernels"})
         assert (spec.window, spec.resolution, spec.num_slots, spec.head_k, spec.head_v) == (8, 5, 5, 16, 16)
         kernels |= set(fields["kernels"])
-    assert set(FORWARD) | set(BACKWARD) == kernels and 1 <= len(specs) <= 2
+    assert set(phase_kernels(True, final_state=False)) == kernels and 1 <= len(specs) <= 2
+
+
+def test_list_specs_names_the_tile_programs_of_bfloat16_runs(capsys):
+    """With --dtype bfloat16 (autocast: the layer calls the op with bf16 q, k, v) the specs are bfloat16 at the
+    tile programs' L = 64 and list the kernels that run there: the tile programs, and input_gradient_q (what
+    dispatch.implementations picks on CUDA), not the TE kernels they stand in for."""
+    from bla_tvm.layer import KernelSpec
+    from bla_tvm.tile_constants import TILE_CHUNK
+
+    sweep.main(["--dtype", "bfloat16", "--swa-windows", "--bla-resolutions", "31", "63", "--bla-slots", "W",
+                "--list-specs"])  # fmt: skip
+    specs = json.loads(capsys.readouterr().out)
+    assert [(f["resolution"], f["num_slots"]) for f in specs] == [(31, 256), (63, 256)]
+    for fields in specs:
+        spec = KernelSpec(**{k: v for k, v in fields.items() if k != "kernels"})
+        assert (spec.dtype, spec.chunk_size, spec.head_k, spec.window) == ("bfloat16", TILE_CHUNK, 64, 256)
+        assert fields["kernels"] == ["chunk_backward_tile", "chunk_output_tile", "input_gradient_q",
+                                     "state_scan_reverse_tile", "state_scan_tile"]  # fmt: skip

@@ -18,13 +18,13 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from bla_tvm.dispatch import default_chunk_size
-from bla_tvm.kernels import BACKWARD, FORWARD
+from bla_tvm.dispatch import default_chunk_size, implementations, phase_kernels
 from bla_tvm.layer import LayerSpec
 
 from .data import check_task
@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--out", type=Path, help="results JSON; the PNG is written beside it (examples/mqar/results/mqar.json, "
         "toy.json with --toy)")
     add("--no-progress", action="store_true", help="no progress bars")
+    add("--deadline", type=float, help="a Unix time after which no run starts (the runs left stay pending: the "
+        "next sweep resumes them); for a machine lent for a fixed time (examples/mqar/gpu_sweep.sh)")
     add("--list-specs", action="store_true",
         help="print the CUDA kernel specs the sweep's BLA runs load, as `bla-tvm build --specs` reads them, and exit")
     args = parser.parse_args(argv)
@@ -113,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_configs(args: argparse.Namespace) -> list[dict]:
-    """Every run of the sweep, SWA first, each state size over every seed."""
+    """Every run of the sweep: every method for the first seed, then for the next, ...; per seed SWA first, in
+    the order of the flags. A sweep cut short (the JSON is written after every run) still has whole curves."""
     shared = {
         "task": dict(seq_len=args.seq_len, num_kv_pairs=args.kv_pairs, vocab_size=args.vocab, power_a=args.power_a),
         "model": dict(d_model=args.d_model, layers=args.layers, heads=args.heads),
@@ -124,7 +127,7 @@ def run_configs(args: argparse.Namespace) -> list[dict]:
                feature_map=args.bla_feature_map, output_gate=args.bla_output_gate, norm=args.bla_norm)  # fmt: skip
     methods = [dict(name="swa", window=w) for w in args.swa_windows]
     methods += [dict(bla, resolution=n) for n in args.bla_resolutions]
-    return [dict(shared, method=method, seed=seed) for method in methods for seed in args.seeds]
+    return [dict(shared, method=method, seed=seed) for seed in args.seeds for method in methods]
 
 
 def key(config: dict) -> str:
@@ -160,7 +163,11 @@ def label(run: dict) -> str:
 def kernel_specs(configs: list[dict]) -> list[dict]:
     """The CUDA kernels the BLA runs of ``configs`` load, as KernelSpec fields with "kernels": per layer, the
     forward and backward kernels at the training chunk length and the forward's at the evaluation's (no grad),
-    each the op's default (``dispatch.default_chunk_size``; no shipped tuning log has these layers)."""
+    each the op's default (``dispatch.default_chunk_size``; no shipped tuning log has these layers). The kernels
+    are those that run (``dispatch.implementations``: the tile programs for 16-bit inputs, which stand in for
+    chunk_output, state_scan, chunk_backward and state_scan_reverse and absorb chunk_state and
+    input_gradient_k/_v), without the final-state kernels: the model never asks for a final state."""
+    cuda = torch.device("cuda")  # only its kind is read: no GPU needed
     specs = {}
     for config in configs:
         method, model = config["method"], config["model"]
@@ -170,9 +177,10 @@ def kernel_specs(configs: list[dict]) -> list[dict]:
         layer = LayerSpec(method["window"], method["resolution"], num_slots(method), head_dim, head_dim,
                           config["training"]["dtype"], 1)  # fmt: skip
         for backward in (True, False):
-            spec = dict(layer.as_dict(), chunk_size=default_chunk_size(torch.device("cuda"), layer, backward))
-            names = specs.setdefault(key(spec), (spec, set()))[1]
-            names.update(FORWARD + (BACKWARD if backward else ()))
+            chunk = default_chunk_size(cuda, layer, backward)
+            runs = implementations(phase_kernels(backward, final_state=False), layer.kernel(chunk), cuda)
+            spec = dict(layer.as_dict(), chunk_size=chunk)
+            specs.setdefault(key(spec), (spec, set()))[1].update(runs.values())
     return [dict(spec, kernels=sorted(names)) for spec, names in specs.values()]
 
 
@@ -192,6 +200,9 @@ def main(argv=None) -> None:
     head_dim = args.d_model // args.heads
     command = shlex.join([Path(sys.executable).name, "-m", "examples.mqar", *(sys.argv[1:] if argv is None else argv)])
     for i, config in enumerate(pending):
+        if args.deadline is not None and time.time() > args.deadline:
+            print(f"deadline passed: {len(pending) - i} runs left for a later sweep (it resumes from {args.out})")
+            break
         method = config["method"]
         size = f"W={method['window']}" if method["name"] == "swa" else f"N={method['resolution']}"
         description = f"[{i + 1}/{len(pending)}] {method['name']} {size} seed {config['seed']}"

@@ -3,7 +3,8 @@
 A run's config (stored with its result, and its key for resuming) is a dict: task {seq_len, num_kv_pairs,
 vocab_size, power_a}, model {d_model, layers, heads}, training {steps, batch_size, lr, weight_decay,
 warmup, eval_examples, dtype}, method (``model``'s method dict) and seed. The seed draws the weights and the
-training batches; the held-out examples are the same for every run of a task (their own seed).
+training batches; the held-out examples are the same for every run of a task on one kind of device (their own
+seed). The batches are drawn on the run's device (a generator there): on CUDA the draws differ from the CPU's.
 
 Training: AdamW (betas 0.9, 0.98), the learning rate warmed up linearly over ``warmup`` of the steps, then
 cosine to zero; gradients clipped to norm 1; cross-entropy on the answers only. Accuracy: the fraction of
@@ -34,9 +35,15 @@ def build_model(config: dict) -> LanguageModel:
 
 
 def batch(task: dict, size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch drawn by ``generator`` (on ``device``: ``make_generator``)."""
     inputs, targets = mqar_batch(size, task["seq_len"], task["num_kv_pairs"], task["vocab_size"], generator,
                                  task["power_a"])  # fmt: skip
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The generator of a run's batches, on ``device``: no host work per step beyond the launches."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def autocast(device: torch.device, dtype: str):
@@ -57,7 +64,7 @@ def learning_rate(step: int, steps: int, warmup: float) -> float:
 @torch.no_grad()
 def accuracy(model, task: dict, training: dict, device) -> float:
     """Fraction of right answers over the task's held-out examples."""
-    generator = torch.Generator().manual_seed(EVAL_SEED)
+    generator = make_generator(device, EVAL_SEED)
     right = total = 0
     remaining = training["eval_examples"]
     model.eval()
@@ -89,7 +96,7 @@ def train_run(config: dict, device: torch.device, description: str = "", progres
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, training["steps"], training["warmup"])
     )
-    generator = torch.Generator().manual_seed(config["seed"])
+    generator = make_generator(device, config["seed"])
     start, losses = time.perf_counter(), []
     bar = tqdm(range(training["steps"]), desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
