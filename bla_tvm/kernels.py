@@ -47,8 +47,9 @@ class Kernel:
     """One compiled kernel: ``name`` (exported as ``bla_<name>``), ``args`` (its parameters in order, outputs
     last), ``phase`` (one of PHASES), ``final_state`` (runs only for calls that return or differentiate the final
     states), ``tunable`` (its schedule takes a searched config; ``schedules/space.py``) and ``implements`` (the
-    kernel it can stand in for where ``dispatch`` picks it: same outputs, its own constants; None for the
-    kernels every call names), ``absorbs`` (kernels whose work it does as well, which then do not run)."""
+    kernel it can stand in for where ``dispatch`` picks it: its own constants, the same outputs or those the op
+    reads of them, as its args name them; None for the kernels every call names), ``absorbs`` (kernels whose work
+    it does as well, which then do not run)."""
 
     name: str
     args: tuple[str, ...]
@@ -85,16 +86,19 @@ TABLE = (
     Kernel("final_state_backward", ("dfinal", "end_length", "final_map", "final_grads"), "backward", final_state=True),
     Kernel("chunk_backward", (*CHUNK_INPUTS, "do", "grads"), "backward", tunable=True),
     # the CUDA backward's per-chunk gradients as a tile program, for 16-bit inputs (schedules/cuda_tile_backward.py)
+    # (grads without chunk_backward's dq columns: it writes dq itself)
     Kernel("chunk_backward_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS,
-                                   *TILE_BACKWARD_CONSTANTS, "do", "gradient_scale", "grads"), "backward",
-           implements="chunk_backward"),
+                                   *TILE_BACKWARD_CONSTANTS, "do", "gradient_scale", "grads", "dq"), "backward",
+           implements="chunk_backward", absorbs=("input_gradient_q",)),
     Kernel("state_scan_reverse", ("grads", "state_decay_t", "starts", "state_grads"), "backward"),
-    # the CUDA backward's reverse scan with the gradients of k and v, a tile program (cuda_tile_scan_reverse.py)
+    # the CUDA backward's reverse scan with the gradients of k and v, a tile program (cuda_tile_scan_reverse.py);
+    # of the state gradients it writes only those at the sequences' starts (initial_grads [S, H, N, F])
     Kernel("state_scan_reverse_tile",
-           ("grads", *TILE_REVERSE_SCAN_CONSTANTS, "starts", "gradient_scale", "state_grads", "dk", "dv"),
+           ("grads", *TILE_REVERSE_SCAN_CONSTANTS, "starts", "gradient_scale", "initial_grads", "dk", "dv"),
            "backward", implements="state_scan_reverse", absorbs=("input_gradient_k", "input_gradient_v")),  # fmt: skip
+    Kernel("input_gradient_q", ("grads", "dq"), "backward", tunable=True),
     *(Kernel(f"input_gradient_{x}", ("grads", "state_grads", "starts", "state_in", f"d{x}"), "backward", tunable=True)
-      for x in "qkv"),  # fmt: skip
+      for x in "kv"),  # fmt: skip
     # one decode kernel per stored state dtype: the accumulation dtype, or float16 / bfloat16
     *(Kernel(name, DECODE_ARGS, "decode") for name in DECODE_STATE_DTYPES),
 )

@@ -70,19 +70,21 @@ def launch_backward(
     [1] the factor the tile kernels apply to dO (``gradient_scale``; None: 1). Returns
     dinitial [S, H, N, F].
 
-    Temporaries: grads [B, NC, HQ, L + N, F + K], the state gradients at chunk starts [B, NC, H, N, F] and the
-    final states' gradient spread over the last chunks [S, H, L + N, F].
+    Temporaries: grads [B, NC, HQ, L + N, F (+ K where input_gradient_q runs: chunk_backward's dq columns)], the
+    final states' gradient spread over the last chunks [S, H, L + N, F] and, unless the reverse scan writes only
+    those at the sequences' starts (``initial_grads``), the state gradients at every chunk start [B, NC, H, N, F].
     """
     spec, run = plan.spec, plan.kernels
     empty = layout.empty[:, None, None, None]
     S, H = layout.end_length.shape[0], k.shape[2]
     if states.numel() == 0:
         return states.new_zeros(S, H, spec.resolution, spec.state_width) if dfinal is None else dfinal.clone()
-    grads = chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + spec.head_k)
+    dq_columns = spec.head_k if "input_gradient_q" in run else 0
+    grads = chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + dq_columns)
     if gradient_scale is None:
         gradient_scale = torch.ones(1, device=q.device)  # for the kernels that take one
     shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "states": states, "grads": grads,
-              "gradient_scale": gradient_scale}  # fmt: skip
+              "gradient_scale": gradient_scale, "dq": dq, "dk": dk, "dv": dv}  # fmt: skip
     launch(run["chunk_backward"], shared, do=do)
     if dfinal is not None:  # the final state reads the last chunk's tokens and start state
         dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's passes straight through
@@ -91,13 +93,16 @@ def launch_backward(
         spread = grads.new_zeros(S, q.shape[2], *grads.shape[3:])  # to the first query head of each group
         spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
         grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
-    state_grads = torch.empty_like(states)
-    # the tile reverse scan writes dk and dv as well (it absorbs their input-gradient kernels)
-    launch(run["state_scan_reverse"], {**shared, "dk": dk, "dv": dv}, state_grads=state_grads)
-    for part, grad in zip("qkv", (dq, dk, dv)):  # less those an implementation absorbs (``Kernel.absorbs``)
+    if "initial_grads" in run["state_scan_reverse"].kernel.args:
+        dinitial = states.new_empty(S, H, spec.resolution, spec.state_width)
+        launch(run["state_scan_reverse"], shared, initial_grads=dinitial)
+    else:
+        shared["state_grads"] = torch.empty_like(states)
+        launch(run["state_scan_reverse"], shared)
+        dinitial = shared["state_grads"][layout.start_row.long(), layout.start_chunk.long()]
+    for part in "qkv":  # less those an implementation absorbs (``Kernel.absorbs``)
         if f"input_gradient_{part}" in run:
-            launch(run[f"input_gradient_{part}"], shared, state_grads=state_grads, **{f"d{part}": grad})
-    dinitial = state_grads[layout.start_row.long(), layout.start_chunk.long()]
+            launch(run[f"input_gradient_{part}"], shared)
     return torch.where(empty, 0.0 if dfinal is None else dfinal, dinitial)
 
 

@@ -15,8 +15,10 @@ tests/test_tile_backward_algorithm.py; the basis and tables are those of ``bla_t
   4. chunk-wide, over the 64 rows of all warps (transposed row operands through shared memory):
        d[k'; X]_direct = [dqx | dz']^T q        d[v'; Y]_direct = [mix | w']^T dO
        d[k|v; X|Y] = input_map^T d[k'|v']  (+ the direct d[X|Y] on the state rows)
-Output grads [B, NC, HQ, L + N, F + K] (float32): rows j < L (d(k|v) local | dq), rows L + n (D[n] | 0), D the
-gradient with respect to the state at the chunk start, rows in bla-math.md's basis order.
+Outputs: dq [B, T, HQ, K] (the input dtype; it needs nothing from other chunks, so ``input_gradient_q`` does not
+run) and grads [B, NC, HQ, L + N, F] (float32): rows j < L the local d(k|v), rows L + n D[n], D the gradient with
+respect to the state at the chunk start, rows in bla-math.md's basis order (``compute.backward.chunk_backward``'s
+grads less its dq columns).
 
 Every product is a warp ``Tx.warp.gemm`` (mma.sync m16n8k16, float16 operands, float32 accumulation); fragment
 orders as in ``cuda_tile_forward``.
@@ -55,7 +57,7 @@ def rows_at_or_after(bad, word, row):
 
 
 def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
-    """The PrimFunc ``bla_chunk_backward_tile``: grads (see the module docstring) from q, k, v, states, positions,
+    """The PrimFunc ``bla_chunk_backward_tile``: grads and dq (see the module docstring) from q, k, v, states, positions,
     scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots, slots_t, rot_diag,
     rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
     a power of two s that dO is multiplied by as it is loaded (its float16 copies then keep full precision,
@@ -86,7 +88,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         q_h: T.handle, k_h: T.handle, v_h: T.handle, states_h: T.handle, positions_h: T.handle, scale_h: T.handle,
         input_map_h: T.handle, lag_h: T.handle, lag_t_h: T.handle, slots_h: T.handle, slots_t_h: T.handle,
         rot_diag_h: T.handle, rot_pair_h: T.handle, rot_pair_t_h: T.handle, input_map_t_h: T.handle,
-        do_h: T.handle, gradient_scale_h: T.handle, grads_h: T.handle,
+        do_h: T.handle, gradient_scale_h: T.handle, grads_h: T.handle, dq_h: T.handle,
     ):  # fmt: skip
         T.func_attr({"global_symbol": "bla_chunk_backward_tile"})
         B = T.int32()
@@ -111,7 +113,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         input_map_t = T.match_buffer(input_map_t_h, (LR, L), h16)
         do = T.match_buffer(do_h, (B, TT, HQ, V), dt)
         gradient_scale = T.match_buffer(gradient_scale_h, (1,), "float32")
-        grads = T.match_buffer(grads_h, (B, NC, HQ, L + N, F + K), "float32")
+        grads = T.match_buffer(grads_h, (B, NC, HQ, L + N, F), "float32")
+        dq_out = T.match_buffer(dq_h, (B, TT, HQ, K), dt)
 
         T.device_entry()
         block = T.cta_id([B * NC * HQ])
@@ -502,7 +505,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                 a_slice_r[0, kHi, rM, kp] = l_a_r[kt, kHi, rM, kp]
             Tx.warp.gemm(dq, a_slice, b_k, dq, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
         for nt, rM, rN in T.grid(K // 8, 2, 2):
-            grads[b, c, hq, row0 + g + 8 * rM, F + nt * 8 + 2 * tq + rN] = dq_r[nt, rM, rN] * factor[1]
+            t = first + row0 + g + 8 * rM
+            if t < TT:
+                dq_out[b, t, hq, nt * 8 + 2 * tq + rN] = T.Cast(dt, dq_r[nt, rM, rN] * factor[1])
 
         # ---- 4. chunk-wide: the row operands transposed into shared memory, then products over all rows -----
         # mix = (w' lag^T) masked, recomputed here (not kept in registers through stage 3)
@@ -616,10 +621,5 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                             f >= K and rows_at_or_after(bad, 2 * F + 2 * T.max(f - K, 0), 0))
                         if p < N:
                             grads[b, c, hq, L + n, f] = T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN] * factor[1])
-                for nt, rM, rN in T.grid(K // 8, 2, 2):
-                    p = p0 + g + 8 * rM
-                    n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
-                    if p < N:
-                        grads[b, c, hq, L + n, F + nt * 8 + 2 * tq + rN] = T.float32(0)
 
     return chunk_backward

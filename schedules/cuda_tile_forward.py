@@ -8,9 +8,10 @@ fragments (mma.sync m16n8k16, float16 operands, float32 accumulation); the rotat
 ``bla_tvm/tile_constants.py`` replaces the diagonal gathers. Per block:
 
   1. [k|v; X|Y] -> shared (float16; X, Y in the rotation-paired basis)                         all threads
-     then, after a barrier, per column of [k|v] (a thread each): its first non-finite row -> first_bad,
-     its non-finite elements -> 0
   2. [k'|v'] rows of warp w = input_map[rows] [k|v; X|Y]    -> shared: k' [L, K], [v'; Y]^T [V, L + NP]
+     the last warp's rows see every element of [k|v; X|Y] (0 * NaN = NaN), so a non-finite one shows there;
+     only then (rarely): per column of [k|v] (a thread each) its first non-finite row -> first_bad, its
+     non-finite elements -> 0, and stage 2 again
   3. qx = q k'^T (masked s <= j);  z = scale R^{j+1} (q X^T + qx lag)                            [16, NP]
   4. over slot tiles of ``slot_tile``: logits = z C^T, masked; online softmax; w += E C         [16, NP]
   5. w' = (R^{j+1})^T w;  o = ((w' lag^T, masked s <= j) v' + w' Y) / rowsum(E)                [16, V]
@@ -19,11 +20,12 @@ fragments (mma.sync m16n8k16, float16 operands, float32 accumulation); the rotat
 
 Non-finite tokens: a masked product (input_map's zero upper triangle, the masked qx and mix) multiplies its
 zeros by the rows after j, and 0 * NaN = NaN, so a non-finite k or v row would reach the earlier outputs of its
-chunk. Stage 1 sets such elements to 0 and stage 5 makes non-finite exactly the outputs the definition makes
-non-finite: a non-finite k at row t every o[j >= t] (the key state's column enters every score), a non-finite
-v[t, f] only o[j >= t, f]. A value float16 cannot hold (a bfloat16 beyond 65504) counts as non-finite. A
-non-finite q row or carried state (X, Y) needs nothing: the products carry it to the outputs the definition's
-do (a q row: its own output row; a state column: every row of the chunk).
+chunk. Stage 2's column pass sets such elements to 0 and stage 5 makes non-finite exactly the outputs the
+definition makes non-finite: a non-finite k at row t every o[j >= t] (the key state's column enters every
+score), a non-finite v[t, f] only o[j >= t, f]. A value float16 cannot hold (a bfloat16 beyond 65504) counts as
+non-finite. A non-finite q row or carried state (X, Y) needs nothing: the products carry it to the outputs the
+definition's do (a q row: its own output row; a state column: every row of the chunk; a non-finite state also
+sends the block through the column pass, which finds nothing to zero).
 
 Fragment registers are addressed through ``.local()`` views whose axis order is the one PTX's m16n8k16 fixes
 (g = lane / 4, t = lane % 4):
@@ -117,7 +119,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     KEYS_AT = RAW_REGION
     VALUES_AT = KEYS_AT + LR * KX_STRIDE
     FIRST_BAD_AT = (VALUES_AT + V * VY_STRIDE) // 2  # in 32-bit words
-    SHARED_HALVES = 2 * (FIRST_BAD_AT + V + 1)
+    SHARED_HALVES = 2 * (FIRST_BAD_AT + V + 2)
 
     @T.prim_func
     def chunk_output(
@@ -162,6 +164,9 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         lag_s = T.decl_buffer((L, NP + 8), h16, data=pool.data, elem_offset=LAG_AT, scope="shared.dyn")
         # the chunk's first row with a non-finite v[:, f] (f < V), with a non-finite k (V); L where there is none
         first_bad = T.decl_buffer((V + 1,), "int32", data=pool.data, elem_offset=FIRST_BAD_AT, scope="shared.dyn")
+        # non-zero where stage 2's last warp met a non-finite k'|v' (then stage 2 runs again, non-finite k, v zeroed)
+        non_finite_seen = T.decl_buffer(
+            (1,), "int32", data=pool.data, elem_offset=FIRST_BAD_AT + V + 1, scope="shared.dyn")
         # 32-bit views: fragment loads move two adjacent reduction elements at once
         kv_raw_w = kv_raw.view("uint32")
         keys_w = keys.view("uint32")
@@ -215,62 +220,78 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
             x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), K + f]), T.float16(0))
             kv_raw[K + f, L + p] = x
             values[f, L + p] = x
-        if tid == 0:
-            first_bad[V] = L  # k's, lowered atomically after the barrier
-        T.cuda.cta_sync()
-        # non-finite k, v: thread tid takes column f = tid (+ THREADS) of [k|v] in shared memory, records its first
-        # non-finite row (k's first_bad is the least over k's columns) and, rarely, sets those elements to 0. A test
-        # of each element as the loop above loads it changed how ptxas schedules those loads (all in flight, or one
-        # at a time behind a branch; 132 -> 205-255 registers), hence this pass and its barrier.
-        bad_row = T.alloc_buffer((1,), "int32", scope="local")
-        for it in T.serial((F + THREADS - 1) // THREADS):
-            f = it * THREADS + tid
-            if f < F:
-                # first a cheap test of the whole column (three integer operations a word), then the rows
-                bad_row[0] = 0
-                for r2 in T.serial(L // 2):
-                    bad_row[0] = bad_row[0] | T.Cast("int32", non_finite_halves(kv_raw_w[f, r2]))
-                if bad_row[0] != 0:
-                    bad_row[0] = L
-                    for r2, h in T.grid(L // 2, 2):
-                        bad_row[0] = T.min(bad_row[0], T.if_then_else(non_finite_half(kv_raw_w[f, r2], h), 2 * r2 + h, L))
-                else:
-                    bad_row[0] = L
-                if f >= K:
-                    first_bad[T.max(f - K, 0)] = bad_row[0]
-                if bad_row[0] < L:
-                    if f < K:
-                        T.ptx.red.shared.min.s32(first_bad.ptr_to([V]), bad_row[0])
-                    for r2, h in T.grid(L // 2, 2):
-                        if non_finite_half(kv_raw_w[f, r2], h):
-                            kv_raw[f, 2 * r2 + h] = T.float16(0)
+        for it in T.serial((V + 2 + THREADS - 1) // THREADS):
+            if it * THREADS + tid < V + 1:
+                first_bad[it * THREADS + tid] = L
+            if it * THREADS + tid == V + 1:
+                non_finite_seen[0] = 0
         T.cuda.cta_sync()
 
         # ---- 2. k', v' of this warp's rows: input_map[rows] [k|v; X|Y] ---------------------------------------
+        #         (again, after the column pass, where the first attempt met a non-finite value)
         a_map = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
         b_raw = T.alloc_buffer((16, FB), h16, scope="local", layout=operand_b_layout(16, FB))
         kv_eff = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
         a_map_w = a_map.local(8).view("uint32")
         b_raw_w = b_raw.local(FB // 8 * 4).view("uint32")
         kv_eff_r = kv_eff.local(FB // 8, 2, 2)
-        for fb in T.serial(KV_BLOCKS):
-            for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                kv_eff_r[nt, rM, rN] = T.float32(0)
-            for kt in T.serial(LR // 16):
-                if kt <= warp or kt >= L // 16:  # Inv is lower triangular: tiles above the diagonal are zero
-                    for kHi, rM in T.grid(2, 2):
-                        a_map_w[kHi * 2 + rM] = input_map_w[warp * 16 + g + 8 * rM, (kt * 16 + kHi * 8) // 2 + tq]
-                    for nt, kHi in T.grid(FB // 8, 2):
-                        b_raw_w[nt * 2 + kHi] = kv_raw_w[fb * FB + nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
-                    Tx.warp.gemm(kv_eff, a_map, b_raw, kv_eff, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
-            for nt, rM, rN in T.grid(FB // 8, 2, 2):
-                j = warp * 16 + g + 8 * rM
-                f = fb * FB + nt * 8 + 2 * tq + rN
-                if f < K:
-                    keys[j, T.min(f, K - 1)] = T.Cast(h16, kv_eff_r[nt, rM, rN])
-                else:
-                    values[T.max(f - K, 0), j] = T.Cast(h16, kv_eff_r[nt, rM, rN])
-        T.cuda.cta_sync()
+        kv_eff_w = kv_eff.local(FB // 2).view("uint32")
+        bad_row = T.alloc_buffer((1,), "int32", scope="local")
+        for attempt in T.serial(2):
+            if attempt == 0 or non_finite_seen[0] != 0:  # the same for the whole block (read after a barrier)
+                if attempt == 1:
+                    # thread tid takes column f = tid (+ THREADS) of [k|v] in shared memory, records its first
+                    # non-finite row (k's first_bad is the least over k's columns) and sets those elements to 0
+                    for it in T.serial((F + THREADS - 1) // THREADS):
+                        f = it * THREADS + tid
+                        if f < F:
+                            # first a cheap test of the column (three integer operations a word), then the rows
+                            bad_row[0] = 0
+                            for r2 in T.serial(L // 2):
+                                bad_row[0] = bad_row[0] | T.Cast("int32", non_finite_halves(kv_raw_w[f, r2]))
+                            if bad_row[0] != 0:
+                                bad_row[0] = L
+                                for r2, h in T.grid(L // 2, 2):
+                                    bad_row[0] = T.min(
+                                        bad_row[0], T.if_then_else(non_finite_half(kv_raw_w[f, r2], h), 2 * r2 + h, L))
+                            else:
+                                bad_row[0] = L
+                            if f >= K:
+                                first_bad[T.max(f - K, 0)] = bad_row[0]
+                            if bad_row[0] < L:
+                                if f < K:
+                                    T.ptx.red.shared.min.s32(first_bad.ptr_to([V]), bad_row[0])
+                                for r2, h in T.grid(L // 2, 2):
+                                    if non_finite_half(kv_raw_w[f, r2], h):
+                                        kv_raw[f, 2 * r2 + h] = T.float16(0)
+                    T.cuda.cta_sync()
+                for fb in T.serial(KV_BLOCKS):
+                    for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                        kv_eff_r[nt, rM, rN] = T.float32(0)
+                    for kt in T.serial(LR // 16):
+                        if kt <= warp or kt >= L // 16:  # Inv is lower triangular: zero tiles above the diagonal
+                            for kHi, rM in T.grid(2, 2):
+                                a_map_w[kHi * 2 + rM] = input_map_w[
+                                    warp * 16 + g + 8 * rM, (kt * 16 + kHi * 8) // 2 + tq]
+                            for nt, kHi in T.grid(FB // 8, 2):
+                                b_raw_w[nt * 2 + kHi] = kv_raw_w[fb * FB + nt * 8 + g, (kt * 16 + kHi * 8) // 2 + tq]
+                            Tx.warp.gemm(kv_eff, a_map, b_raw, kv_eff, transpose_A=False, transpose_B=False,
+                                         alpha=1.0, beta=1.0)
+                    if attempt == 0 and warp == WARPS - 1:  # an all-ones float32 exponent: inf or NaN
+                        bad_row[0] = 0
+                        for word in T.serial(FB // 2):
+                            bad_row[0] = bad_row[0] | T.Cast(
+                                "int32", (kv_eff_w[word] & T.uint32(0x7F800000)) == T.uint32(0x7F800000))
+                        if bad_row[0] != 0:
+                            non_finite_seen[0] = 1
+                    for nt, rM, rN in T.grid(FB // 8, 2, 2):
+                        j = warp * 16 + g + 8 * rM
+                        f = fb * FB + nt * 8 + 2 * tq + rN
+                        if f < K:
+                            keys[j, T.min(f, K - 1)] = T.Cast(h16, kv_eff_r[nt, rM, rN])
+                        else:
+                            values[T.max(f - K, 0), j] = T.Cast(h16, kv_eff_r[nt, rM, rN])
+                T.cuda.cta_sync()
         # the constant B operands of stages 3 and 5 (the slot tables: per slot tile, in stage 4), once per block
         for it in T.serial((NP * L // 2 + THREADS - 1) // THREADS):
             if it * THREADS + tid < NP * L // 2:

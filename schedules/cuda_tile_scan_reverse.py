@@ -4,9 +4,11 @@
 G_c = D_c + (A^L)^T G_{c+1}, the second term dropped where chunk c ends its sequence (c is the row's last chunk,
 or chunk c + 1 starts another: starts[b, c + 1] >= 0); D_c = sum over the G query heads of key/value head h of
 grads[b, c, hq, L + n, f] (the gradient of chunk c's outputs with respect to its start state, rows in
-bla-math.md's basis order). Output G [B, NC, H, N, F] (float32), the gradient with respect to each chunk's
-start state; and d[k | v] of chunk c's tokens = sum over the query heads of grads[b, c, hq, j, :F] + (that
-same carry) state_in^T G_{c+1}, in the input dtype.
+bla-math.md's basis order). Outputs: d[k | v] of chunk c's tokens = sum over the query heads of
+grads[b, c, hq, j, :F] + (that same carry) state_in^T G_{c+1}, in the input dtype; and, of the G_c, only those
+the op returns: initial_grads[s] = G_c where chunk c starts sequence s (starts[b, c] = s; the packed layout's
+spare chunks after the last sequence also start sequence 0, and the true start, chunk 0, is written last).
+grads may have more columns than F (the TE chunk_backward's dq columns), which are not read.
 
 Like the forward's tile scan (``cuda_tile_scan``): one block of NP / 16 warps per (b, h, 16 columns of F), warp w
 owns rows 16 w .. 16 w + 15 of G in float32 registers from chunk to chunk, and the product runs on mma.sync with
@@ -16,7 +18,7 @@ relative). Per chunk, from the last to the first:
   1. D_c (loaded one chunk ahead) + the product with G_{c+1} (from the other shared stage) -> G_c
   2. the chunk's local d[k | v] (loaded one chunk ahead) + state_in^T G_{c+1} (the same B operands; warp w takes
      rows 16 w, 16 (w + NP / 16), ... of the chunk) -> dk, dv
-  3. G_c -> the output, and as hi + lo -> this chunk's shared stage; one barrier
+  3. G_c -> initial_grads where chunk c starts a sequence, and as hi + lo -> this chunk's shared stage; one barrier
 
 G is carried as s G with s the backward's gradient scale (a power of two that brings max |dO| into [1, 2),
 ``ops.gradient_scale``), so its float16 parts keep their precision whatever the loss's scale; the outputs are
@@ -36,8 +38,8 @@ from .cuda_tile_scan import COLUMN_BLOCK
 
 
 def state_scan_reverse_tile(spec: KernelSpec):
-    """The PrimFunc ``bla_state_scan_reverse_tile``: state_grads [B, NC, H, N, F] (float32), dk [B, T, H, K] and
-    dv [B, T, H, V] from grads [B, NC, HQ, L + N, F + K] (float32), the float16 tables decay_t_hi, decay_t_lo
+    """The PrimFunc ``bla_state_scan_reverse_tile``: initial_grads [S, H, N, F] (float32), dk [B, T, H, K] and
+    dv [B, T, H, V] from grads [B, NC, HQ, L + N, >= F] (float32), the float16 tables decay_t_hi, decay_t_lo
     [NP, NP] ((A^L)^T split) and state_in_t_hi, state_in_t_lo [L, NP] (state_in^T split;
     ``tile_constants.reverse_scan_tables``), starts [B, NC] int32 and gradient_scale [1] (float32, a power of two
     s: G is carried as s G, so that its float16 parts keep their precision; the outputs are divided by s)."""
@@ -58,7 +60,7 @@ def state_scan_reverse_tile(spec: KernelSpec):
     @T.prim_func
     def state_scan_reverse(
         grads_h: T.handle, decay_t_hi_h: T.handle, decay_t_lo_h: T.handle, state_in_t_hi_h: T.handle,
-        state_in_t_lo_h: T.handle, starts_h: T.handle, gradient_scale_h: T.handle, state_grads_h: T.handle,
+        state_in_t_lo_h: T.handle, starts_h: T.handle, gradient_scale_h: T.handle, initial_grads_h: T.handle,
         dk_h: T.handle, dv_h: T.handle,
     ):  # fmt: skip
         T.func_attr({"global_symbol": "bla_state_scan_reverse_tile"})
@@ -66,14 +68,16 @@ def state_scan_reverse_tile(spec: KernelSpec):
         TT = T.int32()
         H = T.int32()
         NC = T.int32()
-        grads = T.match_buffer(grads_h, (B, NC, H * G, L + N, F + K), "float32")
+        S = T.int32()
+        GC = T.int32()
+        grads = T.match_buffer(grads_h, (B, NC, H * G, L + N, GC), "float32")
         decay_t_hi = T.match_buffer(decay_t_hi_h, (NP, NP), h16)
         decay_t_lo = T.match_buffer(decay_t_lo_h, (NP, NP), h16)
         state_in_t_hi = T.match_buffer(state_in_t_hi_h, (L, NP), h16)
         state_in_t_lo = T.match_buffer(state_in_t_lo_h, (L, NP), h16)
         starts = T.match_buffer(starts_h, (B, NC), "int32")
         gradient_scale = T.match_buffer(gradient_scale_h, (1,), "float32")
-        state_grads = T.match_buffer(state_grads_h, (B, NC, H, N, F), "float32")
+        initial_grads = T.match_buffer(initial_grads_h, (S, H, N, F), "float32")
         dk = T.match_buffer(dk_h, (B, TT, H, K), dt)
         dv = T.match_buffer(dv_h, (B, TT, H, V), dt)
 
@@ -209,13 +213,13 @@ def state_scan_reverse_tile(spec: KernelSpec):
                                 dk[b, t, h, T.min(f, K - 1)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) * factor[1])
                             else:
                                 dv[b, t, h, T.max(f - K, 0)] = T.Cast(dt, (dkv_r[nt, rM, rN] + dkv_lo_r[nt, rM, rN]) * factor[1])
-            # 3. G_c -> the output, and as hi + lo -> this chunk's stage
+            # 3. G_c -> the output where chunk c starts a sequence, and as hi + lo -> this chunk's stage
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
                 x = hh_r[nt, rM, rN] + lo_r[nt, rM, rN]
-                if p < N:
-                    state_grads[b, c, h, p, f] = x * factor[1]
+                if p < N and next_start[0] >= 0:
+                    initial_grads[T.max(next_start[0], 0), h, T.min(p, N - 1), f] = x * factor[1]
                 hi = T.Cast(h16, x)
                 pool[stage + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = hi
                 pool[stage + LO_AT + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = T.Cast(h16, x - T.Cast("float32", hi))

@@ -205,8 +205,8 @@ def input_gradient(spec: KernelSpec, part: str):
     (the sum over the G query heads of key/value head h), where G_next = G_{c+1}, the state gradient at the
     start of chunk c + 1 when that chunk continues chunk c's sequence, else zero: what reaches a chunk's
     inputs through the state it hands on.
-    Inputs: grads [B, NC, HQ, L + N, F + K], G [B, NC, H, N, F] (the reverse scan's), starts [B, NC] int32,
-    state_in [N, L]; output: d<part>.
+    Inputs: grads [B, NC, HQ, L + N, F + K], and for k and v G [B, NC, H, N, F] (the reverse scan's), starts
+    [B, NC] int32, state_in [N, L]; output: d<part>.
     """
     B, T, H, NC = symbolic_sizes(spec.chunk_size)
     Gq = spec.group_size
@@ -214,14 +214,14 @@ def input_gradient(spec: KernelSpec, part: str):
     N, L, K, V, F = spec.resolution, spec.chunk_size, spec.head_k, spec.head_v, spec.state_width
     acc, dt = spec.acc_dtype, spec.dtype
     grads = te.placeholder((B, NC, HQ, L + N, F + K), acc, name="grads")
-    state_grad = te.placeholder((B, NC, H, N, F), acc, name="state_grad")
-    starts = te.placeholder((B, NC), "int32", name="starts")
-    state_in = te.placeholder((N, L), acc, name="state_in")
     if part == "q":
         dq = te.compute(
             (B, T, HQ, K), lambda b, t, h, kk: grads[b, t // L, h, t % L, F + kk].astype(dt), name="bla_bwd_dq"
         )
-        return [grads, state_grad, starts, state_in, dq]
+        return [grads, dq]
+    state_grad = te.placeholder((B, NC, H, N, F), acc, name="state_grad")
+    starts = te.placeholder((B, NC), "int32", name="starts")
+    state_in = te.placeholder((N, L), acc, name="state_in")
     offset, width = {"k": (0, K), "v": (K, V)}[part]
     if Gq > 1:
         g = te.reduce_axis((0, Gq), name="g")
