@@ -19,12 +19,12 @@ from .params import dtype_name
 from .runtime import kernel_ready, launch
 
 
-def chunk_tensors(q: torch.Tensor, spec: KernelSpec, rows: int, columns: int) -> torch.Tensor:
-    """An empty [B, NC, H, rows, columns] tensor in the accumulation dtype, for q [B, T, H, ...] (sizes checked
-    by ``check_call``)."""
+def chunk_tensors(q: torch.Tensor, spec: KernelSpec, rows: int, columns: int, dtype=None) -> torch.Tensor:
+    """An empty [B, NC, H, rows, columns] tensor in ``dtype`` (None: the accumulation dtype), for q [B, T, H, ...]
+    (sizes checked by ``check_call``)."""
     B, T, H, _ = q.shape
     chunks = num_chunks(T, spec.chunk_size)
-    return torch.empty(B, chunks, H, rows, columns, dtype=getattr(torch, spec.acc_dtype), device=q.device)
+    return torch.empty(B, chunks, H, rows, columns, dtype=dtype or getattr(torch, spec.acc_dtype), device=q.device)
 
 
 def check_call(spec: KernelSpec, q, grid: tuple[int, int], packed: bool, sequences: int, backward: bool) -> None:
@@ -70,7 +70,8 @@ def launch_backward(
     [1] the factor the tile kernels apply to dO (``gradient_scale``; None: 1). Returns
     dinitial [S, H, N, F].
 
-    Temporaries: grads [B, NC, HQ, L + N, F (+ K where input_gradient_q runs: chunk_backward's dq columns)], the
+    Temporaries: grads [B, NC, HQ, L + N, F (+ K where input_gradient_q runs: chunk_backward's dq columns)]
+    (float16 times the gradient scale where the tile backward writes them), the
     final states' gradient spread over the last chunks [S, H, L + N, F] and, unless the reverse scan writes only
     those at the sequences' starts (``initial_grads``), the state gradients at every chunk start [B, NC, H, N, F].
     """
@@ -80,7 +81,10 @@ def launch_backward(
     if states.numel() == 0:
         return states.new_zeros(S, H, spec.resolution, spec.state_width) if dfinal is None else dfinal.clone()
     dq_columns = spec.head_k if "input_gradient_q" in run else 0
-    grads = chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + dq_columns)
+    # the tile backward's grads are float16 and carry the gradient scale (``cuda_tile_backward``)
+    tile_grads = run["chunk_backward"].kernel.name == "chunk_backward_tile"
+    grads = chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + dq_columns,
+                          torch.float16 if tile_grads else None)  # fmt: skip
     if gradient_scale is None:
         gradient_scale = torch.ones(1, device=q.device)  # for the kernels that take one
     shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "states": states, "grads": grads,
@@ -91,7 +95,7 @@ def launch_backward(
         final_grads = dfinal.new_empty(S, H, spec.chunk_size + spec.resolution, spec.state_width)
         launch(run["final_state_backward"], shared, dfinal=dfinal_kept, final_grads=final_grads)
         spread = grads.new_zeros(S, q.shape[2], *grads.shape[3:])  # to the first query head of each group
-        spread[:, :: spec.group_size, :, : spec.state_width] = final_grads
+        spread[:, :: spec.group_size, :, : spec.state_width] = final_grads * (gradient_scale if tile_grads else 1)
         grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
     if "initial_grads" in run["state_scan_reverse"].kernel.args:
         dinitial = states.new_empty(S, H, spec.resolution, spec.state_width)

@@ -16,9 +16,10 @@ tests/test_tile_backward_algorithm.py; the basis and tables are those of ``bla_t
        d[k'; X]_direct = [dqx | dz']^T q        d[v'; Y]_direct = [mix | w']^T dO
        d[k|v; X|Y] = input_map^T d[k'|v']  (+ the direct d[X|Y] on the state rows)
 Outputs: dq [B, T, HQ, K] (the input dtype; it needs nothing from other chunks, so ``input_gradient_q`` does not
-run) and grads [B, NC, HQ, L + N, F] (float32): rows j < L the local d(k|v), rows L + n D[n], D the gradient with
-respect to the state at the chunk start, rows in bla-math.md's basis order (``compute.backward.chunk_backward``'s
-grads less its dq columns).
+run) and grads [B, NC, HQ, L + N, F] in float16, times the gradient scale s (the reverse scan carries s G): rows
+j < L the local d(k|v), rows L + n D[n], D the gradient with respect to the state at the chunk start, rows in
+bla-math.md's basis order (``compute.backward.chunk_backward``'s grads less its dq columns, times s). s makes
+max |s dO| about 1, so float16 holds grads as well as the float16 operands they came through.
 
 Every product is a warp ``Tx.warp.gemm`` (mma.sync m16n8k16, float16 operands, float32 accumulation); fragment
 orders as in ``cuda_tile_forward``.
@@ -61,7 +62,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots, slots_t, rot_diag,
     rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
     a power of two s that dO is multiplied by as it is loaded (its float16 copies then keep full precision,
-    ``ops.gradient_scale``) and the outputs divided by, exactly."""
+    ``ops.gradient_scale``); dq is divided by it, exactly, and grads keep it."""
     if not tile_backward_serves(spec):
         raise ValueError(f"the tile backward does not serve {spec}")
     L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,
@@ -113,7 +114,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         input_map_t = T.match_buffer(input_map_t_h, (LR, L), h16)
         do = T.match_buffer(do_h, (B, TT, HQ, V), dt)
         gradient_scale = T.match_buffer(gradient_scale_h, (1,), "float32")
-        grads = T.match_buffer(grads_h, (B, NC, HQ, L + N, F), "float32")
+        grads = T.match_buffer(grads_h, (B, NC, HQ, L + N, F), h16)
         dq_out = T.match_buffer(dq_h, (B, TT, HQ, K), dt)
 
         T.device_entry()
@@ -587,8 +588,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 r = row0 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
-                grads[b, c, hq, r, f] = T.if_then_else(
-                    rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN] * factor[1])
+                grads[b, c, hq, r, f] = T.Cast(
+                    h16, T.if_then_else(rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN]))
         # D of the state rows this warp owns: the direct products plus input_map^T d[k'|v'], back in N's order
         for xt in T.serial((X_TILES + WARPS - 1) // WARPS):
             if xt * WARPS + warp < X_TILES:
@@ -620,6 +621,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                         spoilt = rows_at_or_after(bad, 2 * f, 0) or (
                             f >= K and rows_at_or_after(bad, 2 * F + 2 * T.max(f - K, 0), 0))
                         if p < N:
-                            grads[b, c, hq, L + n, f] = T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN] * factor[1])
+                            grads[b, c, hq, L + n, f] = T.Cast(
+                                h16, T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN]))
 
     return chunk_backward

@@ -8,7 +8,8 @@ bla-math.md's basis order). Outputs: d[k | v] of chunk c's tokens = sum over the
 grads[b, c, hq, j, :F] + (that same carry) state_in^T G_{c+1}, in the input dtype; and, of the G_c, only those
 the op returns: initial_grads[s] = G_c where chunk c starts sequence s (starts[b, c] = s; the packed layout's
 spare chunks after the last sequence also start sequence 0, and the true start, chunk 0, is written last).
-grads may have more columns than F (the TE chunk_backward's dq columns), which are not read.
+grads are the tile backward's (float16, times s: ``cuda_tile_backward``) where it serves the layer, else the TE
+chunk_backward's (float32, with dq columns after F, which are not read).
 
 Like the forward's tile scan (``cuda_tile_scan``): one block of NP / 16 warps per (b, h, 16 columns of F), warp w
 owns rows 16 w .. 16 w + 15 of G in float32 registers from chunk to chunk, and the product runs on mma.sync with
@@ -31,7 +32,7 @@ from tvm.script import tirx as T
 from tvm.script.tirx import tile as Tx
 
 from bla_tvm.layer import KernelSpec
-from bla_tvm.tile_constants import padded_resolution, tile_scan_serves
+from bla_tvm.tile_constants import padded_resolution, tile_backward_serves, tile_scan_serves
 
 from .cuda_tile_forward import accumulator_layout, operand_a_layout, operand_b_layout
 from .cuda_tile_scan import COLUMN_BLOCK
@@ -39,7 +40,7 @@ from .cuda_tile_scan import COLUMN_BLOCK
 
 def state_scan_reverse_tile(spec: KernelSpec):
     """The PrimFunc ``bla_state_scan_reverse_tile``: initial_grads [S, H, N, F] (float32), dk [B, T, H, K] and
-    dv [B, T, H, V] from grads [B, NC, HQ, L + N, >= F] (float32), the float16 tables decay_t_hi, decay_t_lo
+    dv [B, T, H, V] from grads [B, NC, HQ, L + N, >= F] (see the module docstring), the float16 tables decay_t_hi, decay_t_lo
     [NP, NP] ((A^L)^T split) and state_in_t_hi, state_in_t_lo [L, NP] (state_in^T split;
     ``tile_constants.reverse_scan_tables``), starts [B, NC] int32 and gradient_scale [1] (float32, a power of two
     s: G is carried as s G, so that its float16 parts keep their precision; the outputs are divided by s)."""
@@ -56,6 +57,9 @@ def state_scan_reverse_tile(spec: KernelSpec):
     STAGE = 2 * FB * X_STRIDE  # G^T hi, G^T lo; two stages alternate from chunk to chunk
     ROW_TILES = -(-(L // 16) // WARPS)  # 16-row tiles of the chunk's d[k | v] per warp
     dt = spec.dtype
+    # the tile backward's grads are float16 times s already; the TE chunk_backward's are float32, not scaled
+    GRADS_SCALED = tile_backward_serves(spec)
+    GRADS_DTYPE = "float16" if GRADS_SCALED else "float32"
 
     @T.prim_func
     def state_scan_reverse(
@@ -70,7 +74,7 @@ def state_scan_reverse_tile(spec: KernelSpec):
         NC = T.int32()
         S = T.int32()
         GC = T.int32()
-        grads = T.match_buffer(grads_h, (B, NC, H * G, L + N, GC), "float32")
+        grads = T.match_buffer(grads_h, (B, NC, H * G, L + N, GC), GRADS_DTYPE)
         decay_t_hi = T.match_buffer(decay_t_hi_h, (NP, NP), h16)
         decay_t_lo = T.match_buffer(decay_t_lo_h, (NP, NP), h16)
         state_in_t_hi = T.match_buffer(state_in_t_hi_h, (L, NP), h16)
@@ -127,16 +131,20 @@ def state_scan_reverse_tile(spec: KernelSpec):
             ahead[nt, rM, rN] = T.float32(0)
             for head in T.unroll(G):
                 ahead[nt, rM, rN] = ahead[nt, rM, rN] + T.if_then_else(
-                    p < N, grads[b, NC - 1, h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN],
+                    p < N,
+                    T.Cast("float32", grads[b, NC - 1, h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN]),
                     T.float32(0))  # fmt: skip
         for i, nt, rM, rN in T.grid(ROW_TILES, FB // 8, 2, 2):
             local_ahead[i, nt, rM, rN] = T.float32(0)
             for head in T.unroll(G):
-                local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + grads[
+                local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + T.Cast("float32", grads[
                     b, NC - 1, h * G + head, T.min((warp + i * WARPS) * 16 + g + 8 * rM, L - 1),
-                    fb * FB + nt * 8 + 2 * tq + rN]  # fmt: skip
-        factor = T.alloc_buffer((2,), "float32", scope="local")  # s and 1 / s (exact: s is a power of two)
-        factor[0] = gradient_scale[0]
+                    fb * FB + nt * 8 + 2 * tq + rN])  # fmt: skip
+        factor = T.alloc_buffer((2,), "float32", scope="local")  # grads -> s grads, and 1 / s (s a power of two)
+        if GRADS_SCALED:
+            factor[0] = T.float32(1)
+        else:
+            factor[0] = gradient_scale[0]
         factor[1] = T.float32(1) / gradient_scale[0]
         next_start[0] = 0  # the last chunk takes nothing from after it
         for step in T.serial(NC):
@@ -155,7 +163,8 @@ def state_scan_reverse_tile(spec: KernelSpec):
                 for head in T.unroll(G):
                     ahead[nt, rM, rN] = ahead[nt, rM, rN] + T.if_then_else(
                         p < N,
-                        grads[b, T.max(c - 1, 0), h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN],
+                        T.Cast("float32", grads[
+                            b, T.max(c - 1, 0), h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN]),
                         T.float32(0),
                     )
             if carry:
@@ -183,8 +192,8 @@ def state_scan_reverse_tile(spec: KernelSpec):
                         dkv_lo_r[nt, rM, rN] = T.float32(0)
                         local_ahead[i, nt, rM, rN] = T.float32(0)
                         for head in T.unroll(G):
-                            local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + grads[
-                                b, T.max(c - 1, 0), h * G + head, rt * 16 + g + 8 * rM, fb * FB + nt * 8 + 2 * tq + rN]
+                            local_ahead[i, nt, rM, rN] = local_ahead[i, nt, rM, rN] + T.Cast("float32", grads[
+                                b, T.max(c - 1, 0), h * G + head, rt * 16 + g + 8 * rM, fb * FB + nt * 8 + 2 * tq + rN])
                     if carry:
                         for kt in T.unroll(NP // 16):
                             for nt, kHi in T.grid(FB // 8, 2):

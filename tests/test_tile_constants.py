@@ -185,11 +185,14 @@ def test_cuda_calls_of_16_bit_layers_run_the_tile_programs():
     training = dispatch.phase_kernels(True, final_state=False)
     assert dispatch.implementations(training, bf16, cuda)["chunk_backward"] == "chunk_backward_tile"
     assert dispatch.implementations(training, bf16, cuda)["state_scan_reverse"] == "state_scan_reverse_tile"
-    assert not {"input_gradient_k", "input_gradient_v"} & set(dispatch.implementations(training, bf16, cuda))
+    # the tile backward writes dq and the tile reverse scan dk, dv: no input-gradient kernel runs
+    assert not {"input_gradient_q", "input_gradient_k", "input_gradient_v"} & set(
+        dispatch.implementations(training, bf16, cuda))
     assert dispatch.implementations(training, fp32, cuda)["chunk_backward"] == "chunk_backward"
     assert dispatch.chunk_size(cuda, LayerSpec(512, 63, 63, 64, 64, "bfloat16"), (4, 4096, 16, 64), True) == 64
     # the tile backward's shared memory does not fit a block at K = V = 128, N = 127: training keeps the TE kernels
     large = LayerSpec(512, 127, 127, 128, 128, "bfloat16")
     assert dispatch.implementations(training, large.kernel(64), cuda)["chunk_backward"] == "chunk_backward"
+    assert "input_gradient_q" in dispatch.implementations(training, large.kernel(64), cuda)
     assert not dispatch.tile_backward_serves(large.kernel(64)) and dispatch.default_chunk_size(cuda, large, True) != 64
     assert dispatch.chunk_size(cuda, large, (1, 4096, 2, 128), False) == 64
