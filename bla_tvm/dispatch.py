@@ -31,7 +31,7 @@ from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
 from .tile_constants import (
     SHARED_MEMORY_LIMIT, SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_backward_serves, tile_constants,
-    tile_forward_serves, tile_scan_serves,
+    tile_forward_serves, tile_scan_serves, tile_states_half,
 )  # fmt: skip
 
 #: shared memory one CUDA thread block may use on sm_90 (227 KB)
@@ -233,6 +233,14 @@ def implementation(name: str, spec: KernelSpec, device: torch.device) -> str:
     if name in TILE_PROGRAMS and device_kind(device) == "cuda" and TILE_PROGRAMS[name][1](spec):
         return TILE_PROGRAMS[name][0]
     return name
+
+
+def states_dtype(spec: KernelSpec, device: torch.device) -> torch.dtype:
+    """The dtype of the chunk-start states a forward on ``device`` saves: float16 where the tile scan writes them
+    for the tile forward and backward (``tile_constants.tile_states_half``), else the accumulation dtype."""
+    if implementation("state_scan", spec, device) == "state_scan_tile" and tile_states_half(spec):
+        return torch.float16
+    return _acc(spec)
 
 
 def implementations(names, spec: KernelSpec, device: torch.device) -> dict[str, str]:

@@ -17,8 +17,9 @@ NextToken = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _check_next_token(token, i: int, q, k, v):
-    """``next_token``'s (q, k, v) for new token i: one token ([B, heads, D] or [B, 1, heads, D]) of the prompt's
-    B, HQ, H, K, V, dtype and device each; else a TypeError / ValueError naming next_token and the tensor."""
+    """``next_token``'s (q, k, v) for new token i, each [B, heads, D] (a token axis of 1 removed): one token
+    ([B, heads, D] or [B, 1, heads, D]) of the prompt's B, HQ, H, K, V, dtype and device each; else a TypeError /
+    ValueError naming next_token and the tensor."""
     where = f"next_token(o, {i})"
     if not isinstance(token, tuple) or len(token) != 3:
         raise TypeError(f"{where} must return (q, k, v), got {type(token).__name__}")
@@ -34,7 +35,7 @@ def _check_next_token(token, i: int, q, k, v):
         if x.dtype != q.dtype or x.device != q.device:
             raise TypeError(f"{where} returned {name} of dtype {x.dtype} on {x.device}; expected the prompt's "
                             f"{q.dtype} on {q.device}")  # fmt: skip
-    return token
+    return tuple(x[:, 0] if x.dim() == 4 else x for x in token)
 
 
 def generate(

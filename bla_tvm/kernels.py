@@ -76,13 +76,14 @@ TABLE = (
     Kernel("state_scan", ("contributions", "state_decay", "initial", "starts", "states"), "forward"),
     Kernel("chunk_output", (*CHUNK_INPUTS, "o"), "forward", tunable=True),
     # the CUDA forward's scan fused with the chunk-local contributions, a tile program (schedules/cuda_tile_scan.py)
-    Kernel("state_scan_tile", ("k", "v", *TILE_SCAN_CONSTANTS, "initial", "starts", "states"), "forward",
-           implements="state_scan", absorbs=("chunk_state",)),  # fmt: skip
+    # (it also writes each sequence's end_states, the final state's input, so its states may be float16)
+    Kernel("state_scan_tile", ("k", "v", *TILE_SCAN_CONSTANTS, "initial", "starts", "ends", "states", "end_states"),
+           "forward", implements="state_scan", absorbs=("chunk_state",)),  # fmt: skip
     # the CUDA forward's per-chunk output as a tile program, for 16-bit inputs (schedules/cuda_tile_forward.py)
     Kernel("chunk_output_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS, "o"), "forward",
            implements="chunk_output"),  # fmt: skip
-    Kernel("final_state", ("states", "k", "v", "end_row", "end_chunk", "end_length", "final_map", "final"), "forward",
-           final_state=True),  # fmt: skip
+    Kernel("final_state", ("end_states", "k", "v", "end_row", "end_chunk", "end_length", "final_map", "final"),
+           "forward", final_state=True),  # fmt: skip
     Kernel("final_state_backward", ("dfinal", "end_length", "final_map", "final_grads"), "backward", final_state=True),
     Kernel("chunk_backward", (*CHUNK_INPUTS, "do", "grads"), "backward", tunable=True),
     # the CUDA backward's per-chunk gradients as a tile program, for 16-bit inputs (schedules/cuda_tile_backward.py)

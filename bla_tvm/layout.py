@@ -28,6 +28,7 @@ class ChunkLayout(NamedTuple):
 
     positions [rows, NC]: tokens the chunk's sequence saw before the chunk, clipped at W;
     starts [rows, NC]: s where chunk c starts sequence s, else -1;
+    ends [rows, NC]: s where chunk c is the last chunk of sequence s, else -1;
     start_row, start_chunk [S]: the first chunk of sequence s (any chunk for an empty sequence);
     end_row, end_chunk, end_length [S]: its last chunk and how many of its tokens are in it (0: empty);
     token_index [T] int64: where packed token t sits in the padded row (packed layout only, else None).
@@ -35,6 +36,7 @@ class ChunkLayout(NamedTuple):
 
     positions: torch.Tensor
     starts: torch.Tensor
+    ends: torch.Tensor
     start_row: torch.Tensor
     start_chunk: torch.Tensor
     end_row: torch.Tensor
@@ -52,9 +54,9 @@ class ChunkLayout(NamedTuple):
         return self.end_length == 0
 
     def as_tensor(self) -> torch.Tensor:
-        """Every table in one int32 tensor [2 rows NC + 5 S (+ T packed)], as the forward op returns it for the
+        """Every table in one int32 tensor [3 rows NC + 5 S (+ T packed)], as the forward op returns it for the
         backward (``from_tensor``), so the backward needs no second look at ``cu_seqlens``."""
-        tables = [self.positions.flatten(), self.starts.flatten(), *self[2:7]]
+        tables = [self.positions.flatten(), self.starts.flatten(), self.ends.flatten(), *self[3:8]]
         if self.token_index is not None:
             tables.append(self.token_index.to(torch.int32))
         return torch.cat(tables)
@@ -63,16 +65,21 @@ class ChunkLayout(NamedTuple):
     def from_tensor(cls, tables: torch.Tensor, rows: int, chunks: int, packed_tokens: int | None) -> "ChunkLayout":
         """The layout ``as_tensor`` stored, given its grid [rows, NC] and, for a packed layout, its T tokens."""
         grid = rows * chunks
-        S = (tables.shape[0] - 2 * grid - (packed_tokens or 0)) // 5
-        sizes = [grid, grid, S, S, S, S, S] + ([packed_tokens] if packed_tokens is not None else [])
+        S = cls.sequences(tables.shape[0], rows, chunks, packed_tokens)
+        sizes = [grid, grid, grid, S, S, S, S, S] + ([packed_tokens] if packed_tokens is not None else [])
         parts = [x.clone() for x in torch.split(tables, sizes)]  # clones: each table aligned for the kernels
-        token_index = parts[7].to(torch.int64) if packed_tokens is not None else None
-        return cls(parts[0].view(rows, chunks), parts[1].view(rows, chunks), *parts[2:7], token_index)
+        token_index = parts[8].to(torch.int64) if packed_tokens is not None else None
+        return cls(*(x.view(rows, chunks) for x in parts[:3]), *parts[3:8], token_index)
 
     @staticmethod
     def tensor_size(rows: int, chunks: int, sequences: int, packed_tokens: int | None) -> int:
         """Elements of ``as_tensor``'s result."""
-        return 2 * rows * chunks + 5 * sequences + (packed_tokens or 0)
+        return 3 * rows * chunks + 5 * sequences + (packed_tokens or 0)
+
+    @staticmethod
+    def sequences(tensor_size: int, rows: int, chunks: int, packed_tokens: int | None) -> int:
+        """S of a layout whose ``as_tensor`` has ``tensor_size`` elements (the inverse of ``tensor_size``)."""
+        return (tensor_size - 3 * rows * chunks - (packed_tokens or 0)) // 5
 
 
 def packed_chunks(total_tokens: int, num_sequences: int, chunk_size: int) -> int:
@@ -106,14 +113,17 @@ def _batch_layout(batch: int, tokens: int, chunk_size: int, window: int, seen: t
     offsets = torch.arange(num_chunks, device=device, dtype=torch.int64) * L
     positions = (seen[:, None].to(torch.int64) + offsets).clamp(min=0, max=window).to(torch.int32)
     starts = torch.full((batch, num_chunks), -1, dtype=torch.int32, device=device)
+    ends = torch.full_like(starts, -1)
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     if num_chunks:
         starts[:, 0] = rows
+        ends[:, -1] = rows
     last = max(num_chunks - 1, 0)
     length = tokens - last * L
     return ChunkLayout(
         positions,
         starts,
+        ends,
         rows,
         torch.zeros_like(rows),
         rows,
@@ -141,6 +151,7 @@ def packed_layout(
     seen_host = [0] * (len(bounds) - 1) if seen is None else seen.tolist()
     positions = [window] * num_chunks
     starts = [0] * num_chunks  # spare chunks each start the throwaway sequence 0
+    ends = [-1] * num_chunks  # and end none
     first, last, lengths = [0] * S, [0] * S, [0] * S
     token_index = []
     chunk = 0
@@ -152,6 +163,7 @@ def packed_layout(
             starts[chunk + i] = -1
         if count:
             starts[chunk] = s
+            ends[chunk + count - 1] = s
             first[s], last[s], lengths[s] = chunk, chunk + count - 1, n - (count - 1) * L
         token_index.extend(range(chunk * L, chunk * L + n))
         chunk += count
@@ -165,6 +177,7 @@ def packed_layout(
     return ChunkLayout(
         table([positions]),
         table([starts]),
+        table([ends]),
         zeros,
         table(first),
         zeros,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .dispatch import CallPlan, phase_kernels, plan_call
+from .dispatch import CallPlan, phase_kernels, plan_call, states_dtype
 from .layer import KernelSpec, check_index_range, layer_spec, num_chunks
 from .layout import ChunkLayout, batch_layout, pack, packed_chunks, packed_layout, unpack
 from .params import dtype_name
@@ -41,24 +41,31 @@ def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, fin
     in the layout's chunk grid.
 
     initial [S, H, N, F]: each sequence's state before its first token (accumulation dtype).
-    Returns (states, final): X | Y at every chunk start [B, NC, H, N, F] (what the backward needs), and, with
-    ``final_state``, each sequence's state after its last token [S, H, N, F] (else None). The chunk-local state
-    contributions are a temporary (none where the plan's scan computes them).
+    Returns (states, final): X | Y at every chunk start [B, NC, H, N, F] (what the backward needs; float16 where
+    the tile scan writes them, ``dispatch.states_dtype``), and, with ``final_state``, each sequence's state after
+    its last token [S, H, N, F] (else None). Temporaries: the chunk-local state contributions (none where the
+    plan's scan computes them) and the states at the start of each sequence's last chunk [S, H, N, F] (the final
+    state's input; the tile scan writes them, in float32, else they are gathered from the states).
     """
     spec, run = plan.spec, plan.kernels
-    states = chunk_tensors(k, spec, spec.resolution, spec.state_width)
+    states = chunk_tensors(k, spec, spec.resolution, spec.state_width, states_dtype(spec, k.device))
     if states.numel() == 0:
         return states, initial.clone() if final_state else None
-    shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v}
+    shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "initial": initial,
+              "states": states}  # fmt: skip
     if "chunk_state" in run:  # else the scan computes the contributions itself (``kernels.Kernel.absorbs``)
         shared["contributions"] = torch.empty_like(states)
-        launch(run["chunk_state"], shared, contributions=shared["contributions"])
-    launch(run["state_scan"], shared, initial=initial, states=states)
-    launch(run["chunk_output"], shared, states=states, o=o)
+        launch(run["chunk_state"], shared)
+    if "end_states" in run["state_scan"].kernel.args:
+        shared["end_states"] = torch.empty_like(initial)
+    launch(run["state_scan"], shared)
+    launch(run["chunk_output"], shared, o=o)
     if not final_state:
         return states, None
+    if "end_states" not in shared:
+        shared["end_states"] = states[layout.end_row.long(), layout.end_chunk.long()]
     final = torch.empty_like(initial)
-    launch(run["final_state"], shared, states=states, final=final)
+    launch(run["final_state"], shared, final=final)
     return states, torch.where(layout.empty[:, None, None, None], initial, final)
 
 
@@ -112,7 +119,7 @@ def launch_backward(
 
 def layout_tables(layout: ChunkLayout) -> dict[str, torch.Tensor]:
     """The layout's tables by the kernels' argument names."""
-    return {name: getattr(layout, name) for name in ("positions", "starts", "end_row", "end_chunk", "end_length")}
+    return {name: getattr(layout, name) for name in ("positions", "starts", "ends", "end_row", "end_chunk", "end_length")}
 
 
 def chunk_layout(k, seen: torch.Tensor | None, cu_seqlens, chunk_size: int, window: int) -> ChunkLayout:
@@ -172,7 +179,10 @@ def forward(
 @forward.register_fake
 def _(q, k, v, initial, seen, cu_seqlens, output_final_state, window, resolution, num_slots, scale, chunk_size):
     rows, chunks = _grid(k, chunk_size, cu_seqlens)
-    states = k.new_empty(rows * chunks * k.shape[2] * resolution * (k.shape[3] + v.shape[3]), dtype=initial.dtype)
+    dtype = initial.dtype  # the accumulation dtype, or float16 where the CUDA tile scan writes the states
+    if q.device.type == "cuda":
+        dtype = states_dtype(kernel_spec(q, k, v, window, resolution, num_slots, chunk_size), q.device)
+    states = k.new_empty(rows * chunks * k.shape[2] * resolution * (k.shape[3] + v.shape[3]), dtype=dtype)
     final = torch.empty_like(initial) if output_final_state else initial.new_empty(0, *initial.shape[1:])
     packed = None if cu_seqlens is None else k.shape[1]
     tables = q.new_empty(ChunkLayout.tensor_size(rows, chunks, initial.shape[0], packed), dtype=torch.int32)
@@ -237,8 +247,7 @@ def gradient_scale(do: torch.Tensor) -> torch.Tensor:
 @backward.register_fake
 def _(q, k, v, states, layout, do, dfinal, packed, chunks, window, resolution, num_slots, scale, chunk_size):
     # contiguous whatever the inputs' strides: the real implementation writes into fresh contiguous tensors
-    grid = 2 * (1 if packed else q.shape[0]) * chunks + (q.shape[1] if packed else 0)
-    sequences = (layout.shape[0] - grid) // 5
+    sequences = ChunkLayout.sequences(layout.shape[0], 1 if packed else q.shape[0], chunks, q.shape[1] if packed else None)
     return (*(q.new_empty(x.shape) for x in (q, k, v)), dfinal.new_empty(sequences, *dfinal.shape[1:]))
 
 

@@ -144,6 +144,13 @@ def tile_backward_serves(spec) -> bool:
     return tile_forward_serves(spec) and backward_shared_layout(spec).bytes <= SHARED_MEMORY_LIMIT
 
 
+def tile_states_half(spec) -> bool:
+    """Whether the tile scan writes the chunk-start states in float16, not float32: where the tile forward and
+    backward, which read them as float16 operands, serve ``spec`` (the final state reads the scan's float32
+    end_states)."""
+    return tile_backward_serves(spec)
+
+
 def tile_scan_serves(spec) -> bool:
     """Whether the tile-program scan (``schedules/cuda_tile_scan.py``) runs ``spec`` on CUDA: 16-bit inputs,
     N up to 127 (eight warps of 16 state rows), F = K + V a multiple of 16, L a multiple of 16."""

@@ -39,7 +39,9 @@ from tvm.script import tirx as T
 from tvm.script.tirx import tile as Tx
 
 from bla_tvm.layer import KernelSpec
-from bla_tvm.tile_constants import SLOT_TILE, backward_shared_layout, padded_resolution, round_up, tile_backward_serves
+from bla_tvm.tile_constants import (
+    SLOT_TILE, backward_shared_layout, padded_resolution, round_up, tile_backward_serves,
+)  # fmt: skip
 
 from .cuda_tile_forward import CHUNK, THREADS, WARPS, accumulator_layout, operand_a_layout, operand_b_layout
 
@@ -58,9 +60,9 @@ def rows_at_or_after(bad, word, row):
 
 
 def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
-    """The PrimFunc ``bla_chunk_backward_tile``: grads and dq (see the module docstring) from q, k, v, states, positions,
-    scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots, slots_t, rot_diag,
-    rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
+    """The PrimFunc ``bla_chunk_backward_tile``: grads and dq (see the module docstring) from q, k, v, states
+    (float16), positions, scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots,
+    slots_t, rot_diag, rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
     a power of two s that dO is multiplied by as it is loaded (its float16 copies then keep full precision,
     ``ops.gradient_scale``); dq is divided by it, exactly, and grads keep it."""
     if not tile_backward_serves(spec):
@@ -76,6 +78,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     X_TILES = NP // 16  # 16-row tiles of the state rows; warp w takes tiles w, w + 4, ...
     FB = 64 if F % 64 == 0 and K % 64 == 0 else 16  # column block of the chunk-wide products (inside k or v)
     dt, h16 = spec.dtype, "float16"
+    states_dt = h16  # the tile scan writes them so wherever this kernel serves (``tile_states_half``)
     shared = backward_shared_layout(spec, slot_tile)  # in float16 elements (see its docstring)
     RAW_STRIDE, KX_STRIDE, KXT_STRIDE, VY_STRIDE, ROW_STRIDE = (
         shared.raw_stride, shared.keys_stride, shared.keys_t_stride, shared.values_stride, shared.row_stride)
@@ -100,7 +103,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         q = T.match_buffer(q_h, (B, TT, HQ, K), dt)
         k = T.match_buffer(k_h, (B, TT, H, K), dt)
         v = T.match_buffer(v_h, (B, TT, H, V), dt)
-        states = T.match_buffer(states_h, (B, NC, H, N, F), "float32")
+        states = T.match_buffer(states_h, (B, NC, H, N, F), states_dt)
         positions = T.match_buffer(positions_h, (B, NC), "int32")
         scale = T.match_buffer(scale_h, (1,), "float32")
         input_map = T.match_buffer(input_map_h, (L, LR), h16)

@@ -45,7 +45,9 @@ from tvm.script.tirx import tile as Tx
 from tvm.tirx.layout import S, TileLayout, laneid
 
 from bla_tvm.layer import KernelSpec
-from bla_tvm.tile_constants import SLOT_TILE, TILE_CHUNK, padded_resolution, round_up, tile_forward_serves
+from bla_tvm.tile_constants import (
+    SLOT_TILE, TILE_CHUNK, padded_resolution, round_up, tile_forward_serves, tile_states_half,
+)  # fmt: skip
 
 # one m16n8 accumulator tile and the k16 operand tiles (PTX ISA, mma.m16n8k16 fragments)
 _D_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)])
@@ -92,7 +94,7 @@ class TileConfig:
 
 def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     """The PrimFunc ``bla_chunk_output_tile``: o [B, T, HQ, V] from q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V],
-    states [B, NC, H, N, K + V] (float32, X | Y at each chunk start), positions [B, NC] int32, scale [1] and
+    states [B, NC, H, N, K + V] (X | Y at each chunk start; float16 where ``tile_states_half``, else float32), positions [B, NC] int32, scale [1] and
     the float16 tables of ``bla_tvm.tile_constants.TileConstants`` (input_map, lag, lag_t, slots, slots_t)
     and float32 rotations (rot_diag, rot_pair, rot_pair_t)."""
     if not tile_forward_serves(spec):
@@ -107,6 +109,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     PAIRS = (N - 1) // 2
     dt = spec.dtype
     h16 = "float16"
+    states_dt = h16 if tile_states_half(spec) else "float32"  # as the tile scan writes them
     # shared strides padded by 8 halves (16 bytes): rows start in different banks
     KV_STRIDE, KX_STRIDE, VY_STRIDE = LR + 8, K + 8, LR + 8
     FB = 64 if F % 64 == 0 else 16  # column block of the [k'|v'] product
@@ -136,7 +139,7 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         q = T.match_buffer(q_h, (B, TT, HQ, K), dt)
         k = T.match_buffer(k_h, (B, TT, H, K), dt)
         v = T.match_buffer(v_h, (B, TT, H, V), dt)
-        states = T.match_buffer(states_h, (B, NC, H, N, F), "float32")
+        states = T.match_buffer(states_h, (B, NC, H, N, F), states_dt)
         positions = T.match_buffer(positions_h, (B, NC), "int32")
         scale = T.match_buffer(scale_h, (1,), "float32")
         input_map = T.match_buffer(input_map_h, (L, LR), h16)

@@ -5,8 +5,10 @@ the chunks c of a row, parallel over (b, h) and column blocks of F = K + V. One 
 (b, h, column block); warp w owns state rows 16 w .. 16 w + 15 and keeps them in float32 registers from chunk
 to chunk. Per chunk:
 
-  1. [k | v] of the chunk -> shared memory (float16, transposed); X_c -> states (float32, the kernel's output)
-     and, split into float16 hi + lo parts, -> shared memory (the next product's B operand)
+  1. [k | v] of the chunk -> shared memory (float16, transposed); X_c -> states (the kernel's output: float32,
+     or its float16 hi part where the tile forward and backward read them, ``tile_states_half``), and where
+     chunk c is the last of sequence s (ends[b, c] = s >= 0) -> end_states[s] (float32, the final state's input);
+     X_c split into float16 hi + lo parts -> shared memory (the next product's B operand)
   2. X_{c+1} = A_hi X_hi + A_hi X_lo + A_lo X_hi + (S_hi + S_lo) [k | v]          (mma.sync, fp32 accumulation)
 
 with A^L = A_hi + A_lo and state_in = S_hi + S_lo split into float16 parts: the recurrence keeps ~1e-6 relative
@@ -21,7 +23,7 @@ from tvm.script import tirx as T
 from tvm.script.tirx import tile as Tx
 
 from bla_tvm.layer import KernelSpec
-from bla_tvm.tile_constants import TILE_CHUNK, padded_resolution, tile_scan_serves
+from bla_tvm.tile_constants import TILE_CHUNK, padded_resolution, tile_scan_serves, tile_states_half
 
 from .cuda_tile_forward import accumulator_layout, operand_a_layout, operand_b_layout
 
@@ -32,9 +34,11 @@ COLUMN_BLOCK = 16
 
 
 def state_scan_tile(spec: KernelSpec):
-    """The PrimFunc ``bla_state_scan_tile``: states [B, NC, H, N, F] (float32, X | Y before each chunk) from
-    k [B, T, H, K], v [B, T, H, V], initial [S, H, N, F] (float32), starts [B, NC] int32 and the float16 tables
-    state_in_hi, state_in_lo [NP, L] and decay_hi, decay_lo [NP, NP] (``tile_constants.scan_tables``)."""
+    """The PrimFunc ``bla_state_scan_tile``: states [B, NC, H, N, F] (X | Y before each chunk; float16 where
+    ``tile_states_half``, else float32) and end_states [S, H, N, F] (float32, X | Y before each sequence's last
+    chunk) from k [B, T, H, K], v [B, T, H, V], initial [S, H, N, F] (float32), starts and ends [B, NC] int32
+    (``layout.ChunkLayout``) and the float16 tables state_in_hi, state_in_lo [NP, L] and decay_hi, decay_lo
+    [NP, NP] (``tile_constants.scan_tables``)."""
     if not tile_scan_serves(spec):
         raise ValueError(f"the tile scan does not serve {spec}")
     L, K, V, N = spec.chunk_size, spec.head_k, spec.head_v, spec.resolution
@@ -45,6 +49,7 @@ def state_scan_tile(spec: KernelSpec):
     THREADS = 32 * WARPS
     PAIRS_LOADED = L * FB // 2 // THREADS  # pairs of adjacent [k | v] columns each thread loads per chunk
     dt, h16 = spec.dtype, "float16"
+    states_dt = h16 if tile_states_half(spec) else "float32"
     X_STRIDE, KV_STRIDE = NP + 8, L + 8
     # one stage of shared memory: X^T hi, X^T lo, [k | v]^T; two stages alternate from chunk to chunk
     XLO_AT = FB * X_STRIDE
@@ -54,7 +59,8 @@ def state_scan_tile(spec: KernelSpec):
     @T.prim_func
     def state_scan(
         k_h: T.handle, v_h: T.handle, state_in_hi_h: T.handle, state_in_lo_h: T.handle, decay_hi_h: T.handle,
-        decay_lo_h: T.handle, initial_h: T.handle, starts_h: T.handle, states_h: T.handle,
+        decay_lo_h: T.handle, initial_h: T.handle, starts_h: T.handle, ends_h: T.handle, states_h: T.handle,
+        end_states_h: T.handle,
     ):  # fmt: skip
         T.func_attr({"global_symbol": "bla_state_scan_tile"})
         B = T.int32()
@@ -70,7 +76,9 @@ def state_scan_tile(spec: KernelSpec):
         decay_lo = T.match_buffer(decay_lo_h, (NP, NP), h16)
         initial = T.match_buffer(initial_h, (S, H, N, F), "float32")
         starts = T.match_buffer(starts_h, (B, NC), "int32")
-        states = T.match_buffer(states_h, (B, NC, H, N, F), "float32")
+        ends = T.match_buffer(ends_h, (B, NC), "int32")
+        states = T.match_buffer(states_h, (B, NC, H, N, F), states_dt)
+        end_states = T.match_buffer(end_states_h, (S, H, N, F), "float32")
 
         T.device_entry()
         block = T.cta_id([B * H * (F // FB)])
@@ -138,11 +146,15 @@ def state_scan_tile(spec: KernelSpec):
                 ahead[it] = v_w[b, T.min(j, TT - 1), h, T.max(f - K, 0) // 2]
         start_next = T.alloc_buffer((1,), "int32", scope="local")
         start_next[0] = starts[b, 0]
+        end_next = T.alloc_buffer((1,), "int32", scope="local")
+        end_next[0] = ends[b, 0]
 
         for c in T.serial(NC):
             stage = c % 2 * STAGE
             start = start_next[0]
             start_next[0] = starts[b, T.min(c + 1, NC - 1)]
+            end = end_next[0]
+            end_next[0] = ends[b, T.min(c + 1, NC - 1)]
             # 1. the chunk's [k | v] columns (zero past the sequence's end) -> shared; the next chunk's loads issue
             for it in T.unroll(PAIRS_LOADED):
                 j = (it * THREADS + tid) // (FB // 2)
@@ -159,16 +171,19 @@ def state_scan_tile(spec: KernelSpec):
                     ahead[it] = k_w[b, T.min(j, TT - 1), h, T.min(f, K - 2) // 2]
                 else:
                     ahead[it] = v_w[b, T.min(j, TT - 1), h, T.max(f - K, 0) // 2]
-            # X_c (from the sequence's initial state where chunk c starts one) -> states, and as hi + lo -> shared
+            # X_c (from the sequence's initial state where chunk c starts one) -> states (and end_states where
+            # chunk c ends a sequence), and as hi + lo -> shared
             for nt, rM, rN in T.grid(FB // 8, 2, 2):
                 p = warp * 16 + g + 8 * rM
                 f = fb * FB + nt * 8 + 2 * tq + rN
                 if start >= 0:
                     x_r[nt, rM, rN] = T.if_then_else(p < N, initial[T.max(start, 0), h, T.min(p, N - 1), f],
                                                      T.float32(0))  # fmt: skip
-                if p < N:
-                    states[b, c, h, p, f] = x_r[nt, rM, rN]
                 hi = T.Cast(h16, x_r[nt, rM, rN])
+                if p < N:
+                    states[b, c, h, p, f] = T.Cast(states_dt, x_r[nt, rM, rN])
+                    if end >= 0:
+                        end_states[T.max(end, 0), h, p, f] = x_r[nt, rM, rN]
                 pool[stage + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = hi
                 pool[stage + XLO_AT + (nt * 8 + 2 * tq + rN) * X_STRIDE + p] = T.Cast(
                     h16, x_r[nt, rM, rN] - T.Cast("float32", hi))

@@ -140,8 +140,10 @@ def test_fla_layout_with_a_token_axis():
     assert torch.equal(state4.key_state, state3.key_state)
 
 
-def test_generate_prefill_then_decode_equals_the_recurrence():
-    """generate: the prompt through the chunked kernels, then token by token; together, one sequence."""
+@pytest.mark.parametrize("token_axis", [False, True], ids=["BHD", "B1HD"])
+def test_generate_prefill_then_decode_equals_the_recurrence(token_axis):
+    """generate: the prompt through the chunked kernels, then token by token; together, one sequence. next_token
+    may return each token with or without a token axis of 1."""
     case = BLACase(W=16, N=7, M=9, T=50, L=64, B=2, H=2, K=8, V=8, scale=None, seed=11)
     q, k, v = make_qkv(case, torch.float32)
     prompt = 37
@@ -149,7 +151,7 @@ def test_generate_prefill_then_decode_equals_the_recurrence():
     def next_token(o, i):
         assert o.shape == (case.B, case.H, case.V)
         t = prompt + i
-        return q[:, t], k[:, t], v[:, t]
+        return (q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1]) if token_axis else (q[:, t], k[:, t], v[:, t])
 
     o_prompt, o_new, state = generate(
         q[:, :prompt], k[:, :prompt], v[:, :prompt], case.W, case.N, case.M,

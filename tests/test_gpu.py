@@ -112,26 +112,36 @@ def test_gradients_keep_their_precision_at_any_loss_scale(device, layer, magnitu
 
 @pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS, CPU_LAYERS))
 def test_packed_sequences_forward_and_gradients(device, layer):
-    """Packed sequences (empty and one-token ones among them) from fresh starts: o, each final state and the
-    gradients of q, k, v against the definition run on each sequence alone."""
+    """Packed sequences (empty and one-token ones among them), each from a carried state: o, each final state and
+    the gradients of q, k, v and the initial states against the definition run on each sequence alone."""
     lengths = [0, 37, 1, 70, 0, 5]
     (q, k, v, _, _), _, do = inputs(layer, 1, sum(lengths), 2, device, seed=1)
+    g = torch.Generator().manual_seed(2)
+    X0, Y0 = (torch.randn(len(lengths), 2, layer.resolution, d, generator=g).to(device).requires_grad_()
+              for d in (layer.head_k, layer.head_v))  # fmt: skip
+    seen = torch.tensor([5, 0, 2 * layer.window, 1, 7, 0])
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     cu = bounds.to(device=device, dtype=torch.int32)
     with poisoned_allocations():
-        o, final = blurry_window_attention(q, k, v, **layer_args(layer), output_final_state=True, cu_seqlens=cu)
-        grads = torch.autograd.grad((o.float() * do.float()).sum() + final.key_state.sum(), (q, k, v))
-    refs = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+        carried = BLAState(X0, Y0, seen.to(device))
+        o, final = blurry_window_attention(q, k, v, **layer_args(layer), initial_state=carried,
+                                           output_final_state=True, cu_seqlens=cu)  # fmt: skip
+        loss = (o.float() * do.float()).sum() + final.key_state.sum() + final.value_state.square().sum()
+        grads = torch.autograd.grad(loss, (q, k, v, X0, Y0))
+    refs = [x.detach().double().cpu().requires_grad_() for x in (q, k, v, X0, Y0)]
     G, tol, floor = layer.group_size, TOLERANCE[layer.dtype], do.double().norm().item()
     pieces, loss = [], 0.0
     for s, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-        o_s, (X, _, _) = bla_recurrent(*(x[:, a:b] for x in refs), **layer_args(layer), output_final_state=True)
+        start = (refs[3][s : s + 1], refs[4][s : s + 1], seen[s : s + 1])
+        o_s, (X, Y, _) = bla_recurrent(*(x[:, a:b] for x in refs[:3]), **layer_args(layer), initial_state=start,
+                                       output_final_state=True)  # fmt: skip
         pieces.append(o_s)
-        loss = loss + (o_s * do[:, a:b].double().cpu()).sum() + X[:, ::G].sum()
+        loss = loss + (o_s * do[:, a:b].double().cpu()).sum() + X[:, ::G].sum() + Y[:, ::G].square().sum()
         assert relative_error(final.key_state[s], X[0, ::G]) <= tol, f"sequence {s}"
+        assert relative_error(final.value_state[s], Y[0, ::G]) <= tol, f"sequence {s}"
     ref_grads = torch.autograd.grad(loss, refs)
     assert relative_error(o, torch.cat(pieces, dim=1)) <= tol
-    for name, grad, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+    for name, grad, ref in zip(("dq", "dk", "dv", "dX0", "dY0"), grads, ref_grads):
         assert relative_error(grad, ref, floor) <= tol, name
 
 

@@ -136,7 +136,7 @@ def test_fake_impl_on_meta_tensors():
     assert states.shape == (3 * num_chunks(1000) * 5 * SHAPE.N * (SHAPE.K + SHAPE.V),)
     assert final.shape == (3, 5, SHAPE.N, SHAPE.K + SHAPE.V)
     do = torch.empty(3, 1000, 5, SHAPE.V, device="meta")
-    assert layout.dtype == torch.int32 and layout.shape == (2 * 3 * num_chunks(1000) + 5 * 3,)
+    assert layout.dtype == torch.int32 and layout.shape == (3 * 3 * num_chunks(1000) + 5 * 3,)
     grads = torch.ops.bla_tvm.backward(q, k, v, states, layout, do, final, False, num_chunks(1000), *args[7:])
     assert [(g.device.type, g.shape, g.dtype) for g in grads] == [
         ("meta", x.shape, torch.float32) for x in (q, k, v, final)

@@ -30,17 +30,18 @@ def _sequence_ends(spec: KernelSpec):
 
 
 def final_state(spec: KernelSpec):
-    """final[s, h, n, f] = sum_r final_map[length[s], n, r] [X | Y; k | v][row[s], chunk[s], h, r, f].
+    """final[s, h, n, f] = sum_r final_map[length[s], n, r] [X | Y; k | v][s, h, r, f]: the state X | Y at the
+    start of sequence s's last chunk (chunk[s] of row[s]) stacked on that chunk's tokens.
 
-    Inputs: states [B, NC, H, N, F], k [B, T, H, K], v [B, T, H, V], end_row, end_chunk, end_length [S],
-    final_map [L + 1, N, N + L]. Output: final [S, H, N, F] in the accumulation dtype.
+    Inputs: end_states [S, H, N, F] (those start states), k [B, T, H, K], v [B, T, H, V], end_row, end_chunk,
+    end_length [S], final_map [L + 1, N, N + L]. Output: final [S, H, N, F] in the accumulation dtype.
     """
-    B, T, H, NC = symbolic_sizes(spec.chunk_size)
+    B, T, H, _ = symbolic_sizes(spec.chunk_size)
     L, N, K, F, acc = spec.chunk_size, spec.resolution, spec.head_k, spec.state_width, spec.acc_dtype
-    states = te.placeholder((B, NC, H, N, F), acc, name="states")
     k = te.placeholder((B, T, H, K), spec.dtype, name="k")
     v = te.placeholder((B, T, H, spec.head_v), spec.dtype, name="v")
     S, row, chunk, length, final_map = _sequence_ends(spec)
+    end_states = te.placeholder((S, H, N, F), acc, name="end_states")
 
     def stacked(s, h, r, f):  # [X | Y; k | v] of the sequence's last chunk, zero past the end of the row
         t = te.min(chunk[s] * L + te.max(r - N, 0), T - 1)
@@ -48,7 +49,7 @@ def final_state(spec: KernelSpec):
         in_row = chunk[s] * L + r - N < T
         return te.if_then_else(
             r < N,
-            states[row[s], chunk[s], h, te.min(r, N - 1), f],
+            end_states[s, h, te.min(r, N - 1), f],
             te.if_then_else(in_row, token.astype(acc), te.const(0, acc)),
         )
 
@@ -59,7 +60,7 @@ def final_state(spec: KernelSpec):
         lambda s, h, n, f: te.sum(final_map[length[s], n, r] * sources[s, h, r, f], axis=r),
         name="bla_final_state",
     )
-    return [states, k, v, row, chunk, length, final_map, final]
+    return [end_states, k, v, row, chunk, length, final_map, final]
 
 
 def final_state_backward(spec: KernelSpec):
