@@ -123,6 +123,9 @@ def main(out: Path, lengths: list[int], fla: bool) -> None:
                 lambda N=N, M=M: blurry_window_attention(q, k, v, WINDOW, N, M), return_mode="median")
         results["forward_ms"]["Flex SWA-512"] = triton.testing.do_bench(lambda: flex(qt, kt, vt, block_mask=mask),
                                                                         return_mode="median")  # fmt: skip
+        results["forward_ms"]["SDPA causal"] = triton.testing.do_bench(lambda: sdpa(qt, kt, vt, is_causal=True),
+                                                                       return_mode="median")  # fmt: skip
+    save(results, out)  # what is measured so far, should a later part (FLA's compilation) run out of time
     if fla:  # FLA's Gated Slot Attention with 64 slots (its chunk kernel), the Triton peer
         from fla.ops.gsa import chunk_gsa
 
@@ -135,6 +138,7 @@ def main(out: Path, lengths: list[int], fla: bool) -> None:
         fla_step = lambda: chunk_gsa(*fla_inputs)[0].backward(do)  # noqa: E731
         results["ms"]["FLA chunk_gsa M=64"] = step_ms(fla_step, fla_inputs)
         results["peak_mb_above_inputs"]["FLA chunk_gsa M=64"] = peak_mb(fla_step)
+        save(results, out)
     results["long"] = {}
     del q, k, v, qt, kt, vt
     for length in lengths:  # does a long sequence train, and with how much memory
@@ -148,6 +152,10 @@ def main(out: Path, lengths: list[int], fla: bool) -> None:
                                        finite=bool(torch.isfinite(ql.grad).all()))  # fmt: skip
         del ql, kl, vl, dol
     print(json.dumps(results, indent=1))
+    save(results, out)
+
+
+def save(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_bench.json").write_text(json.dumps(results, indent=1))
 

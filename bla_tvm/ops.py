@@ -54,7 +54,7 @@ def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, fin
     shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "initial": initial,
               "states": states}  # fmt: skip
     if "chunk_state" in run:  # else the scan computes the contributions itself (``kernels.Kernel.absorbs``)
-        shared["contributions"] = torch.empty_like(states)
+        shared["contributions"] = initial.new_empty(states.shape)  # the TE scan: states are float32 too
         launch(run["chunk_state"], shared)
     if "end_states" in run["state_scan"].kernel.args:
         shared["end_states"] = torch.empty_like(initial)
@@ -85,8 +85,9 @@ def launch_backward(
     spec, run = plan.spec, plan.kernels
     empty = layout.empty[:, None, None, None]
     S, H = layout.end_length.shape[0], k.shape[2]
+    state_shape, acc = (S, H, spec.resolution, spec.state_width), getattr(torch, spec.acc_dtype)
     if states.numel() == 0:
-        return states.new_zeros(S, H, spec.resolution, spec.state_width) if dfinal is None else dfinal.clone()
+        return torch.zeros(state_shape, dtype=acc, device=q.device) if dfinal is None else dfinal.clone()
     dq_columns = spec.head_k if "input_gradient_q" in run else 0
     # the tile backward's grads are float16 and carry the gradient scale (``cuda_tile_backward``)
     tile_grads = run["chunk_backward"].kernel.name == "chunk_backward_tile"
@@ -105,10 +106,10 @@ def launch_backward(
         spread[:, :: spec.group_size, :, : spec.state_width] = final_grads * (gradient_scale if tile_grads else 1)
         grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
     if "initial_grads" in run["state_scan_reverse"].kernel.args:
-        dinitial = states.new_empty(S, H, spec.resolution, spec.state_width)
+        dinitial = torch.empty(state_shape, dtype=acc, device=q.device)
         launch(run["state_scan_reverse"], shared, initial_grads=dinitial)
     else:
-        shared["state_grads"] = torch.empty_like(states)
+        shared["state_grads"] = torch.empty(states.shape, dtype=acc, device=q.device)
         launch(run["state_scan_reverse"], shared)
         dinitial = shared["state_grads"][layout.start_row.long(), layout.start_chunk.long()]
     for part in "qkv":  # less those an implementation absorbs (``Kernel.absorbs``)
@@ -256,7 +257,7 @@ def _setup_context(ctx, inputs, output):
     _, states, final, layout = output
     ctx.mark_non_differentiable(states, layout)
     ctx.save_for_backward(q, k, v, states, layout)
-    ctx.final_shape = final.shape
+    ctx.final_shape, ctx.final_dtype = final.shape, final.dtype
     ctx.packed = cu_seqlens is not None
     ctx.chunks = _grid(k, layer[-1], cu_seqlens)[1]
     ctx.layer = layer
@@ -265,7 +266,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _unused_dstates, dfinal, _unused_dlayout):
     q, k, v, states, layout = ctx.saved_tensors
     if dfinal is None:  # the final states were not used (or not computed)
-        dfinal = states.new_zeros(ctx.final_shape)
+        dfinal = q.new_zeros(ctx.final_shape, dtype=ctx.final_dtype)
     if do is None:
         do = q.new_zeros(*q.shape[:3], v.shape[-1])
     dq, dk, dv, dinitial = torch.ops.bla_tvm.backward(
