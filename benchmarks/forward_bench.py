@@ -2,7 +2,9 @@
 the same run (one call on the GPU machine; kernels prebuilt: see README "GPU tests" for the bundle).
 
     BLA_TVM_PREBUILT_DIR=.bundle/kernels BLA_TVM_RUNTIME_DIR=.bundle/lib BLA_TVM_NO_BUILD=1 \\
-        python benchmarks/forward_bench.py --out $OUT
+        python benchmarks/forward_bench.py --out $OUT [--fla]
+
+``--fla`` times FLA's chunk_gsa (64 slots) too: its wheels in .whl/, installed beside the bundle's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ WINDOW = 512
 LAYERS = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
 
 
-def main(out: Path) -> None:
+def main(out: Path, fla: bool) -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
     gen = torch.Generator().manual_seed(0)
@@ -53,7 +55,19 @@ def main(out: Path) -> None:
     sdpa = torch.nn.functional.scaled_dot_product_attention
     results["ms"]["SDPA causal"] = triton.testing.do_bench(lambda: sdpa(qt, kt, vt, is_causal=True),
                                                            return_mode="median")  # fmt: skip
+    save(results, out)  # before FLA's Triton kernels compile, which may take long
+    if fla:  # FLA's Gated Slot Attention with 64 slots (its chunk kernel), the Triton peer
+        from fla.ops.gsa import chunk_gsa
+
+        slots = torch.randn(B, T, H, 64, generator=gen).to(device, dtype)
+        gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, 64, generator=gen)).to(device, dtype)
+        results["ms"]["FLA chunk_gsa M=64"] = triton.testing.do_bench(lambda: chunk_gsa(q, k, v, slots, gate),
+                                                                      return_mode="median")  # fmt: skip
     print(json.dumps(results, indent=1))
+    save(results, out)
+
+
+def save(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "forward_bench.json").write_text(json.dumps(results, indent=1))
 
@@ -61,4 +75,6 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."))
-    main(parser.parse_args().out)
+    parser.add_argument("--fla", action="store_true", help="time FLA's chunk_gsa too (flash-linear-attention)")
+    args = parser.parse_args()
+    main(args.out, args.fla)
