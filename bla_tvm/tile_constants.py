@@ -120,6 +120,7 @@ class BackwardSharedLayout:
         return 2 * self.halves
 
 
+@functools.lru_cache(maxsize=256)  # dispatch asks on every call
 def backward_shared_layout(spec, slot_tile: int = SLOT_TILE) -> BackwardSharedLayout:
     L, K, V, NP, MT = spec.chunk_size, spec.head_k, spec.head_v, padded_resolution(spec.resolution), slot_tile
     F, LR = K + V, L + NP
