@@ -120,7 +120,8 @@ def launch_backward(
 
 def layout_tables(layout: ChunkLayout) -> dict[str, torch.Tensor]:
     """The layout's tables by the kernels' argument names."""
-    return {name: getattr(layout, name) for name in ("positions", "starts", "ends", "end_row", "end_chunk", "end_length")}
+    names = ("positions", "starts", "ends", "end_row", "end_chunk", "end_length")
+    return {name: getattr(layout, name) for name in names}
 
 
 def chunk_layout(k, seen: torch.Tensor | None, cu_seqlens, chunk_size: int, window: int) -> ChunkLayout:
@@ -248,7 +249,8 @@ def gradient_scale(do: torch.Tensor) -> torch.Tensor:
 @backward.register_fake
 def _(q, k, v, states, layout, do, dfinal, packed, chunks, window, resolution, num_slots, scale, chunk_size):
     # contiguous whatever the inputs' strides: the real implementation writes into fresh contiguous tensors
-    sequences = ChunkLayout.sequences(layout.shape[0], 1 if packed else q.shape[0], chunks, q.shape[1] if packed else None)
+    rows, tokens = (1, q.shape[1]) if packed else (q.shape[0], None)
+    sequences = ChunkLayout.sequences(layout.shape[0], rows, chunks, tokens)
     return (*(q.new_empty(x.shape) for x in (q, k, v)), dfinal.new_empty(sequences, *dfinal.shape[1:]))
 
 

@@ -62,9 +62,9 @@ def rows_at_or_after(bad, word, row):
 def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     """The PrimFunc ``bla_chunk_backward_tile``: grads and dq (see the module docstring) from q, k, v, states
     (float16), positions, scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots,
-    slots_t, rot_diag, rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and gradient_scale [1] (float32):
-    a power of two s that dO is multiplied by as it is loaded (its float16 copies then keep full precision,
-    ``ops.gradient_scale``); dq is divided by it, exactly, and grads keep it."""
+    slots_t, rot_diag, rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and
+    gradient_scale [1] (float32): a power of two s that dO is multiplied by as it is loaded (its float16 copies
+    then keep full precision, ``ops.gradient_scale``); dq is divided by it, exactly, and grads keep it."""
     if not tile_backward_serves(spec):
         raise ValueError(f"the tile backward does not serve {spec}")
     L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,

@@ -94,9 +94,9 @@ class TileConfig:
 
 def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     """The PrimFunc ``bla_chunk_output_tile``: o [B, T, HQ, V] from q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V],
-    states [B, NC, H, N, K + V] (X | Y at each chunk start; float16 where ``tile_states_half``, else float32), positions [B, NC] int32, scale [1] and
-    the float16 tables of ``bla_tvm.tile_constants.TileConstants`` (input_map, lag, lag_t, slots, slots_t)
-    and float32 rotations (rot_diag, rot_pair, rot_pair_t)."""
+    states [B, NC, H, N, K + V] (X | Y at each chunk start; float16 where ``tile_states_half``, else float32),
+    positions [B, NC] int32, scale [1] and the float16 tables of ``bla_tvm.tile_constants.TileConstants``
+    (input_map, lag, lag_t, slots, slots_t) and float32 rotations (rot_diag, rot_pair, rot_pair_t)."""
     if not tile_forward_serves(spec):
         raise ValueError(f"the tile forward does not serve {spec}")
     L, K, V, N, M, W, G = (spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.num_slots,

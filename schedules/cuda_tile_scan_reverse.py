@@ -40,8 +40,8 @@ from .cuda_tile_scan import COLUMN_BLOCK
 
 def state_scan_reverse_tile(spec: KernelSpec):
     """The PrimFunc ``bla_state_scan_reverse_tile``: initial_grads [S, H, N, F] (float32), dk [B, T, H, K] and
-    dv [B, T, H, V] from grads [B, NC, HQ, L + N, >= F] (see the module docstring), the float16 tables decay_t_hi, decay_t_lo
-    [NP, NP] ((A^L)^T split) and state_in_t_hi, state_in_t_lo [L, NP] (state_in^T split;
+    dv [B, T, H, V] from grads [B, NC, HQ, L + N, >= F] (see the module docstring), the float16 tables
+    decay_t_hi, decay_t_lo [NP, NP] ((A^L)^T split) and state_in_t_hi, state_in_t_lo [L, NP] (state_in^T split;
     ``tile_constants.reverse_scan_tables``), starts [B, NC] int32 and gradient_scale [1] (float32, a power of two
     s: G is carried as s G, so that its float16 parts keep their precision; the outputs are divided by s)."""
     if not tile_scan_serves(spec):
@@ -132,7 +132,8 @@ def state_scan_reverse_tile(spec: KernelSpec):
             for head in T.unroll(G):
                 ahead[nt, rM, rN] = ahead[nt, rM, rN] + T.if_then_else(
                     p < N,
-                    T.Cast("float32", grads[b, NC - 1, h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN]),
+                    T.Cast("float32", grads[
+                        b, NC - 1, h * G + head, L + T.min(p, N - 1), fb * FB + nt * 8 + 2 * tq + rN]),
                     T.float32(0))  # fmt: skip
         for i, nt, rM, rN in T.grid(ROW_TILES, FB // 8, 2, 2):
             local_ahead[i, nt, rM, rN] = T.float32(0)
