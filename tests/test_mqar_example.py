@@ -172,3 +172,30 @@ def test_list_specs_names_the_tile_programs_of_bfloat16_runs(capsys):
         assert (spec.dtype, spec.chunk_size, spec.head_k, spec.window) == ("bfloat16", TILE_CHUNK, 64, 256)
         assert fields["kernels"] == ["chunk_backward_tile", "chunk_output_tile", "state_scan_reverse_tile",
                                      "state_scan_tile"]  # fmt: skip
+
+
+def test_swa_learns_a_small_mqar_on_the_cpu():
+    """The trainer end to end on a task SWA must solve: with the whole sequence in its window (T 16, 2 pairs,
+    vocabulary 32, 300 steps at lr 3e-3) it answers nearly every query; with W = 1 (each token sees only itself,
+    so no key reaches its query) it stays near chance (1 / 16 values). A broken mask, misaligned targets or
+    loss mask, or a model that cannot route a value to its query fails the first; a leak of later tokens the
+    second. At the GPU sweep's size (vocabulary 8192, T 256, 16 pairs) SWA's recall appears only after a
+    plateau at ln(vocab / 2) whose length grows with the vocabulary and shrinks with the learning rate."""
+    from examples.mqar.train import train_run
+
+    config = dict(
+        task=dict(seq_len=16, num_kv_pairs=2, vocab_size=32, power_a=0.01),
+        model=dict(d_model=32, layers=2, heads=2),
+        training=dict(steps=300, batch_size=32, lr=3e-3, weight_decay=0.1, warmup=0.1, eval_examples=256,
+                      dtype="float32"),
+        seed=0,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend (seconds instead of tens on two cores)
+    try:
+        whole = train_run(dict(config, method=dict(name="swa", window=16)), torch.device("cpu"), progress=False)
+        alone = train_run(dict(config, method=dict(name="swa", window=1)), torch.device("cpu"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert whole["accuracy"] > 0.9, whole
+    assert alone["accuracy"] < 0.2, alone
