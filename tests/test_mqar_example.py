@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # examples/ is not installed: import it from the checkout
     sys.path.insert(0, str(REPO))
 
-from examples.mqar import sweep  # noqa: E402
+from examples.mqar import sweep
 from examples.mqar.data import IGNORE, mqar_batch  # noqa: E402
 from examples.mqar.model import _block_mask, sliding_window_attention  # noqa: E402
+from examples.mqar.plot import best_accuracies  # noqa: E402
 
 
 def test_mqar_batch_follows_the_task():
@@ -117,6 +118,26 @@ def test_toy_sweep_end_to_end_and_resumes(tmp_path, capsys):
     assert "3 runs, 2 already in" in capsys.readouterr().out
     runs = json.loads(out.read_text())["runs"]
     assert sorted(map(run_id, runs)) == sorted(toy_runs() | {("swa", 4, 2)})
+
+
+def test_sweeps_side_by_side_merge_and_plot_each_seed_at_its_best_learning_rate(tmp_path, capsys, monkeypatch):
+    """Two toy sweeps at different learning rates into their own files (as gpu_sweep.sh's workers), merged:
+    every run once, both learning rates reach the plot, which takes per method, state size and seed the best
+    accuracy over learning rates."""
+    flags = ["--toy", "--device", "cpu", "--no-progress", "--swa-windows", "4", "--bla-resolutions", "--seeds", "0"]
+    parts = [tmp_path / "lr3e-3.json", tmp_path / "lr1e-2.json"]
+    for path, lr in zip(parts, ["3e-3", "1e-2"]):
+        sweep.main([*flags, "--lrs", lr, "--out", str(path)])
+    plotted = []
+    monkeypatch.setattr(sweep, "plot", lambda runs, path, label, title: plotted.append(runs))
+    out = tmp_path / "all.json"
+    sweep.main([*flags, "--out", str(out), "--merge", *map(str, parts), str(parts[0])])
+    assert "2 runs in" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(run["config"]["training"]["lr"] for run in runs) == [3e-3, 1e-2]
+    assert plotted == [runs]
+    accuracies = [run["result"]["accuracy"] for run in runs]
+    assert best_accuracies(runs, sweep.label) == {"SWA": {runs[0]["state_floats"]: [max(accuracies)]}}
 
 
 @pytest.mark.parametrize("flags,message", [

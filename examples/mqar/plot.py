@@ -1,10 +1,22 @@
-"""The sweep's figure: accuracy against state floats per layer-head, one line per method (mean over seeds, a
-bar from the worst to the best seed). Needs matplotlib (the "examples" extra); without it, says so and skips."""
+"""The sweep's figure: accuracy against state floats per layer-head, one line per method (per seed the best of
+its learning rates; the mean over seeds, a bar from the worst to the best seed). Needs matplotlib (the "examples" extra); without it, says so and skips."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+
+
+def best_accuracies(runs: list[dict], label) -> dict[str, dict[int, list[float]]]:
+    """{line name: {state floats: [per seed, the best accuracy over its learning rates]}}."""
+    best = defaultdict(float)  # (label, state floats, seed) -> best accuracy over learning rates
+    for run in runs:
+        at = (label(run), run["state_floats"], run["config"]["seed"])
+        best[at] = max(best[at], run["result"]["accuracy"])
+    lines = defaultdict(lambda: defaultdict(list))
+    for (name, floats, _seed), accuracy in best.items():
+        lines[name][floats].append(accuracy)
+    return lines
 
 
 def plot(runs: list[dict], path: Path, label, title: str = "") -> bool:
@@ -22,9 +34,7 @@ def plot(runs: list[dict], path: Path, label, title: str = "") -> bool:
     if not runs:
         print("no runs to plot")
         return False
-    lines = defaultdict(lambda: defaultdict(list))  # label -> state floats -> accuracies over seeds
-    for run in runs:
-        lines[label(run)][run["state_floats"]].append(run["result"]["accuracy"])
+    lines = best_accuracies(runs, label)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, points in sorted(lines.items()):
         sizes = sorted(points)

@@ -1,5 +1,6 @@
 """The MQAR sweep: accuracy against state size per layer-head, for sliding-window attention (window W: 2 W
-head_dim floats) and BLA (resolution N: 2 N head_dim floats), over several seeds.
+head_dim floats) and BLA (resolution N: 2 N head_dim floats), over several seeds and learning rates (the plot
+shows each method at its best learning rate, per seed, as Zoology does).
 
     python -m examples.mqar --toy                       # seconds on a CPU
     python -m examples.mqar --device cuda               # the full sweep (defaults below)
@@ -8,7 +9,7 @@ head_dim floats) and BLA (resolution N: 2 N head_dim floats), over several seeds
 Writes the JSON of results after every run ({"runs": [{"config", "result", "state_floats", "device",
 "compiled", "command"}, ...]}) and, at the end, the PNG beside it (``plot``). A run whose config is already in
 the JSON is skipped, so an interrupted sweep resumes where it stopped and a sweep with other methods adds to
-the same file; the PNG shows every run in the JSON with this sweep's task, model and training.
+the same file; the PNG shows every run in the JSON with this sweep's task, model and training (any lr).
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from .train import build_model, train_run
 #: the full sweep: the issue's setting (d_model 128, 2 layers, 2 heads of 64, T 256, 16 pairs, vocabulary 8192)
 FULL = dict(
     d_model=128, layers=2, heads=2, seq_len=256, kv_pairs=16, vocab=8192, power_a=0.01, steps=4000, batch_size=64,
-    lr=1e-3, weight_decay=0.1, warmup=0.1, eval_examples=1024, dtype="float32", seeds=[0, 1, 2],
+    lrs=[3e-3, 1e-3], weight_decay=0.1, warmup=0.1, eval_examples=1024, dtype="float32", seeds=[0, 1, 2],
     swa_windows=[16, 32, 64, 128, 256], bla_window=256, bla_resolutions=[15, 31, 63, 127], bla_slots="N",
     out="examples/mqar/results/mqar.json",
 )  # fmt: skip
 #: seconds on a CPU; the BLA layer (W 8, N = M 5, head dim 16) is tests/test_nn.py's, whose kernels it shares
 TOY = dict(
-    FULL, d_model=32, layers=1, heads=2, seq_len=16, kv_pairs=2, vocab=32, steps=12, batch_size=8, lr=3e-3,
+    FULL, d_model=32, layers=1, heads=2, seq_len=16, kv_pairs=2, vocab=32, steps=12, batch_size=8, lrs=[3e-3],
     eval_examples=16, seeds=[0, 1], swa_windows=[4, 8], bla_window=8, bla_resolutions=[5],
     out="examples/mqar/results/toy.json",
 )  # fmt: skip
@@ -73,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--power-a", type=float, help=f"power law of the query positions ({FULL['power_a']})")
     add("--steps", type=int, help=f"training steps per run ({FULL['steps']})")
     add("--batch-size", type=int, help=f"examples per step ({FULL['batch_size']})")
-    add("--lr", type=float, help=f"peak learning rate ({FULL['lr']})")
+    add("--lrs", type=float, nargs="+", help=f"peak learning rates, each a run ({' '.join(map(str, FULL['lrs']))})")
     add("--weight-decay", type=float, help=f"AdamW weight decay ({FULL['weight_decay']})")
     add("--warmup", type=float, help=f"fraction of steps of linear warm-up ({FULL['warmup']})")
     add("--eval-examples", type=int, help=f"held-out examples for the accuracy ({FULL['eval_examples']})")
@@ -95,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--no-progress", action="store_true", help="no progress bars")
     add("--deadline", type=float, help="a Unix time after which no run starts (the runs left stay pending: the "
         "next sweep resumes them); for a machine lent for a fixed time (examples/mqar/gpu_sweep.sh)")
+    add("--merge", type=Path, nargs="+", metavar="JSON",
+        help="add the runs of these results files (sweeps run side by side) to --out, plot, and run nothing")
     add("--list-specs", action="store_true",
         help="print the CUDA kernel specs the sweep's BLA runs load, as `bla-tvm build --specs` reads them, and exit")
     args = parser.parse_args(argv)
@@ -115,23 +118,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_configs(args: argparse.Namespace) -> list[dict]:
-    """Every run of the sweep: every method for the first seed, then for the next, ...; per seed SWA first, in
-    the order of the flags. A sweep cut short (the JSON is written after every run) still has whole curves."""
+    """Every run of the sweep: every method for the first seed at the first learning rate, then at the next, ...,
+    then the next seed; SWA first, in the order of the flags. A sweep cut short (the JSON is written after every
+    run) still has whole curves."""
     shared = {
         "task": dict(seq_len=args.seq_len, num_kv_pairs=args.kv_pairs, vocab_size=args.vocab, power_a=args.power_a),
         "model": dict(d_model=args.d_model, layers=args.layers, heads=args.heads),
-        "training": dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         warmup=args.warmup, eval_examples=args.eval_examples, dtype=args.dtype),
-    }  # fmt: skip
+    }
+    training = dict(steps=args.steps, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup=args.warmup,
+                    eval_examples=args.eval_examples, dtype=args.dtype)  # fmt: skip
     bla = dict(name="bla", window=args.bla_window, slots=args.bla_slots, short_conv=args.bla_short_conv,
                feature_map=args.bla_feature_map, output_gate=args.bla_output_gate, norm=args.bla_norm)  # fmt: skip
     methods = [dict(name="swa", window=w) for w in args.swa_windows]
     methods += [dict(bla, resolution=n) for n in args.bla_resolutions]
-    return [dict(shared, method=method, seed=seed) for seed in args.seeds for method in methods]
+    return [dict(shared, training=dict(training, lr=lr), method=method, seed=seed)
+            for seed in args.seeds for lr in args.lrs for method in methods]  # fmt: skip
 
 
 def key(config: dict) -> str:
     return json.dumps(config, sort_keys=True)
+
+
+def setting(config: dict) -> str:
+    """The key of a run's task, model and training but its learning rate: the runs one plot compares."""
+    training = {name: value for name, value in config["training"].items() if name != "lr"}
+    return key(dict(task=config["task"], model=config["model"], training=training))
 
 
 def load(path: Path) -> list[dict]:
@@ -148,6 +159,16 @@ def save(path: Path, runs: list[dict]) -> None:
     with open(partial, "w") as f:
         json.dump({"runs": runs}, f, indent=1)
     os.replace(partial, path)
+
+
+def merged(*files: list[dict]) -> list[dict]:
+    """The runs of every file, in order, each config once (the first record of it)."""
+    seen, runs = set(), []
+    for run in (run for file in files for run in file):
+        if key(run["config"]) not in seen:
+            seen.add(key(run["config"]))
+            runs.append(run)
+    return runs
 
 
 def label(run: dict) -> str:
@@ -193,6 +214,11 @@ def main(argv=None) -> None:
     for config in configs:  # every layer's arguments are checked before the first run starts
         build_model(config)
     runs = load(args.out)
+    if args.merge:
+        runs = merged(runs, *map(load, args.merge))
+        save(args.out, runs)
+        print(f"{len(runs)} runs in {args.out}")
+        return plot_sweep(args, runs)
     done = {key(run["config"]) for run in runs}
     pending = [config for config in configs if key(config) not in done]
     print(f"{len(configs)} runs, {len(configs) - len(pending)} already in {args.out}, {len(pending)} to do")
@@ -205,17 +231,22 @@ def main(argv=None) -> None:
             break
         method = config["method"]
         size = f"W={method['window']}" if method["name"] == "swa" else f"N={method['resolution']}"
-        description = f"[{i + 1}/{len(pending)}] {method['name']} {size} seed {config['seed']}"
+        description = f"[{i + 1}/{len(pending)}] {method['name']} {size} seed {config['seed']} lr {config['training']['lr']}"
         result = train_run(config, device, description, progress=not args.no_progress, compiled=args.compile)
         runs.append(dict(config=config, result=result, state_floats=state_floats(method, head_dim),
                          device=str(device), compiled=args.compile, command=command))  # fmt: skip
         save(args.out, runs)
         tqdm.write(f"{description}: accuracy {result['accuracy']:.3f} ({result['seconds']:.0f} s)")
-    shared = {key({k: c[k] for k in ("task", "model", "training")}) for c in configs}
-    mine = [run for run in runs if key({k: run["config"][k] for k in ("task", "model", "training")}) in shared]
+    plot_sweep(args, runs)
+
+
+def plot_sweep(args: argparse.Namespace, runs: list[dict]) -> None:
+    """The PNG beside --out of the ``runs`` with this sweep's task, model and training (any learning rate)."""
+    shared = {setting(config) for config in run_configs(args)}
+    mine = [run for run in runs if setting(run["config"]) in shared]
     plot(mine, args.out.with_suffix(".png"), label, title=title(args))
 
 
 def title(args: argparse.Namespace) -> str:
     return (f"MQAR: T={args.seq_len}, {args.kv_pairs} pairs, vocab {args.vocab}; d_model {args.d_model}, "
-            f"layers {args.layers}, heads {args.heads}; {args.steps} steps")  # fmt: skip
+            f"layers {args.layers}, heads {args.heads}; {args.steps} steps, best of lr {sorted(args.lrs)}")  # fmt: skip
