@@ -214,8 +214,8 @@ def test_swa_learns_a_small_mqar_on_the_cpu():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only contend (seconds instead of tens on two cores)
     try:
-        whole = train_run(dict(config, method=dict(name="swa", window=16)), torch.device("cpu"), progress=False)
-        alone = train_run(dict(config, method=dict(name="swa", window=1)), torch.device("cpu"), progress=False)
+        whole = train_run(dict(config, method=dict(name="swa", window=16, kernel="sdpa")), torch.device("cpu"), progress=False)
+        alone = train_run(dict(config, method=dict(name="swa", window=1, kernel="sdpa")), torch.device("cpu"), progress=False)
     finally:
         torch.set_num_threads(threads)
     assert whole["accuracy"] > 0.9, whole

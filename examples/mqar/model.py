@@ -3,7 +3,8 @@ RMSNorm, MLP] with residuals, a final RMSNorm and the LM head. The attention is 
 (``bla_tvm.nn.BlurryWindowAttention``) or sliding-window softmax attention (``SlidingWindowAttention``), both
 [B, T, D] -> (o [B, T, D], None, None) in FLA's convention.
 
-A method is a dict (it is stored with each run's results): {"name": "swa", "window": W} or {"name": "bla",
+A method is a dict (it is stored with each run's results): {"name": "swa", "window": W, "kernel": "sdpa" |
+"flex" (absent: "flex", the first GPU sweeps')} or {"name": "bla",
 "window": W, "resolution": N, "slots": "N" | "W" | M, "short_conv", "feature_map", "output_gate", "norm"}.
 """
 
@@ -40,11 +41,13 @@ def _block_mask(length: int, window: int, device: str):
     return create_block_mask(sliding_window, None, None, length, length, device=device)
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Softmax attention of token t to tokens t - W < s <= t: q, k, v [B, H, T, D] -> [B, H, T, D]. FlexAttention
-    on CUDA; elsewhere (or without FlexAttention) SDPA with a boolean [T, T] mask."""
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             kernel: str = "sdpa") -> torch.Tensor:  # fmt: skip
+    """Softmax attention of token t to tokens t - W < s <= t: q, k, v [B, H, T, D] -> [B, H, T, D]; through SDPA
+    with a boolean [T, T] mask (``kernel`` "sdpa"), or compiled FlexAttention with a block mask ("flex"; the GPU
+    sweeps that trained through it stayed near chance where SDPA's learned, README "MQAR")."""
     T = q.shape[2]
-    if q.is_cuda and _flex() is not None:
+    if kernel == "flex":
         flex_attention, _ = _flex()
         return flex_attention(q, k, v, block_mask=_block_mask(T, window, str(q.device)))
     t = torch.arange(T, device=q.device)
@@ -57,15 +60,17 @@ class SlidingWindowAttention(nn.Module):
     configuration with exact attention over the window (state: the window's keys and values, 2 W head_dim
     floats per head)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, window: int):
+    def __init__(self, hidden_size: int, num_heads: int, window: int, kernel: str = "sdpa"):
         super().__init__()
-        self.num_heads, self.window = num_heads, window
+        if kernel not in ("sdpa", "flex"):
+            raise ValueError(f"kernel must be 'sdpa' or 'flex', got {kernel!r}")
+        self.num_heads, self.window, self.kernel = num_heads, window, kernel
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
-        o = sliding_window_attention(q, k, v, self.window)
+        o = sliding_window_attention(q, k, v, self.window, self.kernel)
         return self.o_proj(o.transpose(1, 2).flatten(2)), None, None
 
 
@@ -76,7 +81,7 @@ def num_slots(method: dict) -> int:
 
 def make_attention(method: dict, hidden_size: int, num_heads: int, layer_idx: int) -> nn.Module:
     if method["name"] == "swa":
-        return SlidingWindowAttention(hidden_size, num_heads, method["window"])
+        return SlidingWindowAttention(hidden_size, num_heads, method["window"], method.get("kernel", "flex"))
     if method["name"] == "bla":
         return BlurryWindowAttention(
             hidden_size, num_heads, window=method["window"], resolution=method["resolution"],
