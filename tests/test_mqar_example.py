@@ -76,6 +76,20 @@ def test_sliding_window_mask_agrees_with_flex_attention(window):
     assert (got - expected).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_sliding_window_layer_is_causal(short_conv):
+    """Changing token t changes no output before t (with or without the short convolutions)."""
+    from examples.mqar.model import SlidingWindowAttention
+
+    layer = SlidingWindowAttention(32, 2, 4, short_conv=short_conv)
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[:, 7] += 1.0
+    before, after = layer(x)[0], layer(changed)[0]
+    assert torch.equal(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7], after[:, 7])
+
+
 def toy_runs() -> set[tuple[str, int, int]]:
     """(method, W or N, seed) of the toy preset."""
     toy = sweep.TOY

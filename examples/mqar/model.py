@@ -4,7 +4,7 @@ RMSNorm, MLP] with residuals, a final RMSNorm and the LM head. The attention is 
 [B, T, D] -> (o [B, T, D], None, None) in FLA's convention.
 
 A method is a dict (it is stored with each run's results): {"name": "swa", "window": W, "kernel": "sdpa" |
-"flex" (absent: "flex", the first GPU sweeps')} or {"name": "bla",
+"flex" (absent: "flex", the first GPU sweeps'), "short_conv" (absent: False)} or {"name": "bla",
 "window": W, "resolution": N, "slots": "N" | "W" | M, "short_conv", "feature_map", "output_gate", "norm"}.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bla_tvm.nn import BlurryWindowAttention
+from bla_tvm.nn import BlurryWindowAttention, ShortConvolution
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,18 +58,22 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class SlidingWindowAttention(nn.Module):
     """q, k, v projections, ``sliding_window_attention`` per head, output projection: the BLA layer's plain
     configuration with exact attention over the window (state: the window's keys and values, 2 W head_dim
-    floats per head)."""
+    floats per head). ``short_conv``: the BLA layer's short convolutions (4 taps, then SiLU) on q, k and v."""
 
-    def __init__(self, hidden_size: int, num_heads: int, window: int, kernel: str = "sdpa"):
+    def __init__(self, hidden_size: int, num_heads: int, window: int, kernel: str = "sdpa", short_conv=False):
         super().__init__()
         if kernel not in ("sdpa", "flex"):
             raise ValueError(f"kernel must be 'sdpa' or 'flex', got {kernel!r}")
         self.num_heads, self.window, self.kernel = num_heads, window, kernel
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.convs = nn.ModuleList(ShortConvolution(hidden_size, 4) for _ in range(3)) if short_conv else None
 
     def forward(self, x: torch.Tensor):
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [B, T, hidden]
+        if self.convs is not None:
+            q, k, v = (conv(y)[0] for conv, y in zip(self.convs, (q, k, v)))
+        q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))  # 3 x [B, H, T, D]
         o = sliding_window_attention(q, k, v, self.window, self.kernel)
         return self.o_proj(o.transpose(1, 2).flatten(2)), None, None
 
@@ -81,7 +85,8 @@ def num_slots(method: dict) -> int:
 
 def make_attention(method: dict, hidden_size: int, num_heads: int, layer_idx: int) -> nn.Module:
     if method["name"] == "swa":
-        return SlidingWindowAttention(hidden_size, num_heads, method["window"], method.get("kernel", "flex"))
+        return SlidingWindowAttention(hidden_size, num_heads, method["window"], method.get("kernel", "flex"),
+                                      method.get("short_conv", False))  # fmt: skip
     if method["name"] == "bla":
         return BlurryWindowAttention(
             hidden_size, num_heads, window=method["window"], resolution=method["resolution"],

@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--swa-windows", type=int, nargs="*", help=f"SWA windows W; none: no SWA runs ({FULL['swa_windows']})")
     add("--swa-kernel", choices=["sdpa", "flex"], default="sdpa",
         help="SWA through SDPA with a mask, or compiled FlexAttention (sdpa)")
+    add("--swa-short-conv", action="store_true", help="SWA layers with the BLA layer's short convolutions")
     add("--bla-resolutions", type=int, nargs="*",
         help=f"BLA resolutions N (odd, or = window); none: no BLA runs ({FULL['bla_resolutions']})")
     add("--bla-window", type=int, help=f"BLA's window W ({FULL['bla_window']})")
@@ -131,7 +132,8 @@ def run_configs(args: argparse.Namespace) -> list[dict]:
                     eval_examples=args.eval_examples, dtype=args.dtype)  # fmt: skip
     bla = dict(name="bla", window=args.bla_window, slots=args.bla_slots, short_conv=args.bla_short_conv,
                feature_map=args.bla_feature_map, output_gate=args.bla_output_gate, norm=args.bla_norm)  # fmt: skip
-    methods = [dict(name="swa", window=w, kernel=args.swa_kernel) for w in args.swa_windows]
+    swa = dict(name="swa", kernel=args.swa_kernel) | ({"short_conv": True} if args.swa_short_conv else {})
+    methods = [dict(swa, window=w) for w in args.swa_windows]
     methods += [dict(bla, resolution=n) for n in args.bla_resolutions]
     return [dict(shared, training=dict(training, lr=lr), method=method, seed=seed)
             for seed in args.seeds for lr in args.lrs for method in methods]  # fmt: skip
@@ -177,7 +179,8 @@ def label(run: dict) -> str:
     """What one line of the plot shows: SWA, or BLA with its window, slots and layer options."""
     method = run["config"]["method"]
     if method["name"] == "swa":
-        return "SWA" if method.get("kernel", "flex") == "sdpa" else "SWA (FlexAttention)"
+        name = "SWA" if method.get("kernel", "flex") == "sdpa" else "SWA (FlexAttention)"
+        return name + (", short_conv" if method.get("short_conv") else "")
     options = [name for name in ("short_conv", "output_gate", "norm") if method[name]]
     options += [f"phi={method['feature_map']}"] if method["feature_map"] else []
     return f"BLA W={method['window']} M={method['slots']}" + "".join(f", {o}" for o in options)
