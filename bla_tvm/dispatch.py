@@ -72,9 +72,10 @@ def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool) -
     return fits[0] if fits else CHUNK_SIZES[-1]
 
 
-def log_folders() -> tuple[str, ...]:
-    """The tuning-log folders the environment configures, in search order (none with BLA_TVM_NO_TUNING=1)."""
-    return _log_folders(env.snapshot())
+def log_folders(environment: tuple | None = None) -> tuple[str, ...]:
+    """The tuning-log folders the environment configures (``environment``: its ``env.snapshot()``, if the caller
+    took one), in search order (none with BLA_TVM_NO_TUNING=1)."""
+    return _log_folders(env.snapshot() if environment is None else environment)
 
 
 @functools.lru_cache(maxsize=16)
@@ -206,8 +207,9 @@ def plan_call(
     ``log_folders()``) give for the nearest bucket, or ``configs[name]`` where ``configs`` names it (None: the
     default schedule); from ``library`` (default ``default_library()``). A logged config that cannot be loaded
     or built is reported once and the default schedule is used."""
-    library = default_library() if library is None else library
-    folders = log_folders() if folders is None else tuple(map(str, folders))
+    environment = env.snapshot() if library is None or folders is None else None
+    library = default_library(environment) if library is None else library
+    folders = log_folders(environment) if folders is None else tuple(map(str, folders))
     logs = log_index(device, folders)
     if configs is None:
         return _plan(device, spec, tuple(int(x) for x in shape[:3]), tuple(names), float(scale), library, logs)

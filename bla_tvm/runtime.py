@@ -257,17 +257,19 @@ _LIBRARIES_LOCK = threading.Lock()
 _CONFIGURED: dict[tuple, KernelLibrary] = {}
 
 
-def default_library() -> KernelLibrary:
-    """The library the environment configures (``bla_tvm.env``), one per configuration (thread safe: threads
-    share it, hence its lock against building a kernel twice)."""
-    configured = _CONFIGURED.get(env.snapshot())  # building the paths costs more than a call's launches
+def default_library(environment: tuple | None = None) -> KernelLibrary:
+    """The library the environment configures (``bla_tvm.env``; ``environment``: its ``env.snapshot()``, if the
+    caller took one), one per configuration (thread safe: threads share it, hence its lock against building a
+    kernel twice)."""
+    environment = env.snapshot() if environment is None else environment
+    configured = _CONFIGURED.get(environment)  # building the paths costs more than a call's launches
     if configured is not None:
         return configured
     key = (env.prebuilt_dir(), env.cache_dir(), env.build_allowed())
     with _LIBRARIES_LOCK:
         if key not in _LIBRARIES:
             _LIBRARIES[key] = KernelLibrary(*key)
-        _CONFIGURED[env.snapshot()] = _LIBRARIES[key]
+        _CONFIGURED[environment] = _LIBRARIES[key]
         return _LIBRARIES[key]
 
 

@@ -254,4 +254,4 @@ def plot_sweep(args: argparse.Namespace, runs: list[dict]) -> None:
 
 def title(args: argparse.Namespace) -> str:
     return (f"MQAR: T={args.seq_len}, {args.kv_pairs} pairs, vocab {args.vocab}; d_model {args.d_model}, "
-            f"layers {args.layers}, heads {args.heads}; {args.steps} steps, best of lr {sorted(args.lrs)}")  # fmt: skip
+            f"layers {args.layers}, heads {args.heads};\n{args.steps} steps, best of lr {sorted(args.lrs)}")  # fmt: skip
