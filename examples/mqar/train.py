@@ -71,10 +71,10 @@ def accuracy(model, task: dict, training: dict, device) -> float:
     while remaining:
         size = min(remaining, training["batch_size"])
         inputs, targets = batch(task, size, generator, device)
-        with autocast(device, training["dtype"]):
-            predictions = model(inputs).argmax(-1)
         answers = targets != IGNORE
-        right += (predictions[answers] == targets[answers]).sum().item()
+        with autocast(device, training["dtype"]):
+            predictions = model(inputs, answers).argmax(-1)
+        right += (predictions == targets[answers]).sum().item()
         total += answers.sum().item()
         remaining -= size
     model.train()
@@ -101,9 +101,10 @@ def train_run(config: dict, device: torch.device, description: str = "", progres
     bar = tqdm(range(training["steps"]), desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         inputs, targets = batch(task, training["batch_size"], generator, device)
+        answers = targets != IGNORE
         with autocast(device, training["dtype"]):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+            logits = model(inputs, answers)
+        loss = F.cross_entropy(logits.float(), targets[answers])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
