@@ -78,9 +78,7 @@ def blurry_window_attention(
     state_dtype = getattr(torch, layer.acc_dtype)
     if cu_seqlens is not None:
         cu_seqlens = check_cu_seqlens(cu_seqlens, q)
-        sequences, lengths = cu_seqlens.shape[0] - 1, (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    else:
-        sequences, lengths = B, torch.full((B,), T, dtype=torch.int64, device=q.device)
+    sequences = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is None:
         initial = torch.zeros(sequences, H, layer.resolution, K + V, dtype=state_dtype, device=q.device)
         seen = None  # fresh sequences: the op's layout depends on the shapes alone
@@ -100,5 +98,9 @@ def blurry_window_attention(
     )
     if not output_final_state:
         return o, None
+    if cu_seqlens is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=q.device)
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     seen_after = lengths if seen is None else seen + lengths
     return o, BLAState(final[..., :K].contiguous(), final[..., K:].contiguous(), seen_after, layer.window)

@@ -92,9 +92,14 @@ class LayerSpec:
 
     @classmethod
     def make(cls, window, resolution, num_slots, head_k, head_v, dtype, group_size=1) -> "LayerSpec":
-        """Validated (once, on construction), with ``num_slots`` None meaning N."""
-        return cls(window, resolution, resolution if num_slots is None else num_slots, head_k, head_v, dtype,
-                   group_size)  # fmt: skip
+        """Validated, with ``num_slots`` None meaning N; plain ints and a dtype name are validated once per distinct
+        layer (``layer_spec``: a call's check took ~40 us), anything else on every call (so that it fails with
+        its own error, not lru_cache's)."""
+        num_slots = resolution if num_slots is None else num_slots
+        sizes = (window, resolution, num_slots, head_k, head_v, group_size)
+        if cls is LayerSpec and all(type(x) is int for x in sizes) and type(dtype) is str:
+            return layer_spec(window, resolution, num_slots, head_k, head_v, dtype, group_size)
+        return cls(window, resolution, num_slots, head_k, head_v, dtype, group_size)
 
     def __post_init__(self):
         BLAParams.make(self.window, self.resolution, self.num_slots)
