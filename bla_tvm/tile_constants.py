@@ -159,6 +159,13 @@ def tile_scan_serves(spec) -> bool:
     return spec.dtype in ("float16", "bfloat16") and spec.resolution <= 127 and F % 16 == 0 and spec.chunk_size % 16 == 0
 
 
+def tile_reverse_scan_serves(spec) -> bool:
+    """Whether the tile-program reverse scan (``schedules/cuda_tile_scan_reverse.py``) runs ``spec``: where the
+    scan does and K is a multiple of 16, as each block's 16 columns must be all key (dk) or all value (dv)
+    columns."""
+    return tile_scan_serves(spec) and spec.head_k % 16 == 0
+
+
 def split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (float64) as hi + lo, each float16 (returned as float64 values): |x - hi - lo| ~ 2^-22 |x|."""
     hi = x.to(torch.float16).to(F64)
