@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from helpers import max_rel_err
 
 from bla_tvm import BLAState, bla_quadratic
-from bla_tvm.nn import BLACache, BlurryWindowAttention, LayerState
+from bla_tvm.nn import BLACache, BlurryWindowAttention, LayerState, ShortConvolution
 
 BLA = dict(window=8, resolution=5)
 PLAIN = dict(hidden_size=32, num_heads=2, **BLA)  # K = V = 16
@@ -191,6 +191,24 @@ def test_packed_sequences_equal_separate_calls():
             assert max_rel_err(mine.attention.key_state[s], entry.attention.key_state[0]) <= 1e-5
             for ours, theirs in zip(mine.conv, entry.conv):
                 assert max_rel_err(ours[s], theirs[0]) <= 1e-6, f"sequence {s}: short-convolution cache"
+
+
+def test_short_convolution_batched_equals_packed():
+    """The short convolution's two paths, batched rows through F.conv1d and packed sequences through the gather,
+    give the same outputs, final caches and gradients (float64, 3 taps with bias, a cache coming in)."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(8, 3, bias=True).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    cache = torch.randn(3, 8, 2, dtype=torch.float64)
+    batched, batched_final = conv(x, cache, output_final_state=True)
+    packed, packed_final = conv(x.reshape(1, 15, 8), cache, torch.tensor([0, 5, 10, 15]), output_final_state=True)
+    assert max_rel_err(batched, packed.view(3, 5, 8)) <= 1e-12
+    assert max_rel_err(batched_final, packed_final) <= 1e-12
+    weights = torch.randn(3, 5, 8, dtype=torch.float64)
+    grads = [torch.autograd.grad((y.view(3, 5, 8) * weights).sum(), (x, conv.weight, conv.bias))
+             for y in (batched, packed)]  # fmt: skip
+    for ours, theirs in zip(*grads):
+        assert max_rel_err(ours, theirs) <= 1e-12
 
 
 def test_attention_mask_equals_unpadded_calls():

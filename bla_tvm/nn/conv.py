@@ -55,6 +55,8 @@ class ShortConvolution(nn.Module):
         """x `[B, T, D]` (B = 1 with `cu_seqlens` `[S + 1]`; else S = B sequences of T tokens), cache `[S, D, C - 1]`
         or None (fresh sequences). Returns (y `[B, T, D]`, the cache after the last token of each sequence, or
         None without ``output_final_state``)."""
+        if cu_seqlens is None and x.shape[1] > 0:  # conv1d needs at least C inputs; T = 0 takes the gather
+            return self._batched(x, cache, output_final_state)
         B, T, D = x.shape
         C = self.kernel_size
         offsets = sequence_offsets(B, T, cu_seqlens, x.device)
@@ -85,3 +87,15 @@ class ShortConvolution(nn.Module):
         last = lengths[:, None] - (C - 1) + torch.arange(C - 1, device=x.device)  # the last C - 1 positions
         final = source[rows(torch.arange(S, device=x.device)[:, None], last)]  # [S, C - 1, D]
         return y, final.transpose(1, 2)
+
+    def _batched(self, x, cache, output_final_state):
+        """B sequences of T tokens: each row's cache then its tokens, [B, D, C - 1 + T], through one depthwise
+        ``F.conv1d`` (a few launches, where the packed gather above takes some twenty with its backward)."""
+        B, T, D = x.shape
+        C = self.kernel_size
+        if cache is None:
+            cache = x.new_zeros(B, D, C - 1)
+        padded = torch.cat([cache, x.transpose(1, 2)], dim=2)
+        taps = self.weight.flip(-1)[:, None, :]  # conv1d's tap C - 1 multiplies the current token; ours is tap 0
+        y = F.silu(F.conv1d(padded, taps, self.bias, groups=D)).transpose(1, 2).contiguous()
+        return y, (padded[:, :, T:] if output_final_state else None)
