@@ -16,10 +16,8 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from examples.mqar import train
-from examples.mqar.data import IGNORE
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("dtype", choices=["float32", "bfloat16"])
@@ -40,22 +38,12 @@ config = dict(
 )  # fmt: skip
 torch.manual_seed(config["seed"])
 model = train.build_model(config).to(device)
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.1)
-schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.learning_rate(step, 4000, 0.1))
+optimizer, schedule = train.optimizer_and_schedule(model, config["training"])
 generator = train.make_generator(torch.device(args.draw), config["seed"])
 losses, start = [], time.perf_counter()
 for step in range(1, args.steps + 1):
-    inputs, targets = train.batch(config["task"], 64, generator, device)
-    answers = targets != IGNORE
-    with train.autocast(device, args.dtype):
-        logits = model(inputs, answers)
-    loss = F.cross_entropy(logits.float(), targets[answers])
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    schedule.step()
-    losses.append(loss.detach())
+    losses.append(train.training_step(model, optimizer, schedule, config["task"], config["training"], generator,
+                                      device))  # fmt: skip
     if step % 250 == 0:
         accuracy = f" accuracy {train.accuracy(model, config['task'], config['training'], device):.3f}"
         print(f"{args.dtype} {args.draw} step {step} loss {torch.stack(losses[-250:]).mean().item():.3f}"

@@ -25,6 +25,7 @@ from examples.mqar import sweep
 from examples.mqar.data import IGNORE, mqar_batch  # noqa: E402
 from examples.mqar.model import _block_mask, sliding_window_attention  # noqa: E402
 from examples.mqar.plot import best_accuracies  # noqa: E402
+from examples.mqar.train import answers  # noqa: E402
 
 
 def test_mqar_batch_follows_the_task():
@@ -42,6 +43,17 @@ def test_mqar_batch_follows_the_task():
         assert len(answers) == P and all(t >= 2 * P and (t - 2 * P) % 2 == 0 for t in answers)
         assert sorted(row[t] for t in answers) == sorted(keys)
         assert all(target[t] == values[keys.index(row[t])] for t in answers)
+
+
+def test_answers_are_the_targeted_positions_in_order():
+    """``answers`` finds each row's P answer positions (ascending) and their values: the boolean mask's picks."""
+    T, P = 40, 5
+    _, targets = mqar_batch(16, T, P, 30, torch.Generator().manual_seed(2))
+    positions, values = answers(dict(num_kv_pairs=P), targets)
+    mask = targets != IGNORE
+    assert positions.shape == values.shape == (16, P)
+    assert torch.equal(positions, mask.nonzero()[:, 1].view(16, P))
+    assert torch.equal(values, targets[mask].view(16, P))
 
 
 def test_mqar_batch_queries_follow_a_power_law():

@@ -139,7 +139,9 @@ class LanguageModel(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab_size], or [P, vocab_size] at the positions of the boolean mask ``where`` [B, T]
-        alone (MQAR scores 16 of 256: the head over every position was most of a step)."""
+        """Logits [B, T, vocab_size], or [B, P, vocab_size] at the positions ``where`` [B, P] (int64) alone (MQAR
+        scores 16 of 256: the head over every position was most of a step)."""
         hidden = self.hidden(tokens)
-        return self.head(hidden if where is None else hidden[where])
+        if where is not None:
+            hidden = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.head(hidden)

@@ -41,6 +41,13 @@ def batch(task: dict, size: int, generator: torch.Generator, device) -> tuple[to
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
+def answers(task: dict, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, P], values [B, P]) of the answers in targets [B, T] (P = num_kv_pairs per row, ascending).
+    A stable sort, not a boolean mask: indexing by a mask waits for the GPU to count it, every step."""
+    positions = torch.argsort((targets == IGNORE).to(torch.uint8), dim=1, stable=True)[:, : task["num_kv_pairs"]]
+    return positions, targets.gather(1, positions)
+
+
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     """The generator of a run's batches, on ``device``: no host work per step beyond the launches."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -71,14 +78,40 @@ def accuracy(model, task: dict, training: dict, device) -> float:
     while remaining:
         size = min(remaining, training["batch_size"])
         inputs, targets = batch(task, size, generator, device)
-        answers = targets != IGNORE
+        positions, values = answers(task, targets)
         with autocast(device, training["dtype"]):
-            predictions = model(inputs, answers).argmax(-1)
-        right += (predictions == targets[answers]).sum().item()
-        total += answers.sum().item()
+            predictions = model(inputs, positions).argmax(-1)
+        right += (predictions == values).sum().item()
+        total += values.numel()
         remaining -= size
     model.train()
     return right / total
+
+
+def optimizer_and_schedule(model, training: dict) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (one fused kernel on CUDA) and its warm-up + cosine schedule over ``training["steps"]``."""
+    fused = next(model.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], betas=(0.9, 0.98),
+                                  weight_decay=training["weight_decay"], fused=fused)  # fmt: skip
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, training["steps"], training["warmup"])
+    )
+    return optimizer, schedule
+
+
+def training_step(model, optimizer, schedule, task: dict, training: dict, generator, device) -> torch.Tensor:
+    """One step on a fresh batch; returns the loss (on the device: no wait for the GPU)."""
+    inputs, targets = batch(task, training["batch_size"], generator, device)
+    positions, values = answers(task, targets)
+    with autocast(device, training["dtype"]):
+        logits = model(inputs, positions)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), values.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.detach()
 
 
 def train_run(config: dict, device: torch.device, description: str = "", progress: bool = True,
@@ -91,28 +124,14 @@ def train_run(config: dict, device: torch.device, description: str = "", progres
     model = build_model(config).to(device)
     if compiled:
         model = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], betas=(0.9, 0.98),
-                                  weight_decay=training["weight_decay"])  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate(step, training["steps"], training["warmup"])
-    )
+    optimizer, schedule = optimizer_and_schedule(model, training)
     generator = make_generator(device, config["seed"])
     start, losses = time.perf_counter(), []
     bar = tqdm(range(training["steps"]), desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
-        inputs, targets = batch(task, training["batch_size"], generator, device)
-        answers = targets != IGNORE
-        with autocast(device, training["dtype"]):
-            logits = model(inputs, answers)
-        loss = F.cross_entropy(logits.float(), targets[answers])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.detach())
+        losses.append(training_step(model, optimizer, schedule, task, training, generator, device))
         if step % 50 == 0 or step == training["steps"] - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{losses[-1].item():.3f}")
     tail = torch.stack(losses[-max(1, len(losses) // 20) :]).mean().item()
     result = {"accuracy": accuracy(model, task, training, device), "final_loss": tail}
     return {**result, "seconds": round(time.perf_counter() - start, 2)}
