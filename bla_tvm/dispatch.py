@@ -31,7 +31,7 @@ from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
 from .tile_constants import (
     SHARED_MEMORY_LIMIT, SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_backward_serves, tile_constants,
-    tile_forward_serves, tile_reverse_scan_serves, tile_scan_serves, tile_states_half,
+    tile_forward_serves, tile_scan_serves, tile_states_half,
 )  # fmt: skip
 
 #: shared memory one CUDA thread block may use on sm_90 (227 KB)
@@ -226,7 +226,7 @@ def _acc(spec: KernelSpec) -> torch.dtype:
 TILE_PROGRAMS = {"chunk_output": ("chunk_output_tile", tile_forward_serves),
                  "chunk_backward": ("chunk_backward_tile", tile_backward_serves),
                  "state_scan": ("state_scan_tile", tile_scan_serves),
-                 "state_scan_reverse": ("state_scan_reverse_tile", tile_reverse_scan_serves)}  # fmt: skip
+                 "state_scan_reverse": ("state_scan_reverse_tile", tile_scan_serves)}  # fmt: skip
 
 
 def implementation(name: str, spec: KernelSpec, device: torch.device) -> str:

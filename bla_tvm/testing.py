@@ -56,7 +56,7 @@ GPU_TEST_LAYERS = (
     LayerSpec(16, 16, 16, 16, 16, "float32"),
     LayerSpec(33, 9, 7, 16, 24, "bfloat16", 2),
     LayerSpec(100, 31, 31, 64, 64, "float32", 4),
-    LayerSpec(64, 15, 15, 8, 24, "bfloat16"),  # the tile scan (F = 32) beside the TE forward, backward, reverse scan
+    LayerSpec(64, 15, 15, 8, 24, "bfloat16"),  # 16-bit with K, V not multiples of 16: the TE kernels, no tile scan
 )
 #: the layers the GPU tests also decode with, token by token (fp32, bf16, N == W even, GQA with M < N)
 GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]

@@ -153,17 +153,12 @@ def tile_states_half(spec) -> bool:
 
 
 def tile_scan_serves(spec) -> bool:
-    """Whether the tile-program scan (``schedules/cuda_tile_scan.py``) runs ``spec`` on CUDA: 16-bit inputs,
-    N up to 127 (eight warps of 16 state rows), F = K + V a multiple of 16, L a multiple of 16."""
-    F = spec.head_k + spec.head_v
-    return spec.dtype in ("float16", "bfloat16") and spec.resolution <= 127 and F % 16 == 0 and spec.chunk_size % 16 == 0
-
-
-def tile_reverse_scan_serves(spec) -> bool:
-    """Whether the tile-program reverse scan (``schedules/cuda_tile_scan_reverse.py``) runs ``spec``: where the
-    scan does and K is a multiple of 16, as each block's 16 columns must be all key (dk) or all value (dv)
-    columns."""
-    return tile_scan_serves(spec) and spec.head_k % 16 == 0
+    """Whether the tile-program scans (``schedules/cuda_tile_scan.py`` and ``cuda_tile_scan_reverse.py``) run
+    ``spec`` on CUDA: 16-bit inputs, N up to 127 (eight warps of 16 state rows), L a multiple of 16, and K and V
+    multiples of 16, as each block of 16 state columns must be all key or all value columns (K = 8, V = 24 read
+    and wrote value columns as key columns)."""
+    return (spec.dtype in ("float16", "bfloat16") and spec.resolution <= 127 and spec.head_k % 16 == 0
+            and spec.head_v % 16 == 0 and spec.chunk_size % 16 == 0)  # fmt: skip
 
 
 def split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 from tvm.script.tirx import tile as Tx
 
 from bla_tvm.layer import KernelSpec
-from bla_tvm.tile_constants import padded_resolution, tile_backward_serves, tile_reverse_scan_serves
+from bla_tvm.tile_constants import padded_resolution, tile_backward_serves, tile_scan_serves
 
 from .cuda_tile_forward import accumulator_layout, operand_a_layout, operand_b_layout
 from .cuda_tile_scan import COLUMN_BLOCK
@@ -44,7 +44,7 @@ def state_scan_reverse_tile(spec: KernelSpec):
     decay_t_hi, decay_t_lo [NP, NP] ((A^L)^T split) and state_in_t_hi, state_in_t_lo [L, NP] (state_in^T split;
     ``tile_constants.reverse_scan_tables``), starts [B, NC] int32 and gradient_scale [1] (float32, a power of two
     s: G is carried as s G, so that its float16 parts keep their precision; the outputs are divided by s)."""
-    if not tile_reverse_scan_serves(spec):
+    if not tile_scan_serves(spec):
         raise ValueError(f"the tile reverse scan does not serve {spec}")
     L, K, V, N, G = spec.chunk_size, spec.head_k, spec.head_v, spec.resolution, spec.group_size
     F = K + V
