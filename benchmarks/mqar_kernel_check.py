@@ -1,12 +1,12 @@
 """Is a poor MQAR result of BLA the method's or the kernels'? The sweep's model (examples/mqar, BLA layers through
-the CUDA kernels under bfloat16 autocast) against the same model in float64 with ``bla_chunked`` (the float64 reference,
-plain torch) in place of the kernels: the loss and every parameter's gradient on one batch, at initialisation and
-again after some training steps through the kernels.
+the CUDA kernels under bfloat16 autocast) against the same model in float64 with ``bla_chunked`` (the reference,
+plain torch, on the CPU) in place of the kernels: the loss and every parameter's gradient on one batch, at
+initialisation and again after some training steps through the kernels.
 
     PYTHONPATH=. python benchmarks/mqar_kernel_check.py [--resolution N] [--slots N|W] [--short-conv] [--steps S]
 
-Prints one line per check: the loss of both and the largest relative gradient error (max |a - b| / max |b| per
-parameter, the worst parameter named).
+Prints one line per check: the loss of both, the largest relative gradient error (max |a - b| / max |b| per
+parameter, the worst parameter named) and the median over parameters.
 """
 
 from __future__ import annotations
