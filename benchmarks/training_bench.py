@@ -5,7 +5,8 @@ see README "GPU tests" for the bundle).
 
     BLA_TVM_PREBUILT_DIR=.bundle/kernels BLA_TVM_RUNTIME_DIR=.bundle/lib BLA_TVM_NO_BUILD=1 BLA_TVM_NO_TUNING=1 \\
         python benchmarks/training_bench.py --out $OUT
-``--profile`` runs two steps of N = M = 63 and nothing else (for Nsight Compute: ``ncu --launch-skip`` the first).
+``--profile`` runs two steps of N = M = 63 and nothing else (for Nsight Compute: ``ncu --launch-skip`` the first);
+``--memory`` prints what is allocated at the peak of one such step, by size and the line that allocated it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,43 @@ def profile_steps() -> None:
     for _ in range(2):
         blurry_window_attention(q, k, v, WINDOW, 63, 63)[0].backward(do)
     torch.cuda.synchronize()
+
+
+def memory_at_peak() -> None:
+    """The tensors live at the peak of one training step (N = M = 63, after a warm-up step), from the caching
+    allocator's trace: each one's MiB and the innermost frame of the package or this script that allocated it."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    B, T, H, K, V = (SHAPE[x] for x in "BTHKV")
+    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype, requires_grad=True) for d in (K, K, V))
+    do = torch.randn(B, T, H, V, device=device, dtype=dtype)
+
+    def step():
+        blurry_window_attention(q, k, v, WINDOW, 63, 63)[0].backward(do)
+
+    step()
+    torch.cuda.synchronize()
+    before = {(block["address"], block["size"]) for segment in torch.cuda.memory._snapshot()["segments"]
+              for block in segment["blocks"] if block["state"] == "active_allocated"}  # fmt: skip
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=100_000)
+    step()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, peak, at_peak = {}, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total = sum(e["size"] for e in live.values())
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif event["action"] in ("free_requested", "free_completed"):
+            live.pop(event["addr"], None)
+    print(f"before the step: {sum(size for _, size in before) / 2**20:.1f} MiB allocated (q, k, v, do, grads)")
+    print(f"peak of the step above that: {peak / 2**20:.1f} MiB, held by:")
+    for event in sorted(at_peak.values(), key=lambda e: -e["size"]):
+        frames = [f for f in event["frames"] if "bla_tvm" in f["filename"] or "training_bench" in f["filename"]]
+        where = f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+        print(f"  {event['size'] / 2**20:8.2f} MiB  {where}")
 
 
 def main(out: Path, lengths: list[int], fla: bool) -> None:
@@ -166,8 +204,11 @@ if __name__ == "__main__":
     parser.add_argument("--lengths", type=int, nargs="*", default=[65536])
     parser.add_argument("--profile", action="store_true", help="two training steps only (for ncu)")
     parser.add_argument("--fla", action="store_true", help="time FLA's chunk_gsa too (flash-linear-attention)")
+    parser.add_argument("--memory", action="store_true", help="what one step holds at its peak, and who allocated it")
     args = parser.parse_args()
     if args.profile:
         profile_steps()
+    elif args.memory:
+        memory_at_peak()
     else:
         main(args.out, args.lengths, args.fla)
