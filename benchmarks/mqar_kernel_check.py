@@ -1,12 +1,14 @@
 """Is a poor MQAR result of BLA the method's or the kernels'? The sweep's model (examples/mqar, BLA layers through
-the CUDA kernels under bfloat16 autocast) against the same model in float64 with ``bla_chunked`` (the reference,
-plain torch, on the CPU) in place of the kernels: the loss and every parameter's gradient on one batch, at
-initialisation and again after some training steps through the kernels.
+the CUDA kernels under bfloat16 autocast) against the same model with ``bla_chunked`` (the float64 reference,
+plain torch, on the CPU) in place of the kernels, under the same autocast and in float64 throughout: the loss and
+every parameter's gradient on one batch, at initialisation and again after some training steps through the
+kernels.
 
     PYTHONPATH=. python benchmarks/mqar_kernel_check.py [--resolution N] [--slots N|W] [--short-conv] [--steps S]
 
-Prints one line per check: the loss of both, the largest relative gradient error (max |a - b| / max |b| per
-parameter, the worst parameter named) and the median over parameters.
+Prints, at each check, the kernels against reference attention under the same bf16 autocast (the kernels' own
+error) and against the model in float64 throughout: the losses, the largest relative gradient error (max |a - b|
+/ max |b| per parameter, the worst parameter named) and the median over parameters.
 """
 
 from __future__ import annotations
@@ -60,19 +62,34 @@ def loss_and_grads(model, inputs, positions, values, dtype):
     return loss.item(), {name: p.grad.double() for name, p in model.named_parameters()}
 
 
+def with_reference_attention(model, dtype):
+    """A copy of ``model`` in ``dtype`` whose BLA layers attend through ``reference_attend``."""
+    copied = copy.deepcopy(model).to(dtype)
+    for block in copied.blocks:
+        block.attention._attend = reference_attend(block.attention)
+    return copied
+
+
+def compare(name: str, loss, grads, ref_loss, ref_grads) -> None:
+    errors = {n: ((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item() for n in grads}
+    worst = max(errors, key=errors.get)
+    print(f"  {name}: loss {loss:.5f} against {ref_loss:.5f}; gradients: worst {worst} {errors[worst]:.2e}, "
+          f"median {sorted(errors.values())[len(errors) // 2]:.2e}", flush=True)  # fmt: skip
+
+
 def check(model, when: str):
+    """Three runs of one batch: the kernels under bf16 autocast; the same with float64 reference attention (the
+    kernels' own error is the difference of the two); the model in float64 throughout (autocast's error too)."""
     generator = train.make_generator(device, 12345)
     inputs, targets = train.batch(config["task"], 16, generator, device)
     positions, values = train.answers(config["task"], targets)
-    loss, grads = loss_and_grads(model, inputs, positions, values, "bfloat16")
-    exact = copy.deepcopy(model).double()
-    for block in exact.blocks:
-        block.attention._attend = reference_attend(block.attention)
-    ref_loss, ref_grads = loss_and_grads(exact, inputs, positions, values, "float32")  # float32: no autocast
-    errors = {n: ((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item() for n in grads}
-    worst = max(errors, key=errors.get)
-    print(f"{when}: loss kernels {loss:.5f} reference {ref_loss:.5f}; gradients: worst {worst} "
-          f"{errors[worst]:.2e}, median {sorted(errors.values())[len(errors) // 2]:.2e}", flush=True)  # fmt: skip
+    batch = (inputs, positions, values)
+    kernels = loss_and_grads(model, *batch, "bfloat16")
+    autocast_reference = loss_and_grads(with_reference_attention(model, torch.float32), *batch, "bfloat16")
+    exact = loss_and_grads(with_reference_attention(model, torch.float64), *batch, "float32")  # no autocast
+    print(f"{when}:")
+    compare("kernels vs reference attention, both under bf16 autocast", *kernels, *autocast_reference)
+    compare("kernels under bf16 autocast vs float64 throughout", *kernels, *exact)
 
 
 torch.manual_seed(config["seed"])
