@@ -374,16 +374,21 @@ def bench_state(torch, dtype, g):
     )
 
 
-def generate_per_token(torch, bla, state_dtype, cuda_graph: bool, g, lengths=(32, 544)) -> dict:
+def generate_per_token(torch, bla, state_dtype, cuda_graph: bool, g, lengths=(32, 544), contiguous=False) -> dict:
     """Wall seconds per decoded token of ``generate`` at the benchmark shape, end to end (``next_token`` slices
-    pre-made tokens): the difference of two runs of ``lengths`` new tokens over the difference of the lengths,
+    pre-made tokens [B, T, H, D]; with ``contiguous``, returns pre-made contiguous [B, H, D] tokens, as a model's
+    projections would): the difference of two runs of ``lengths`` new tokens over the difference of the lengths,
     so the prefill (64 tokens) and the graph's capture cancel; the longer run's seconds beside it."""
     B, H, K, V = (SHAPE[x] for x in "BHKV")
     bf16 = torch.bfloat16
     prompt = [torch.randn(B, 64, H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
     tokens = [torch.randn(B, lengths[-1], H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
+    if contiguous:
+        tokens = [x.transpose(0, 1).contiguous() for x in tokens]  # [T, B, H, D]: token i is one block
 
     def next_token(o, i):
+        if contiguous:
+            return tokens[0][i], tokens[1][i], tokens[2][i]
         return tokens[0][:, i], tokens[1][:, i], tokens[2][:, i]
 
     def run(n):
@@ -449,12 +454,14 @@ def run_benchmarks(torch, bla, args) -> dict:
                         rows, graph=False)  # fmt: skip
                 measure(torch, f"BLA DecodeGraph(q, k, v) ({state_name} state)", lambda d=decoder: d(q, k, v),
                         do_bench, state_bytes, rows, graph=False)  # fmt: skip
-            for cuda_graph in (True, False) if DEVICE == "cuda" else (False,):
+            ways = ((True, False), (True, True), (False, False)) if DEVICE == "cuda" else ((False, False),)
+            for cuda_graph, contiguous in ways:
                 how = "CUDA graph" if cuda_graph else "eager in-place steps"
-                name = f"BLA generate per token, {how} ({state_name} state)"
+                tokens = ", contiguous tokens" if contiguous else ""
+                name = f"BLA generate per token, {how}{tokens} ({state_name} state)"
                 try:
                     row = dict(method=name, state_bytes_per_sequence=state_bytes,
-                               **generate_per_token(torch, bla, sd, cuda_graph, g))  # fmt: skip
+                               **generate_per_token(torch, bla, sd, cuda_graph, g, contiguous=contiguous))  # fmt: skip
                     row["tokens_per_s_wall"] = B / (row["per_token_us"] * 1e-6)
                 except Exception as error:  # noqa: BLE001
                     row = dict(method=name, error=f"{type(error).__name__}: {error}"[:500])
