@@ -145,8 +145,36 @@ def _grid(k, chunk_size: int, cu_seqlens) -> tuple[int, int]:
     return 1, packed_chunks(k.shape[1], cu_seqlens.shape[0] - 1, chunk_size)
 
 
-@torch.library.custom_op("bla_tvm::forward", mutates_args=())
-def forward(
+def run_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial: torch.Tensor,
+    seen: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    output_final_state: bool,
+    window: int,
+    resolution: int,
+    num_slots: int,
+    scale: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ChunkLayout]:
+    """(o [B, T, HQ, V] in q's dtype, final [S, H, N, K + V] or None, states, layout) = BLA(q [B, T, HQ, K],
+    k [B, T, H, K], v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S] tokens (None:
+    fresh sequences); S = B, or the sequences of ``cu_seqlens`` (B = 1). final only with ``output_final_state``.
+    For the backward: states, the chunk-start states [rows, NC, H, N, K + V], and the chunk layout. Arguments
+    validated by the caller (``bla_tvm.blurry_window_attention``)."""
+    spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
+    check_call(spec, q, _grid(k, chunk_size, cu_seqlens), cu_seqlens is not None, initial.shape[0], backward=False)
+    layout = chunk_layout(k, seen, cu_seqlens, chunk_size, window)
+    q, k, v = (kernel_ready(pack(x, layout, chunk_size)) for x in (q, k, v))
+    plan = plan_call(q.device, spec, q.shape, phase_kernels(False, output_final_state), scale)
+    o = q.new_empty(*q.shape[:3], spec.head_v)
+    states, final = launch_forward(plan, q, k, v, kernel_ready(initial), o, layout, output_final_state)
+    return unpack(o, layout), final, states, layout
+
+
+def forward_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -160,22 +188,18 @@ def forward(
     scale: float,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o [B, T, HQ, V] in q's dtype, states, final [S, H, N, K + V], layout) = BLA(q [B, T, HQ, K], k [B, T, H, K],
-    v [B, T, H, V]) from the states ``initial`` [S, H, N, K + V] after ``seen`` [S] tokens (None: fresh sequences);
-    S = B, or the sequences of ``cu_seqlens`` (B = 1). Without ``output_final_state`` final is empty,
-    [0, H, N, K + V], and not computed. For the backward: states, the chunk-start states [rows, NC, H, N, K + V]
-    flattened (a dimension NC that may be 1 would make a dynamic-shape graph specialise on NC == 1, and recompile
-    when T first passes L), and layout, the chunk layout's tables (``ChunkLayout.as_tensor``). Arguments validated
-    by the caller (``bla_tvm.blurry_window_attention``)."""
-    spec = kernel_spec(q, k, v, window, resolution, num_slots, chunk_size)
-    check_call(spec, q, _grid(k, chunk_size, cu_seqlens), cu_seqlens is not None, initial.shape[0], backward=False)
-    layout = chunk_layout(k, seen, cu_seqlens, chunk_size, window)
-    q, k, v = (kernel_ready(pack(x, layout, chunk_size)) for x in (q, k, v))
-    plan = plan_call(q.device, spec, q.shape, phase_kernels(False, output_final_state), scale)
-    o = q.new_empty(*q.shape[:3], spec.head_v)
-    states, final = launch_forward(plan, q, k, v, kernel_ready(initial), o, layout, output_final_state)
+    """The op: ``run_forward``'s results as tensors, (o, states, final, layout). final is empty, [0, H, N, K + V],
+    without ``output_final_state``; states are flattened (a dimension NC that may be 1 would make a dynamic-shape
+    graph specialise on NC == 1, and recompile when T first passes L); layout is ``ChunkLayout.as_tensor``."""
+    o, final, states, layout = run_forward(
+        q, k, v, initial, seen, cu_seqlens, output_final_state, window, resolution, num_slots, scale, chunk_size
+    )
     final = initial.new_empty(0, *initial.shape[1:]) if final is None else final
-    return unpack(o, layout), states.view(-1), final, layout.as_tensor()
+    return o, states.view(-1), final, layout.as_tensor()
+
+
+#: the op (autograd, torch.compile, torch.library tooling); eager inference calls ``run_forward`` directly
+forward = torch.library.custom_op("bla_tvm::forward", forward_impl, mutates_args=())
 
 
 @forward.register_fake

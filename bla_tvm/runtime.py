@@ -288,10 +288,18 @@ def kernel_ready(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _ffi_cuda_device(index: int) -> tvm_ffi.Device:
+    return tvm_ffi.device("cuda", index)
+
+
 def call(function, args: tuple) -> None:
-    """Run ``function(*args)``, on torch's current stream when the first argument is a CUDA tensor."""
-    if args[0].is_cuda:
-        with tvm_ffi.use_torch_stream():
+    """Run ``function(*args)``; where the first argument is a CUDA tensor, on torch's current stream of its device
+    (also while a CUDA graph is being captured: the capture's stream)."""
+    device = args[0].device
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        with tvm_ffi.use_raw_stream(_ffi_cuda_device(device.index), stream):
             function(*args)
     else:
         function(*args)

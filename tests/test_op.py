@@ -98,6 +98,23 @@ def test_forward_returns_output_and_chunk_states():
     assert not states.requires_grad
 
 
+def test_eager_inference_equals_the_op_without_its_dispatch(monkeypatch):
+    """Eager inference (no gradient wanted) runs the op's code directly, and gives what the op gives, final
+    states included; a call that wants gradients goes through the op."""
+    q, k, v = qkv(B=2, T=70, H=3)
+    o_op, _, final_op, _ = torch.ops.bla_tvm.forward(*op_args(q, k, v))
+    through_op = []
+    original = torch.ops.bla_tvm.forward
+    monkeypatch.setattr(torch.ops.bla_tvm, "forward", lambda *a: through_op.append(1) or original(*a))
+    with torch.no_grad():
+        o, state = blurry_window_attention(q, k, v, **ARGS, scale=0.3, output_final_state=True)
+    assert not through_op
+    assert torch.equal(o, o_op)
+    assert torch.equal(torch.cat([state.key_state, state.value_state], -1), final_op)
+    blurry_window_attention(q.requires_grad_(), k, v, **ARGS, scale=0.3)
+    assert through_op == [1]
+
+
 def backward_args(q, k, v, scale=0.3, seed=1):
     """The 14 arguments of bla_tvm::backward: states and layout from a forward call, random upstream
     gradients."""
