@@ -210,7 +210,11 @@ VARIANTS = {
     "TE schedule, 128 threads (issue 7)": ("te", {}, "float32"),
     "tile, 4 warps": ("tile", {"warps": 4}, "float32"),
     "tile, 16 warps": ("tile", {"warps": 16}, "float32"),
-    "tile, 16 warps, fp16 state": ("tile", {"warps": 16}, "float16"),
+    "tile, 8 warps, 2 items": ("tile", {"warps": 8, "items": 2}, "float32"),
+    "tile, 8 warps, 4 items": ("tile", {"warps": 8, "items": 4}, "float32"),
+    "tile, 8 warps, fp16 state": ("tile", {"warps": 8}, "float16"),
+    "tile, 8 warps, 4 items, fp16 state": ("tile", {"warps": 8, "items": 4}, "float16"),
+    "tile, 16 warps, 2 items, fp16 state": ("tile", {"warps": 16, "items": 2}, "float16"),
 }
 
 

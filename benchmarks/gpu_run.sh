@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (torch, no TVM) that checks and times the CUDA kernels, everything under
 # $OUT: the GPU tests, the training benchmark (forward + backward, forward alone, peak memory, per-kernel times,
-# gradient errors; FlexAttention SWA, SDPA and FLA's chunk_gsa in the same run), what a step holds at its peak
+# gradient errors; FlexAttention SWA, SDPA and FLA's chunk_gsa in the same run), the inference forward benchmark
+# (the same baselines; time per token from T = 1k to 64k), what a step holds at its peak
 # memory, and an Nsight Compute profile of the tile programs of one training step. Needs the kernel bundle .bundle
 # (README, "GPU tests", plus the benchmark layers: `bla-tvm build --specs` of training_bench's layers) and FLA's
 # wheels in .whl/ (carry both).
@@ -13,6 +14,8 @@ timeout 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "
 echo "pytest -m gpu: exit $?"; tail -3 "$OUT/pytest-gpu.log"
 timeout ${BENCH_S:-240} python benchmarks/training_bench.py --fla --out "$OUT" > "$OUT/training-bench.log" 2>&1
 echo "training_bench: exit $?"; grep -E "^BLA" "$OUT/training-bench.log"
+timeout 150 python benchmarks/forward_bench.py --fla --out "$OUT" > /tmp/forward-bench.log 2>&1
+echo "forward_bench: exit $?"; python -c "import json; d = json.load(open('$OUT/forward_bench.json')); print(d['ms'], d['per_token_ns'], d.get('t1k'))"
 timeout 60 python benchmarks/training_bench.py --memory > "$OUT/training-memory.txt" 2>&1
 echo "memory at the peak: exit $?"; head -12 "$OUT/training-memory.txt"
 timeout 120 ncu --kernel-name regex:_tile_ --launch-skip 4 --launch-count 4 --section SpeedOfLight \

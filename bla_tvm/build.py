@@ -87,15 +87,16 @@ def tile_program_module(kernel: str, spec: KernelSpec, device_kind: str, config=
 
 def tile_decode_module(kernel: str, spec: KernelSpec, device_kind: str, config=None) -> tuple:
     """The builder of the CUDA decode step as a tile program (``schedules/cuda_tile_decode.py``), for each
-    stored state dtype; ``config``: a ``DecodeTileConfig`` (anything else: the default)."""
+    stored state dtype; ``config``: a ``DecodeTileConfig`` (anything else: the state dtype's default)."""
     from bla_tvm.schedules import cuda_tile_decode
 
     if device_kind != "cuda":
         raise ValueError(f"{kernel} is a CUDA tile program; device_kind must be 'cuda', got {device_kind!r}")
+    state_dtype = kernels.DECODE_STATE_DTYPES[kernel]
     if not isinstance(config, cuda_tile_decode.DecodeTileConfig):
-        config = cuda_tile_decode.DecodeTileConfig()
+        config = cuda_tile_decode.default_config(spec, state_dtype)
     symbol = kernels.get(kernel).symbol
-    func = cuda_tile_decode.decode_step_tile(spec, kernels.DECODE_STATE_DTYPES[kernel], config)
+    func = cuda_tile_decode.decode_step_tile(spec, state_dtype, config)
     return tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), _tile_options()
 
 
@@ -192,6 +193,5 @@ register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_mo
 register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("chunk_backward_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("state_scan_reverse_tile", "cuda", lambda spec: True, tile_program_module)
-# the tile decode step for the accumulation-dtype state only: its float16 / bfloat16-state kernels have not run on
-# a GPU yet (the TE schedule of schedules/cuda_decode.py serves them, and the specs the tile program does not)
-register_builder("decode_step", "cuda", _decode_tile_serves, tile_decode_module)
+for _decode in kernels.DECODE_STATE_DTYPES:  # every stored state dtype's step
+    register_builder(_decode, "cuda", _decode_tile_serves, tile_decode_module)

@@ -50,7 +50,7 @@ def build_kernels(
     append: bool = False,
 ) -> list[dict]:
     """Compile the given kernels of every spec into ``out`` and write ``out/manifest.json`` (with ``append``,
-    added to the kernels it already lists)."""
+    added to the kernels it already lists, in place of those built again)."""
     out.mkdir(parents=True, exist_ok=True)
     work = [(kernel, spec) for spec, kernels in specs for kernel in kernels]
     entries = []
@@ -60,8 +60,10 @@ def build_kernels(
             entries.append(future.result())
             if done % 10 == 0 or done == len(work):
                 print(f"built {done}/{len(work)} kernels", flush=True)
-    if append and (out / MANIFEST).exists():
-        entries = json.loads((out / MANIFEST).read_text())["kernels"] + entries
+    if append and (out / MANIFEST).exists():  # a kernel built again replaces its entry (and its digest)
+        rebuilt = {entry["file"] for entry in entries}
+        old = json.loads((out / MANIFEST).read_text())["kernels"]
+        entries = [entry for entry in old if entry["file"] not in rebuilt] + entries
     manifest = {"device_kind": device_kind, "tvm": importlib.metadata.version("apache-tvm"), "kernels": entries}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return entries

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from . import dispatch
+from . import dispatch, kernels
 from .layer import DECODE_CHUNK, KernelSpec, LayerSpec
 
 
@@ -65,7 +65,7 @@ GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]
 def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
     """Every (spec, kernels) the GPU tests load on CUDA without tuning logs (``BLA_TVM_NO_TUNING=1``): the
     forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
-    included), and the decode step of ``GPU_DECODE_LAYERS``. Read by ``bla-tvm build --gpu-test-layers``."""
+    included), and the decode steps of ``GPU_DECODE_LAYERS`` (every stored state dtype). Read by ``bla-tvm build --gpu-test-layers``."""
     cuda = torch.device("cuda")  # only its kind is read: no GPU needed
     wanted: dict[KernelSpec, set[str]] = {}
     for layer in GPU_TEST_LAYERS:
@@ -74,5 +74,5 @@ def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
             names = dispatch.phase_kernels(backward, final_state=True)
             wanted.setdefault(spec, set()).update(dispatch.implementations(names, spec, cuda).values())
     for layer in GPU_DECODE_LAYERS:
-        wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).add("decode_step")
+        wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).update(kernels.DECODE_STATE_DTYPES)
     return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]

@@ -34,10 +34,9 @@ print(json.dumps(out))
 @pytest.mark.parametrize(
     "spec, kernels, builder",
     [
-        # the 16-bit-state kernels keep the TE schedule until the tile program's have run on a GPU (build.py)
         (dict(window=512, resolution=63, num_slots=63, head_k=64, head_v=64, dtype="bfloat16"), DECODE,
-         {"decode_step": "tile_decode_module", "decode_step_state_float16": "scheduled_module",
-          "decode_step_state_bfloat16": "scheduled_module"}),
+         {"decode_step": "tile_decode_module", "decode_step_state_float16": "tile_decode_module",
+          "decode_step_state_bfloat16": "tile_decode_module"}),
         (dict(window=512, resolution=63, num_slots=512, head_k=64, head_v=64, dtype="float32", group_size=4),
          ("decode_step",), {"decode_step": "scheduled_module"}),
         (dict(window=16, resolution=16, num_slots=16, head_k=40, head_v=130, dtype="float16", group_size=3),

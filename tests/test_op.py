@@ -362,6 +362,23 @@ def test_damaged_cached_kernel_without_building_is_an_error_naming_it(tmp_path):
         library.function("chunk_output", spec, q.device)
 
 
+def test_appending_a_rebuilt_kernel_replaces_its_manifest_entry(tmp_path):
+    """``bla-tvm build --append`` of a kernel the folder already holds leaves one entry, with the new digest (a
+    stale duplicate would name a digest the file no longer has)."""
+    from bla_tvm.cli import build_kernels
+
+    small = KernelSpec(9, 5, 3, 4, 4, "float32", chunk_size=8)
+    build_kernels([(small, ("final_state",))], "cpu", None, tmp_path, jobs=1)
+    (tmp_path / "other.so").write_bytes(b"")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["kernels"].append(dict(manifest["kernels"][0], kernel="state_scan", file="other.so"))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    build_kernels([(small, ("final_state",))], "cpu", None, tmp_path, jobs=1, append=True)
+    entries = json.loads((tmp_path / "manifest.json").read_text())["kernels"]
+    assert sorted(e["file"] for e in entries) == sorted(["other.so", entries[-1]["file"]])
+    assert entries[-1]["sha256"] == bla_tvm.kernel_cache.file_digest(tmp_path / entries[-1]["file"])
+
+
 def test_builds_leave_no_lock_files(tmp_path, monkeypatch):
     """A failed build and a successful one both remove the lock file they took."""
     from bla_tvm import build
