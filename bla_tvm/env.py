@@ -56,8 +56,17 @@ def tuning_enabled() -> bool:
 READ = (*VARIABLES, "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HOME")
 
 
+#: CPython's dictionary behind os.environ (encoded names to encoded values; os.environ's writes update it), and
+#: READ's names encoded for it: os.environ.get raises and catches two KeyErrors per unset name, which made a
+#: snapshot 15-160 us of a call's host time on the build machine
+_RAW = getattr(os.environ, "_data", None)
+_RAW_KEYS = tuple(map(os.environ.encodekey, READ)) if _RAW is not None else ()
+
+
 def snapshot() -> tuple:
-    """The values of every variable this table reads (and the folders they default from), to key what is built
-    from them: reading them costs a few dictionary lookups (~10 us: take one per call), building paths from
-    them far more."""
-    return tuple(map(os.environ.get, READ))
+    """The values of every variable this table reads (and the folders they default from), encoded, to key what
+    is built from them: a few dictionary lookups (take one per call); building paths from them costs far
+    more."""
+    if _RAW is None:  # another interpreter's os.environ
+        return tuple(map(os.environ.get, READ))
+    return tuple(map(_RAW.get, _RAW_KEYS))

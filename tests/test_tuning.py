@@ -134,6 +134,8 @@ def test_no_tuning_variable_ignores_logs(log_dir, monkeypatch):
     assert chunk_size((1, 256, 2)) == 32
     monkeypatch.setenv("BLA_TVM_NO_TUNING", "1")
     assert chunk_size((1, 256, 2)) == 64
+    monkeypatch.delenv("BLA_TVM_NO_TUNING")  # each call reads the environment anew (``env.snapshot``)
+    assert chunk_size((1, 256, 2)) == 32
 
 
 def test_explicit_log_folders_override_the_environment(log_dir, tmp_path_factory):
