@@ -65,7 +65,8 @@ GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]
 def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
     """Every (spec, kernels) the GPU tests load on CUDA without tuning logs (``BLA_TVM_NO_TUNING=1``): the
     forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
-    included), and the decode steps of ``GPU_DECODE_LAYERS`` (every stored state dtype). Read by ``bla-tvm build --gpu-test-layers``."""
+    included), and the decode steps of ``GPU_DECODE_LAYERS`` (every stored state dtype). Read by ``bla-tvm build
+    --gpu-test-layers``."""
     cuda = torch.device("cuda")  # only its kind is read: no GPU needed
     wanted: dict[KernelSpec, set[str]] = {}
     for layer in GPU_TEST_LAYERS:
