@@ -63,12 +63,19 @@ def peak_mb(step) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def kernel_ms(step, repeats: int = 5) -> dict:
-    """CUDA time per step of each kernel name (ms), from torch.profiler."""
-    step()
+def kernel_ms(step, inputs, repeats: int = 5) -> dict:
+    """CUDA time per step of each kernel name (ms), from torch.profiler; the inputs' gradients dropped before
+    each step, as in ``step_ms`` (else autograd's accumulation into them is timed too)."""
+
+    def fresh_step():
+        for x in inputs:
+            x.grad = None
+        step()
+
+    fresh_step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
-            step()
+            fresh_step()
         torch.cuda.synchronize()
     totals = defaultdict(float)
     for event in prof.events():
@@ -141,7 +148,7 @@ def main(out: Path, lengths: list[int], fla: bool) -> None:
 
         results["ms"][name] = step_ms(step, [q, k, v])
         results["peak_mb_above_inputs"][name] = peak_mb(step)
-        results["kernels_ms"][name] = kernel_ms(step)
+        results["kernels_ms"][name] = kernel_ms(step, [q, k, v])
         print(name, results["ms"][name], results["errors"][name], flush=True)
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     dot = do.transpose(1, 2).contiguous()
