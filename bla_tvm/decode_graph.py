@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .decode import check_in_place, decode_step
+from .runtime import record_launches
 from .state import BLAState
 
 
@@ -65,8 +66,11 @@ class DecodeGraph:
         decode_step(self.q, self.k, self.v, state, *args)
         check_in_place(state)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with record_launches() as launches, torch.cuda.graph(self.graph):
             self.o, _ = decode_step(self.q, self.k, self.v, state, *args, in_place=True)
+        # the graph keeps only addresses: every tensor its kernels read or write (the constants among them, which
+        # a cache could drop) lives as long as the graph
+        self._captured = launches
 
     def replay(self) -> torch.Tensor:
         """One token from what ``q``, ``k``, ``v`` hold: the state advanced in place; returns ``o``."""

@@ -11,12 +11,15 @@ checked wherever the suite runs.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from helpers import BLACase, assert_within_float32_logit_bound
 
 from bla_tvm import BLAState, DecodeGraph, bla_recurrent, blurry_window_attention, decode_step
+from bla_tvm.decode import decode_constants
 from bla_tvm.testing import GPU_DECODE_LAYERS, GPU_TEST_LAYERS, poisoned_allocations
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
@@ -208,6 +211,25 @@ def test_decode_graph_equals_the_eager_step(layer):
     assert torch.equal(decoder.state.key_state, state.key_state)
     assert torch.equal(decoder.state.value_state, state.value_state)
     assert decoder.state.seen.tolist() == state.seen.tolist() == (seen + 64).tolist()
+
+
+@gpu
+@no_gpu
+def test_decode_graph_outlives_the_constants_cache():
+    """The graph holds every tensor its kernels read: with the constants' cache emptied and freed memory handed
+    out again (filled with NaN), a replay still gives the eager step's o."""
+    layer = GPU_DECODE_LAYERS[0]
+    (q, k, v, X0, Y0), seen, _ = inputs(layer, 2, 2, 2, "cuda", seed=6)
+    q, k, v, X0, Y0 = (x.detach() for x in (q, k, v, X0, Y0))
+    decoder = DecodeGraph(BLAState(X0.clone(), Y0.clone(), seen.clone()), **layer_args(layer), query_heads=q.shape[2],
+                          dtype=q.dtype)  # fmt: skip
+    decode_constants.cache_clear()
+    gc.collect()
+    reused = [torch.full((n,), float("nan"), device="cuda") for n in (64, 256, 1024, 4096) for _ in range(8)]
+    with torch.no_grad():
+        o, _ = decode_step(q[:, 0], k[:, 0], v[:, 0], BLAState(X0, Y0, seen), **layer_args(layer))
+        assert torch.equal(decoder(q[:, 0], k[:, 0], v[:, 0]), o)
+    del reused
 
 
 # --- hostile inputs: non-finite tokens, large magnitudes, long sequences, a huge token count ----------------
