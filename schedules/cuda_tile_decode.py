@@ -1,12 +1,12 @@
 """The CUDA one-token decode step as a TIRx program: warps own rows of the state, lanes own its columns.
 
-One thread block of ``warps`` warps per (batch b, kv head h), or per ``items`` of them in turn. The state X | Y [N, F] (F = K + V) is split by
-rows over the warps and by columns over the lanes: row slot s holds row 0 (s = 0), the rotation pair
-(2s - 1, 2s) (1 <= s <= (N - 1) / 2) or the Nyquist row N - 1 (N even); warp w owns slots w, w + warps, ...;
-lane l owns columns l, l + 32, ... . Each thread loads its rows x columns once (all loads in flight together,
-coalesced: a warp reads whole rows) and keeps them in registers to the end; everything the readout reduces
-over columns (z = X' q, over K) or over a warp's rows (partial scores, w = p C, o = w Y') is reduced in
-registers and by warp shuffles. Three block barriers, each after a cross-warp partial sum in shared memory:
+One thread block of ``warps`` warps per (batch b, kv head h), or per ``items`` of them in turn. The state
+X | Y [N, F] (F = K + V) is split by rows over the warps and by columns over the lanes: row slot s holds row 0
+(s = 0), the rotation pair (2s - 1, 2s) (1 <= s <= (N - 1) / 2) or the Nyquist row N - 1 (N even); warp w owns
+slots w, w + warps, ...; lane l owns columns l, l + 32, ... . Each thread loads its rows x columns once (all
+loads in flight together, coalesced: a warp reads whole rows) and keeps them in registers to the end; everything
+the readout reduces over columns (z = X' q, over K) or over a warp's rows (partial scores, w = p C, o = w Y') is
+reduced in registers and by warp shuffles. Three block barriers, each after a cross-warp partial sum in shared memory:
 
   1. S -> R S (pairwise, in registers); partial removal  sum_n (b_n / W) (R S)[n, f]  over the warp's rows
   2. S' = R S + b (new - removal), stored (rounded to the state dtype, which the readout then reads);
