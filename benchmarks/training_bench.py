@@ -6,7 +6,8 @@ see README "GPU tests" for the bundle).
     BLA_TVM_PREBUILT_DIR=.bundle/kernels BLA_TVM_RUNTIME_DIR=.bundle/lib BLA_TVM_NO_BUILD=1 BLA_TVM_NO_TUNING=1 \\
         python benchmarks/training_bench.py --out $OUT
 ``--profile`` runs two steps of N = M = 63 and nothing else (for Nsight Compute: ``ncu --launch-skip`` the first);
-``--memory`` prints what is allocated at the peak of one such step, by size and the line that allocated it.
+``--memory`` prints what is allocated at the peak of one such step, by size and the line that allocated it;
+``--list-specs`` prints the kernels this benchmark and ``forward_bench.py`` load, for ``bla-tvm build --specs``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,25 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton.testing
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bla_tvm import blurry_window_attention
+from bla_tvm.layer import LayerSpec
+from bla_tvm.testing import layer_kernels
 from bla_tvm.reference import bla_recurrent
 
 SHAPE = dict(B=4, T=4096, H=16, K=64, V=64)
 WINDOW = 512
 LAYERS = {"BLA N=M=63": (63, 63), "BLA N=63 M=512": (63, 512)}
+
+
+def kernel_specs() -> list[dict]:
+    """The (spec, kernels) of every layer timed here and in forward_bench.py, GQA G = 2 of ``gradient_errors``
+    included, as ``bla-tvm build --specs`` reads them."""
+    K, V = SHAPE["K"], SHAPE["V"]
+    layers = [LayerSpec(WINDOW, N, M, K, V, "bfloat16") for N, M in LAYERS.values()]
+    layers.append(LayerSpec(WINDOW, 63, 63, K, V, "bfloat16", 2))
+    return [dict(spec.as_dict(), kernels=list(names)) for spec, names in layer_kernels(layers)]
 
 
 def relative(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -49,8 +60,15 @@ def gradient_errors(N: int, M: int, device, dtype, group: int = 1) -> dict:
     return errors
 
 
+def do_bench(*args, **kwargs) -> float:
+    """triton's do_bench, imported at first use: ``--list-specs`` runs where there is no triton (no GPU)."""
+    import triton.testing
+
+    return triton.testing.do_bench(*args, **kwargs)
+
+
 def step_ms(step, inputs) -> float:
-    return triton.testing.do_bench(step, grad_to_none=inputs, return_mode="median")
+    return do_bench(step, grad_to_none=inputs, return_mode="median")
 
 
 def peak_mb(step) -> float:
@@ -164,11 +182,11 @@ def main(out: Path, lengths: list[int], fla: bool) -> None:
     results["forward_ms"] = {}
     with torch.no_grad():
         for name, (N, M) in LAYERS.items():
-            results["forward_ms"][name] = triton.testing.do_bench(
+            results["forward_ms"][name] = do_bench(
                 lambda N=N, M=M: blurry_window_attention(q, k, v, WINDOW, N, M), return_mode="median")
-        results["forward_ms"]["Flex SWA-512"] = triton.testing.do_bench(lambda: flex(qt, kt, vt, block_mask=mask),
+        results["forward_ms"]["Flex SWA-512"] = do_bench(lambda: flex(qt, kt, vt, block_mask=mask),
                                                                         return_mode="median")  # fmt: skip
-        results["forward_ms"]["SDPA causal"] = triton.testing.do_bench(lambda: sdpa(qt, kt, vt, is_causal=True),
+        results["forward_ms"]["SDPA causal"] = do_bench(lambda: sdpa(qt, kt, vt, is_causal=True),
                                                                        return_mode="median")  # fmt: skip
     save(results, out)  # what is measured so far, should a later part (FLA's compilation) run out of time
     if fla:  # FLA's Gated Slot Attention with 64 slots (its chunk kernel), the Triton peer
@@ -178,7 +196,7 @@ def main(out: Path, lengths: list[int], fla: bool) -> None:
         gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, 64, generator=gen)).to(device, dtype)
         fla_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, slots, gate)]
         with torch.no_grad():
-            results["forward_ms"]["FLA chunk_gsa M=64"] = triton.testing.do_bench(
+            results["forward_ms"]["FLA chunk_gsa M=64"] = do_bench(
                 lambda: chunk_gsa(q, k, v, slots, gate), return_mode="median")  # fmt: skip
         fla_step = lambda: chunk_gsa(*fla_inputs)[0].backward(do)  # noqa: E731
         results["ms"]["FLA chunk_gsa M=64"] = step_ms(fla_step, fla_inputs)
@@ -212,8 +230,11 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="two training steps only (for ncu)")
     parser.add_argument("--fla", action="store_true", help="time FLA's chunk_gsa too (flash-linear-attention)")
     parser.add_argument("--memory", action="store_true", help="what one step holds at its peak, and who allocated it")
+    parser.add_argument("--list-specs", action="store_true", help="print the kernel specs to build, as JSON")
     args = parser.parse_args()
-    if args.profile:
+    if args.list_specs:
+        print(json.dumps(kernel_specs(), indent=1))
+    elif args.profile:
         profile_steps()
     elif args.memory:
         memory_at_peak()

@@ -67,13 +67,24 @@ def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
     forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
     included), and the decode steps of ``GPU_DECODE_LAYERS`` (every stored state dtype). Read by ``bla-tvm build
     --gpu-test-layers``."""
+    wanted = _cuda_kernels(GPU_TEST_LAYERS)
+    for layer in GPU_DECODE_LAYERS:
+        wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).update(kernels.DECODE_STATE_DTYPES)
+    return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]
+
+
+def layer_kernels(layers) -> list[tuple[KernelSpec, tuple[str, ...]]]:
+    """Every (spec, kernels) a forward and backward of ``layers`` load on CUDA without tuning logs (final-state
+    kernels included): what a benchmark's ``--list-specs`` gives ``bla-tvm build --specs``."""
+    return [(spec, tuple(sorted(names))) for spec, names in _cuda_kernels(layers).items()]
+
+
+def _cuda_kernels(layers) -> dict[KernelSpec, set[str]]:
     cuda = torch.device("cuda")  # only its kind is read: no GPU needed
     wanted: dict[KernelSpec, set[str]] = {}
-    for layer in GPU_TEST_LAYERS:
+    for layer in layers:
         for backward in (False, True):
             spec = layer.kernel(dispatch.default_chunk_size(cuda, layer, backward))
             names = dispatch.phase_kernels(backward, final_state=True)
             wanted.setdefault(spec, set()).update(dispatch.implementations(names, spec, cuda).values())
-    for layer in GPU_DECODE_LAYERS:
-        wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).update(kernels.DECODE_STATE_DTYPES)
-    return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]
+    return wanted
