@@ -44,6 +44,7 @@ from bla_tvm.tile_constants import (
 )  # fmt: skip
 
 from .cuda_tile_forward import CHUNK, THREADS, WARPS, accumulator_layout, operand_a_layout, operand_b_layout
+from .cuda_tile_loads import fetch_row_pair, load_chunk_transposed, pair_word, state_row
 
 
 NAN = T.float32("nan")
@@ -74,7 +75,6 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
     MT = slot_tile
     MP = round_up(M, MT)
     LR = L + NP  # rows of [k; X]
-    PAIRS = (N - 1) // 2
     X_TILES = NP // 16  # 16-row tiles of the state rows; warp w takes tiles w, w + 4, ...
     FB = 64 if F % 64 == 0 and K % 64 == 0 else 16  # column block of the chunk-wide products (inside k or v)
     dt, h16 = spec.dtype, "float16"
@@ -155,6 +155,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         ht_w = ht.view("uint32")
         q_t_w = q_t.view("uint32")
         do_t_w = do_t.view("uint32")
+        k_w = k.view("uint32")
+        v_w = v.view("uint32")
+        states_w = states.view("uint32")
         input_map_w = input_map.view("uint32")
         input_map_t_w = input_map_t.view("uint32")
         lag_w = lag.view("uint32")
@@ -185,28 +188,24 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         factor[1] = T.float32(1) / gradient_scale[0]
 
         # ---- 1. the raw chunk and its start state; [k'|v'] = input_map [k|v; X|Y] --------------------------
-        for it in T.serial(L * K // THREADS):
-            j = (it * THREADS + tid) // K
-            f = (it * THREADS + tid) % K
-            x = T.Cast(h16, k[b, T.min(first + j, TT - 1), hk, f])
-            kv_raw[f, j] = T.if_then_else(first + j < TT, x, T.float16(0))
-        for it in T.serial(L * V // THREADS):
-            j = (it * THREADS + tid) // V
-            f = (it * THREADS + tid) % V
-            x = T.Cast(h16, v[b, T.min(first + j, TT - 1), hk, f])
-            kv_raw[K + f, j] = T.if_then_else(first + j < TT, x, T.float16(0))
-        for it in T.serial((NP * F + THREADS - 1) // THREADS):
-            if it * THREADS + tid < NP * F:
-                p = (it * THREADS + tid) // F
-                f = (it * THREADS + tid) % F
-                n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
-                x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), f]), T.float16(0))
-                kv_raw[f, L + p] = x
-                if f < K:
-                    keys[L + p, T.min(f, K - 1)] = x
-                    keys_t[T.min(f, K - 1), L + p] = x
-                else:
-                    values[L + p, T.max(f - K, 0)] = x
+        rows = T.alloc_buffer((2, 4), "uint32", scope="local")
+        load_chunk_transposed(kv_raw_w, rows, k_w, v_w, b, hk, first, TT, tid, L, K, F, THREADS, dt)
+        # state rows p in basis order (rows n = p + 1 of the pairs, then n = 0, then N - 1 when N is even)
+        for it in T.unroll((NP // 2 * (F // 8) + THREADS - 1) // THREADS):
+            if it * THREADS + tid < NP // 2 * (F // 8):
+                pp = (it * THREADS + tid) % (NP // 2)
+                fg = (it * THREADS + tid) // (NP // 2)
+                fetch_row_pair(rows, lambda r: states_w[b, c, hk, T.min(state_row(2 * pp + r, N), N - 1), T.ramp(fg * 4, 1, 4)],
+                               lambda r: 2 * pp + r < N)
+                for i, h in T.grid(4, 2):
+                    kv_raw_w[fg * 8 + 2 * i + h, L // 2 + pp] = pair_word(rows, i, h, h16)
+                    if fg * 8 < K:
+                        keys_t_w[T.min(fg * 8 + 2 * i + h, K - 1), L // 2 + pp] = pair_word(rows, i, h, h16)
+                for r in T.unroll(2):
+                    if fg * 8 < K:
+                        keys_w[L + 2 * pp + r, T.ramp(T.min(fg * 4, K // 2 - 4), 1, 4)] = rows[r, T.ramp(0, 1, 4)]
+                    else:
+                        values_w[L + 2 * pp + r, T.ramp(T.max(fg * 4 - K // 2, 0), 1, 4)] = rows[r, T.ramp(0, 1, 4)]
         T.cuda.cta_sync()
         a_map = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_a_layout(16))
         b_raw = T.alloc_buffer((16, 16), h16, scope="local", layout=operand_b_layout(16, 16))
@@ -620,7 +619,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                     for nt, rM, rN in T.grid(FB // 8, 2, 2):
                         p = p0 + g + 8 * rM
                         f = fb * FB + nt * 8 + 2 * tq + rN
-                        n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
+                        n = state_row(p, N)
                         spoilt = rows_at_or_after(bad, 2 * f, 0) or (
                             f >= K and rows_at_or_after(bad, 2 * F + 2 * T.max(f - K, 0), 0))
                         if p < N:

@@ -49,6 +49,8 @@ from bla_tvm.tile_constants import (
     SLOT_TILE, TILE_CHUNK, padded_resolution, round_up, tile_forward_serves, tile_states_half,
 )  # fmt: skip
 
+from .cuda_tile_loads import state_row
+
 # one m16n8 accumulator tile and the k16 operand tiles (PTX ISA, mma.m16n8k16 fragments)
 _D_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)])
 _A_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)]).tile_to([16, 16], [16, 8])
@@ -106,7 +108,6 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     MT = config.slot_tile
     MP = round_up(M, MT)
     LR = L + NP  # rows of [k; X]
-    PAIRS = (N - 1) // 2
     dt = spec.dtype
     h16 = "float16"
     states_dt = h16 if tile_states_half(spec) else "float32"  # as the tile scan writes them
@@ -212,15 +213,14 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         for it in T.serial(NP * K // THREADS):
             p = (it * THREADS + tid) // K
             f = (it * THREADS + tid) % K
-            n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
-            x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), f]), T.float16(0))
+            x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(state_row(p, N), N - 1), f]), T.float16(0))
             kv_raw[f, L + p] = x
             keys[L + p, f] = x
         for it in T.serial(NP * V // THREADS):
             p = (it * THREADS + tid) // V
             f = (it * THREADS + tid) % V
-            n = T.if_then_else(p < 2 * PAIRS, p + 1, T.if_then_else(p == 2 * PAIRS, 0, N - 1))
-            x = T.if_then_else(p < N, T.Cast(h16, states[b, c, hk, T.min(n, N - 1), K + f]), T.float16(0))
+            x = T.if_then_else(
+                p < N, T.Cast(h16, states[b, c, hk, T.min(state_row(p, N), N - 1), K + f]), T.float16(0))
             kv_raw[K + f, L + p] = x
             values[f, L + p] = x
         for it in T.serial((V + 2 + THREADS - 1) // THREADS):

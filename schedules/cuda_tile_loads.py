@@ -1,0 +1,64 @@
+"""Loading a chunk's rows into the tile programs' shared memory, 16 bytes at a time.
+
+A thread loads 8 columns of two adjacent rows (two 16-byte global loads, ``fetch_row_pair``) and stores them
+as 32-bit words: whole to a row-major copy (two 16-byte stores), or as (row r, row r + 1) float16 pairs to a
+transposed copy (``pair_word``: eight 32-bit stores), the layout the mma B operands read. Lanes take
+consecutive row pairs, so a transposed store of a warp hits 32 consecutive words: no bank conflicts.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+
+def half_bits(word, half: int, dtype: str):
+    """The float16 bits (uint32, low 16 set) of 16-bit element ``half`` (0 low, 1 high) of a 32-bit ``word``
+    holding two ``dtype`` values (float16: the bits themselves; bfloat16: rounded to float16)."""
+    bits = T.shift_right(word, T.uint32(16 * half)) & T.uint32(0xFFFF)
+    if dtype == "float16":
+        return bits
+    value = T.Cast("float16", T.reinterpret("bfloat16", T.Cast("uint16", bits)))
+    return T.Cast("uint32", T.reinterpret("uint16", value))
+
+
+def pair_word(rows, i: int, half: int, dtype: str):
+    """The 32-bit word (row 0's element, row 1's element) in float16 of column 2 i + half of ``rows`` [2, 4]
+    (uint32: 8 ``dtype`` columns of two rows): a word of a transposed copy."""
+    return half_bits(rows[0, i], half, dtype) | T.shift_left(half_bits(rows[1, i], half, dtype), T.uint32(16))
+
+
+@T.macro
+def fetch_row_pair(rows, source, row_valid):
+    """rows [2, 4] uint32 = ``source(r)`` (a 4-word ramp load of row r of the pair, r = 0, 1), zero where
+    ``row_valid(r)`` is false (``source`` must clamp its index to a row that exists)."""
+    for r in T.unroll(2):
+        rows[r, T.ramp(0, 1, 4)] = source(r)
+        for i in T.unroll(4):
+            rows[r, i] = T.if_then_else(row_valid(r), rows[r, i], T.uint32(0))
+
+
+def state_row(p, resolution: int):
+    """The row n of a [N, F] state at position p of bla-math.md's basis order, in which the tile programs keep
+    the state: the pairs' rows n = 1 .. 2 P (p < 2 P, P = (N - 1) // 2), then n = 0, then n = N - 1 (N even)."""
+    pairs = (resolution - 1) // 2
+    return T.if_then_else(p < 2 * pairs, p + 1, T.if_then_else(p == 2 * pairs, 0, resolution - 1))
+
+
+@T.macro
+def load_chunk_transposed(kv_raw_w, rows, k_w, v_w, b, hk, first, TT, tid, L, K, F, THREADS, dtype):
+    """kv_raw [F, L + ...] (float16, as 32-bit words kv_raw_w) columns 0 .. L - 1 = [k | v]^T of rows
+    first .. first + L - 1 of head hk (zero past TT); k_w, v_w: k and v [B, T, H, K | V] viewed as uint32;
+    rows: a [2, 4] uint32 local buffer. Thread tid of THREADS takes items (row pair, 8-column group)."""
+    for it in T.unroll((L // 2 * (F // 8) + THREADS - 1) // THREADS):
+        if it * THREADS + tid < L // 2 * (F // 8):
+            jp = (it * THREADS + tid) % (L // 2)
+            fg = (it * THREADS + tid) // (L // 2)
+            if fg * 8 < K:
+                fetch_row_pair(rows, lambda r: k_w[b, T.min(first + 2 * jp + r, TT - 1), hk, T.ramp(fg * 4, 1, 4)],
+                               lambda r: first + 2 * jp + r < TT)
+            else:
+                fetch_row_pair(
+                    rows, lambda r: v_w[b, T.min(first + 2 * jp + r, TT - 1), hk, T.ramp(fg * 4 - K // 2, 1, 4)],
+                    lambda r: first + 2 * jp + r < TT)
+            for i, h in T.grid(4, 2):
+                kv_raw_w[fg * 8 + 2 * i + h, jp] = pair_word(rows, i, h, dtype)
