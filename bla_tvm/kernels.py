@@ -87,15 +87,17 @@ TABLE = (
     Kernel("final_state_backward", ("dfinal", "end_length", "final_map", "final_grads"), "backward", final_state=True),
     Kernel("chunk_backward", (*CHUNK_INPUTS, "do", "grads"), "backward", tunable=True),
     # the CUDA backward's per-chunk gradients as a tile program, for 16-bit inputs (schedules/cuda_tile_backward.py)
-    # (grads without chunk_backward's dq columns: it writes dq itself)
+    # (it writes dq itself; grads holds only the state rows, the local d(k | v) go to local_k, local_v)
     Kernel("chunk_backward_tile", ("q", "k", "v", "states", "positions", "scale", *TILE_CONSTANTS,
-                                   *TILE_BACKWARD_CONSTANTS, "do", "gradient_scale", "grads", "dq"), "backward",
-           implements="chunk_backward", absorbs=("input_gradient_q",)),
+                                   *TILE_BACKWARD_CONSTANTS, "do", "gradient_scale", "grads", "local_k", "local_v",
+                                   "dq"), "backward", implements="chunk_backward", absorbs=("input_gradient_q",)),
     Kernel("state_scan_reverse", ("grads", "state_decay_t", "starts", "state_grads"), "backward"),
-    # the CUDA backward's reverse scan with the gradients of k and v, a tile program (cuda_tile_scan_reverse.py);
-    # of the state gradients it writes only those at the sequences' starts (initial_grads [S, H, N, F])
+    # the CUDA backward's reverse scan with the gradients of k and v, a tile program (cuda_tile_scan_reverse.py),
+    # reading grads, local_k, local_v as chunk_backward_tile writes them (local_k, local_v may be dk, dv
+    # themselves); of the state gradients it writes only those at the sequences' starts (initial_grads)
     Kernel("state_scan_reverse_tile",
-           ("grads", *TILE_REVERSE_SCAN_CONSTANTS, "starts", "gradient_scale", "initial_grads", "dk", "dv"),
+           ("grads", "local_k", "local_v", *TILE_REVERSE_SCAN_CONSTANTS, "starts", "gradient_scale", "initial_grads",
+            "dk", "dv"),
            "backward", implements="state_scan_reverse", absorbs=("input_gradient_k", "input_gradient_v")),  # fmt: skip
     Kernel("input_gradient_q", ("grads", "dq"), "backward", tunable=True),
     *(Kernel(f"input_gradient_{x}", ("grads", "state_grads", "starts", "state_in", f"d{x}"), "backward", tunable=True)

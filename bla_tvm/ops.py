@@ -77,10 +77,12 @@ def launch_backward(
     [1] the factor the tile kernels apply to dO (``gradient_scale``; None: 1). Returns
     dinitial [S, H, N, F].
 
-    Temporaries: grads [B, NC, HQ, L + N, F (+ K where input_gradient_q runs: chunk_backward's dq columns)]
-    (float16 times the gradient scale where the tile backward writes them), the
-    final states' gradient spread over the last chunks [S, H, L + N, F] and, unless the reverse scan writes only
-    those at the sequences' starts (``initial_grads``), the state gradients at every chunk start [B, NC, H, N, F].
+    Temporaries: the chunk kernel's gradients (the tile backward's: grads [B, NC, HQ, N, F] and the local d(k | v)
+    in float16, times the gradient scale, the latter in dk and dv themselves where G = 1 and there is no dfinal,
+    else in [B, NC L, HQ, K | V]; the TE chunk_backward's: grads [B, NC, HQ, L + N, F (+ K where input_gradient_q
+    runs)] float32), the final states' gradient spread over the last chunks [S, HQ, L + N, F] and, unless the
+    reverse scan writes only those at the sequences' starts (``initial_grads``), the state gradients at every
+    chunk start [B, NC, H, N, F].
     """
     spec, run = plan.spec, plan.kernels
     empty = layout.empty[:, None, None, None]
@@ -88,26 +90,31 @@ def launch_backward(
     state_shape, acc = (S, H, spec.resolution, spec.state_width), getattr(torch, spec.acc_dtype)
     if states.numel() == 0:
         return torch.zeros(state_shape, dtype=acc, device=q.device) if dfinal is None else dfinal.clone()
-    dq_columns = spec.head_k if "input_gradient_q" in run else 0
-    # the tile backward's grads are float16 and carry the gradient scale (``cuda_tile_backward``)
-    tile_grads = run["chunk_backward"].kernel.name == "chunk_backward_tile"
-    grads = chunk_tensors(q, spec, spec.chunk_size + spec.resolution, spec.state_width + dq_columns,
-                          torch.float16 if tile_grads else None)  # fmt: skip
     if gradient_scale is None:
         gradient_scale = torch.ones(1, device=q.device)  # for the kernels that take one
-    shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "states": states, "grads": grads,
+    shared = {**plan.constants, **layout_tables(layout), "q": q, "k": k, "v": v, "states": states,
               "gradient_scale": gradient_scale, "dq": dq, "dk": dk, "dv": dv}  # fmt: skip
+    L, N, F = spec.chunk_size, spec.resolution, spec.state_width
+    tile_grads = run["chunk_backward"].kernel.name == "chunk_backward_tile"
+    if tile_grads:
+        in_place = spec.group_size == 1 and dfinal is None
+        shared["grads"] = chunk_tensors(q, spec, N, F, torch.float16)
+        shared.update(local_gradients(q, spec, dk, dv) if in_place else local_gradients(q, spec))
+    else:
+        dq_columns = spec.head_k if "input_gradient_q" in run else 0
+        shared["grads"] = chunk_tensors(q, spec, L + N, F + dq_columns)
     launch(run["chunk_backward"], shared, do=do)
     if dfinal is not None:  # the final state reads the last chunk's tokens and start state
         dfinal_kept = torch.where(empty, 0.0, dfinal).contiguous()  # an empty sequence's passes straight through
-        final_grads = dfinal.new_empty(S, H, spec.chunk_size + spec.resolution, spec.state_width)
+        final_grads = dfinal.new_empty(S, H, L + N, F)
         launch(run["final_state_backward"], shared, dfinal=dfinal_kept, final_grads=final_grads)
-        spread = grads.new_zeros(S, q.shape[2], *grads.shape[3:])  # to the first query head of each group
-        spread[:, :: spec.group_size, :, : spec.state_width] = final_grads * (gradient_scale if tile_grads else 1)
-        grads.index_put_((layout.end_row.long(), layout.end_chunk.long()), spread, accumulate=True)
+        add_final_gradients(shared, final_grads * (gradient_scale if tile_grads else 1), layout, spec)
+    scan_reads = {}
+    if "local_k" in run["state_scan_reverse"].kernel.args and not tile_grads:
+        scan_reads = tile_scan_gradients(shared["grads"], spec)
     if "initial_grads" in run["state_scan_reverse"].kernel.args:
         dinitial = torch.empty(state_shape, dtype=acc, device=q.device)
-        launch(run["state_scan_reverse"], shared, initial_grads=dinitial)
+        launch(run["state_scan_reverse"], shared, initial_grads=dinitial, **scan_reads)
     else:
         shared["state_grads"] = torch.empty(states.shape, dtype=acc, device=q.device)
         launch(run["state_scan_reverse"], shared)
@@ -116,6 +123,50 @@ def launch_backward(
         if f"input_gradient_{part}" in run:
             launch(run[f"input_gradient_{part}"], shared)
     return torch.where(empty, 0.0 if dfinal is None else dfinal, dinitial)
+
+
+def local_gradients(q, spec: KernelSpec, dk=None, dv=None) -> dict[str, torch.Tensor]:
+    """local_k, local_v: where the tile backward writes the local d(k | v) (float16), for q [B, T, HQ, K] on the
+    kernels' grid: dk and dv themselves viewed as float16 where given (the reverse scan then overwrites them in
+    place), else [B, NC L, HQ, K | V]."""
+    if dk is not None:
+        return {"local_k": dk.view(torch.float16), "local_v": dv.view(torch.float16)}
+    B, T, HQ, _ = q.shape
+    rows = num_chunks(T, spec.chunk_size) * spec.chunk_size
+    return {f"local_{part}": q.new_empty(B, rows, HQ, width, dtype=torch.float16)
+            for part, width in (("k", spec.head_k), ("v", spec.head_v))}  # fmt: skip
+
+
+def add_final_gradients(shared: dict, final_grads: torch.Tensor, layout: ChunkLayout, spec: KernelSpec) -> None:
+    """Add the final states' gradient with respect to the last chunk of each sequence, final_grads
+    [S, H, L + N, F] (the tile backward's: times the gradient scale), to that chunk's gradients in ``shared``,
+    at the first query head of each group: the TE chunk_backward's grads, or the tile backward's grads and
+    local_k, local_v."""
+    L, K, G = spec.chunk_size, spec.head_k, spec.group_size
+    grads, chunk = shared["grads"], (layout.end_row.long(), layout.end_chunk.long())
+    S, H = final_grads.shape[:2]
+
+    def add(target: torch.Tensor, part: torch.Tensor) -> None:  # target [rows, NC, HQ, ...] += part at heads 0, G..
+        spread = target.new_zeros(S, H * G, *target.shape[3:])
+        spread[:, ::G] = part
+        target.index_put_(chunk, spread, accumulate=True)
+
+    if "local_k" not in shared:
+        return add(grads[..., : spec.state_width], final_grads)
+    add(grads, final_grads[:, :, L:])
+    for name, columns in (("local_k", slice(None, K)), ("local_v", slice(K, None))):
+        local = shared[name]  # [rows, NC L, HQ, width] -> [rows, NC, HQ, L, width]
+        add(local.view(local.shape[0], -1, L, *local.shape[2:]).transpose(2, 3), final_grads[:, :, :L, columns])
+
+
+def tile_scan_gradients(grads: torch.Tensor, spec: KernelSpec) -> dict[str, torch.Tensor]:
+    """The TE chunk_backward's grads [B, NC, HQ, L + N, >= F] (float32) as the tile reverse scan reads them
+    (``cuda_tile_scan_reverse``): grads [B, NC, HQ, N, F], local_k [B, NC L, HQ, K], local_v, float16."""
+    B, NC, HQ = grads.shape[:3]
+    L, K, F = spec.chunk_size, spec.head_k, spec.state_width
+    local = grads[:, :, :, :L, :F].to(torch.float16).transpose(2, 3).reshape(B, NC * L, HQ, F)
+    return {"grads": grads[:, :, :, L:, :F].to(torch.float16).contiguous(),
+            "local_k": local[..., :K].contiguous(), "local_v": local[..., K:].contiguous()}  # fmt: skip
 
 
 def layout_tables(layout: ChunkLayout) -> dict[str, torch.Tensor]:

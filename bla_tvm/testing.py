@@ -57,6 +57,7 @@ GPU_TEST_LAYERS = (
     LayerSpec(33, 9, 7, 16, 24, "bfloat16", 2),
     LayerSpec(100, 31, 31, 64, 64, "float32", 4),
     LayerSpec(64, 15, 15, 8, 24, "bfloat16"),  # 16-bit with K, V not multiples of 16: the TE kernels, no tile scan
+    LayerSpec(40, 9, 12, 16, 144, "bfloat16"),  # V > 128: the TE chunk kernels with the tile scans
 )
 #: the layers the GPU tests also decode with, token by token (fp32, bf16, N == W even, GQA with M < N)
 GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]

@@ -16,10 +16,12 @@ tests/test_tile_backward_algorithm.py; the basis and tables are those of ``bla_t
        d[k'; X]_direct = [dqx | dz']^T q        d[v'; Y]_direct = [mix | w']^T dO
        d[k|v; X|Y] = input_map^T d[k'|v']  (+ the direct d[X|Y] on the state rows)
 Outputs: dq [B, T, HQ, K] (the input dtype; it needs nothing from other chunks, so ``input_gradient_q`` does not
-run) and grads [B, NC, HQ, L + N, F] in float16, times the gradient scale s (the reverse scan carries s G): rows
-j < L the local d(k|v), rows L + n D[n], D the gradient with respect to the state at the chunk start, rows in
-bla-math.md's basis order (``compute.backward.chunk_backward``'s grads less its dq columns, times s). s makes
-max |s dO| about 1, so float16 holds grads as well as the float16 operands they came through.
+run), and in float16, times the gradient scale s (the reverse scan carries s G): the local d(k|v) of token
+t = c L + j in local_k [B, TL, HQ, K] and local_v [B, TL, HQ, V] (rows t < TL; dk and dv themselves where the op
+can: ``ops.launch_backward``), and grads [B, NC, HQ, N, F], row n D[n], D the gradient with respect to the state
+at the chunk start, rows in bla-math.md's basis order (``compute.backward.chunk_backward``'s grads, split, less
+its dq columns, times s). s makes max |s dO| about 1, so float16 holds them as well as the float16 operands they
+came through.
 
 Every product is a warp ``Tx.warp.gemm`` (mma.sync m16n8k16, float16 operands, float32 accumulation); fragment
 orders as in ``cuda_tile_forward``.
@@ -44,7 +46,7 @@ from bla_tvm.tile_constants import (
 )  # fmt: skip
 
 from .cuda_tile_forward import CHUNK, THREADS, WARPS, accumulator_layout, operand_a_layout, operand_b_layout
-from .cuda_tile_loads import fetch_row_pair, load_chunk_transposed, pair_word, state_row
+from .cuda_tile_loads import fetch_row_pair, half_pair, load_chunk_transposed, pair_word, state_row
 
 
 NAN = T.float32("nan")
@@ -61,9 +63,9 @@ def rows_at_or_after(bad, word, row):
 
 
 def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
-    """The PrimFunc ``bla_chunk_backward_tile``: grads and dq (see the module docstring) from q, k, v, states
-    (float16), positions, scale, the forward's tile tables (``TileConstants``: input_map, lag, lag_t, slots,
-    slots_t, rot_diag, rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and
+    """The PrimFunc ``bla_chunk_backward_tile``: grads, local_k, local_v and dq (see the module docstring) from
+    q, k, v, states (float16), positions, scale, the forward's tile tables (``TileConstants``: input_map, lag,
+    lag_t, slots, slots_t, rot_diag, rot_pair, rot_pair_t), input_map_t [L + NP, L] (float16), do [B, T, HQ, V] and
     gradient_scale [1] (float32): a power of two s that dO is multiplied by as it is loaded (its float16 copies
     then keep full precision, ``ops.gradient_scale``); dq is divided by it, exactly, and grads keep it."""
     if not tile_backward_serves(spec):
@@ -92,7 +94,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         q_h: T.handle, k_h: T.handle, v_h: T.handle, states_h: T.handle, positions_h: T.handle, scale_h: T.handle,
         input_map_h: T.handle, lag_h: T.handle, lag_t_h: T.handle, slots_h: T.handle, slots_t_h: T.handle,
         rot_diag_h: T.handle, rot_pair_h: T.handle, rot_pair_t_h: T.handle, input_map_t_h: T.handle,
-        do_h: T.handle, gradient_scale_h: T.handle, grads_h: T.handle, dq_h: T.handle,
+        do_h: T.handle, gradient_scale_h: T.handle, grads_h: T.handle, local_k_h: T.handle, local_v_h: T.handle,
+        dq_h: T.handle,
     ):  # fmt: skip
         T.func_attr({"global_symbol": "bla_chunk_backward_tile"})
         B = T.int32()
@@ -100,6 +103,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         H = T.int32()
         HQ = T.int32()
         NC = T.int32()
+        TL = T.int32()
         q = T.match_buffer(q_h, (B, TT, HQ, K), dt)
         k = T.match_buffer(k_h, (B, TT, H, K), dt)
         v = T.match_buffer(v_h, (B, TT, H, V), dt)
@@ -117,7 +121,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         input_map_t = T.match_buffer(input_map_t_h, (LR, L), h16)
         do = T.match_buffer(do_h, (B, TT, HQ, V), dt)
         gradient_scale = T.match_buffer(gradient_scale_h, (1,), "float32")
-        grads = T.match_buffer(grads_h, (B, NC, HQ, L + N, F), h16)
+        grads = T.match_buffer(grads_h, (B, NC, HQ, N, F), h16)
+        local_k = T.match_buffer(local_k_h, (B, TL, HQ, K), h16)
+        local_v = T.match_buffer(local_v_h, (B, TL, HQ, V), h16)
         dq_out = T.match_buffer(dq_h, (B, TT, HQ, K), dt)
 
         T.device_entry()
@@ -155,6 +161,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         ht_w = ht.view("uint32")
         q_t_w = q_t.view("uint32")
         do_t_w = do_t.view("uint32")
+        local_k_w = local_k.view("uint32")
+        local_v_w = local_v.view("uint32")
         k_w = k.view("uint32")
         v_w = v.view("uint32")
         states_w = states.view("uint32")
@@ -587,11 +595,16 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                     for nt, kHi in T.grid(FB // 8, 2):
                         b_fb_w[nt * 2 + kHi] = d_eff_t_w[fb * FB + nt * 8 + g, kt * 8 + kHi * 4 + tq]
                     Tx.warp.gemm(acc, a_slice, b_fb, acc, transpose_A=False, transpose_B=False, alpha=1.0, beta=1.0)
-            for nt, rM, rN in T.grid(FB // 8, 2, 2):
+            for nt, rM in T.grid(FB // 8, 2):
                 r = row0 + g + 8 * rM
-                f = fb * FB + nt * 8 + 2 * tq + rN
-                grads[b, c, hq, r, f] = T.Cast(
-                    h16, T.if_then_else(rows_at_or_after(bad, 2 * f, r), NAN, acc_r[nt, rM, rN]))
+                f = fb * FB + nt * 8 + 2 * tq
+                x = [T.Cast(h16, T.if_then_else(rows_at_or_after(bad, 2 * (f + rN), r), NAN, acc_r[nt, rM, rN]))
+                     for rN in range(2)]  # fmt: skip
+                if first + r < TL:
+                    if fb * FB < K:
+                        local_k_w[b, first + r, hq, fb * FB // 2 + nt * 4 + tq] = half_pair(x[0], x[1])
+                    else:
+                        local_v_w[b, first + r, hq, T.max(fb * FB - K, 0) // 2 + nt * 4 + tq] = half_pair(x[0], x[1])
         # D of the state rows this warp owns: the direct products plus input_map^T d[k'|v'], back in N's order
         for xt in T.serial((X_TILES + WARPS - 1) // WARPS):
             if xt * WARPS + warp < X_TILES:
@@ -623,7 +636,7 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
                         spoilt = rows_at_or_after(bad, 2 * f, 0) or (
                             f >= K and rows_at_or_after(bad, 2 * F + 2 * T.max(f - K, 0), 0))
                         if p < N:
-                            grads[b, c, hq, L + n, f] = T.Cast(
+                            grads[b, c, hq, n, f] = T.Cast(
                                 h16, T.if_then_else(spoilt, NAN, acc_r[nt, rM, rN]))
 
     return chunk_backward

@@ -21,6 +21,17 @@ def half_bits(word, half: int, dtype: str):
     return T.Cast("uint32", T.reinterpret("uint16", value))
 
 
+def half_value(word, half: int):
+    """The float32 value of float16 element ``half`` (0 low, 1 high) of a 32-bit ``word``."""
+    return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", half_bits(word, half, "float16"))))
+
+
+def half_pair(low, high):
+    """The 32-bit word holding two float16 values, ``low`` in the low half."""
+    bits = [T.Cast("uint32", T.reinterpret("uint16", x)) for x in (low, high)]
+    return bits[0] | T.shift_left(bits[1], T.uint32(16))
+
+
 def pair_word(rows, i: int, half: int, dtype: str):
     """The 32-bit word (row 0's element, row 1's element) in float16 of column 2 i + half of ``rows`` [2, 4]
     (uint32: 8 ``dtype`` columns of two rows): a word of a transposed copy."""

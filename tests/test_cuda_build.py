@@ -201,13 +201,13 @@ print(json.dumps({"wanted": [[n, spec.as_dict()] for spec, names in specs for n 
 """
 
 
-@pytest.mark.parametrize("index", range(6), ids=lambda i: f"layer{i}")
+@pytest.mark.parametrize("index", range(7), ids=lambda i: f"layer{i}")
 def test_gpu_test_kernels_build(index, tmp_path):
     """The kernels tests/test_gpu.py loads on the GPU (``bla-tvm build --gpu-test-layers``, here one layer at a
     time) compile for sm_90, each into a module with machine code, listed in the manifest the GPU machine reads."""
     from bla_tvm.testing import GPU_TEST_LAYERS
 
-    assert len(GPU_TEST_LAYERS) == 6, "parametrize this test over every GPU test layer"
+    assert len(GPU_TEST_LAYERS) == 7, "parametrize this test over every GPU test layer"
     result = subprocess.run(
         [sys.executable, "-c", BUILD_GPU_TEST_LAYER, str(index), str(tmp_path)], capture_output=True, text=True,
         timeout=600,
