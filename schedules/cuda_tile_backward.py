@@ -46,7 +46,9 @@ from bla_tvm.tile_constants import (
 )  # fmt: skip
 
 from .cuda_tile_forward import CHUNK, THREADS, WARPS, accumulator_layout, operand_a_layout, operand_b_layout
-from .cuda_tile_loads import fetch_row_pair, half_pair, load_chunk_transposed, pair_word, state_row
+from .cuda_tile_loads import (
+    fetch_row_pair, half_pair, load_chunk_transposed, load_row_fragment, load_rows_transposed, pair_word, state_row,
+)  # fmt: skip
 
 
 NAN = T.float32("nan")
@@ -163,6 +165,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         do_t_w = do_t.view("uint32")
         local_k_w = local_k.view("uint32")
         local_v_w = local_v.view("uint32")
+        q_w = q.view("uint32")
+        do_w = do.view("uint32")
         k_w = k.view("uint32")
         v_w = v.view("uint32")
         states_w = states.view("uint32")
@@ -252,11 +256,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         # ---- 2. forward along the rows: z, the softmax's max and sum, w, w', mix ----------------------------
         q_a = T.alloc_buffer((16, K), h16, scope="local", layout=operand_a_layout(K))
         q_r = q_a.local(K // 16, 2, 2, 2)
-        for kt, kHi, rM, kp in T.grid(K // 16, 2, 2, 2):
-            t = first + row0 + g + 8 * rM
-            q_r[kt, kHi, rM, kp] = T.if_then_else(
-                t < TT, T.Cast(h16, q[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp]), T.float16(0)
-            )
+        q_a_w = q_a.local(K // 16 * 8).view("uint32")
+        load_row_fragment(q_a_w, q_w, b, first + row0 + g, hq, TT, tq, K, dt, T.float32(1))
         b_keys = T.alloc_buffer((16, L), h16, scope="local", layout=operand_b_layout(16, L))
         b_keys_w = b_keys.local(L // 8 * 4).view("uint32")
         rows_l = T.alloc_buffer((16, L), "float32", scope="local", layout=accumulator_layout(L))  # qx, mix, dmix, dqx
@@ -381,13 +382,8 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
         # ---- 3. backward along the rows ---------------------------------------------------------------------
         do_a = T.alloc_buffer((16, V), h16, scope="local", layout=operand_a_layout(V))
         do_r = do_a.local(V // 16, 2, 2, 2)
-        for kt, kHi, rM, kp in T.grid(V // 16, 2, 2, 2):
-            t = first + row0 + g + 8 * rM
-            do_r[kt, kHi, rM, kp] = T.if_then_else(
-                t < TT,
-                T.Cast(h16, factor[0] * T.Cast("float32", do[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp])),
-                T.float16(0),
-            )
+        do_a_w = do_a.local(V // 16 * 8).view("uint32")
+        load_row_fragment(do_a_w, do_w, b, first + row0 + g, hq, TT, tq, V, dt, factor[0])
         # dmix = (dO v'^T) masked;  dw' = dO Y^T + dmix lag
         for nt, rM, rN in T.grid(L // 8, 2, 2):
             rows_l_r[nt, rM, rN] = T.float32(0)
@@ -541,19 +537,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
             p = kt * 16 + kHi * 8 + 2 * tq + kp
             gt[L + p, row0 + g + 8 * rM] = dz_a_r[kt, kHi, rM, kp]
             ht[L + p, row0 + g + 8 * rM] = wr_a_r[kt, kHi, rM, kp]
-        for it in T.serial(L * K // THREADS):
-            j = (it * THREADS + tid) // K
-            f = (it * THREADS + tid) % K
-            x = T.Cast("float32", q[b, T.min(first + j, TT - 1), hq, f])
-            q_t[f, j] = T.if_then_else(first + j < TT and T.isfinite(x), T.Cast(h16, x), T.float16(0))
-        for it in T.serial(L * V // THREADS):
-            j = (it * THREADS + tid) // V
-            f = (it * THREADS + tid) % V
-            x = factor[0] * T.Cast("float32", do[b, T.min(first + j, TT - 1), hq, f])
-            finite = T.isfinite(x)
-            do_t[f, j] = T.if_then_else(first + j < TT and finite, T.Cast(h16, x), T.float16(0))
-            if first + j < TT and not finite:
-                T.evaluate(T.cuda.atomic_add(T.address_of(bad[2 * F + 2 * f + j // 32]), T.shift_left(1, j % 32)))
+        load_rows_transposed(q_t_w, rows, q_w, b, hq, first, TT, tid, L, K, THREADS, dt, T.float32(1), None)
+        bad_do = T.decl_buffer((2 * V,), "int32", data=pool.data, elem_offset=BAD_AT // 2 + 2 * F, scope="shared.dyn")
+        load_rows_transposed(do_t_w, rows, do_w, b, hq, first, TT, tid, L, V, THREADS, dt, factor[0], bad_do)
         T.cuda.cta_sync()
         acc = T.alloc_buffer((16, FB), "float32", scope="local", layout=accumulator_layout(FB))
         acc_r = acc.local(FB // 8, 2, 2)

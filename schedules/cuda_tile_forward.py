@@ -49,7 +49,7 @@ from bla_tvm.tile_constants import (
     SLOT_TILE, TILE_CHUNK, padded_resolution, round_up, tile_forward_serves, tile_states_half,
 )  # fmt: skip
 
-from .cuda_tile_loads import state_row
+from .cuda_tile_loads import load_row_fragment, state_row
 
 # one m16n8 accumulator tile and the k16 operand tiles (PTX ISA, mma.m16n8k16 fragments)
 _D_TILE = TileLayout(S[(2, 8, 4, 2) : (2, 4 @ laneid, 1 @ laneid, 1)])
@@ -307,11 +307,8 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
         # ---- 3. z = scale R^{j+1} (q X^T + (q k'^T masked) lag) ---------------------------------------------
         q_a = T.alloc_buffer((16, K), h16, scope="local", layout=operand_a_layout(K))
         q_r = q_a.local(K // 16, 2, 2, 2)
-        for kt, kHi, rM, kp in T.grid(K // 16, 2, 2, 2):
-            t = first + warp * 16 + g + 8 * rM
-            q_r[kt, kHi, rM, kp] = T.if_then_else(
-                t < TT, T.Cast(h16, q[b, T.min(t, TT - 1), hq, kt * 16 + kHi * 8 + 2 * tq + kp]), T.float16(0)
-            )
+        load_row_fragment(q_a.local(K // 16 * 8).view("uint32"), q.view("uint32"), b, first + warp * 16 + g, hq, TT, tq, K,
+                          dt, T.float32(1))  # fmt: skip
         b_keys = T.alloc_buffer((16, L), h16, scope="local", layout=operand_b_layout(16, L))
         b_keys_w = b_keys.local(L // 8 * 4).view("uint32")
         qx = T.alloc_buffer((16, L), "float32", scope="local", layout=accumulator_layout(L))

@@ -21,8 +21,11 @@ def half_bits(word, half: int, dtype: str):
     return T.Cast("uint32", T.reinterpret("uint16", value))
 
 
-def half_value(word, half: int):
-    """The float32 value of float16 element ``half`` (0 low, 1 high) of a 32-bit ``word``."""
+def half_value(word, half: int, dtype: str = "float16"):
+    """The float32 value of 16-bit element ``half`` (0 low, 1 high) of a 32-bit ``word`` of two ``dtype`` values
+    (float16 or bfloat16: the top half of a float32)."""
+    if dtype == "bfloat16":  # ``half`` may be a loop variable: shifts, no Python branch on it
+        return T.reinterpret("float32", T.shift_left(T.shift_right(word, T.uint32(16) * half), T.uint32(16)))
     return T.Cast("float32", T.reinterpret("float16", T.Cast("uint16", half_bits(word, half, "float16"))))
 
 
@@ -73,3 +76,40 @@ def load_chunk_transposed(kv_raw_w, rows, k_w, v_w, b, hk, first, TT, tid, L, K,
                     lambda r: first + 2 * jp + r < TT)
             for i, h in T.grid(4, 2):
                 kv_raw_w[fg * 8 + 2 * i + h, jp] = pair_word(rows, i, h, dtype)
+
+
+@T.macro
+def load_rows_transposed(dst_w, rows, source_w, b, head, first, TT, tid, L, width, THREADS, dtype, scale, bad):
+    """dst [width, L + ...] (float16, as 32-bit words dst_w) columns 0 .. L - 1 = (scale x rows first ..
+    first + L - 1 of ``head`` of source [B, T, H, width] (``dtype``, as uint32 words source_w))^T, zero past TT
+    and where not finite; ``bad`` (None, or 64-bit row masks per column, bad[2 f], bad[2 f + 1]) gets the bits of
+    the non-finite elements. rows: a [2, 4] uint32 local buffer. Items (row pair, 8-column group) as above."""
+    for it in T.unroll((L // 2 * (width // 8) + THREADS - 1) // THREADS):
+        if it * THREADS + tid < L // 2 * (width // 8):
+            jp = (it * THREADS + tid) % (L // 2)
+            fg = (it * THREADS + tid) // (L // 2)
+            fetch_row_pair(rows, lambda r: source_w[b, T.min(first + 2 * jp + r, TT - 1), head, T.ramp(fg * 4, 1, 4)],
+                           lambda r: first + 2 * jp + r < TT)
+            for i, h in T.grid(4, 2):
+                x = [scale * half_value(rows[r, i], h, dtype) for r in range(2)]
+                dst_w[fg * 8 + 2 * i + h, jp] = half_pair(
+                    *[T.Select(T.isfinite(x[r]), T.Cast("float16", x[r]), T.float16(0)) for r in range(2)])
+                if bad is not None:
+                    for r in T.unroll(2):
+                        if not T.isfinite(scale * half_value(rows[r, i], h, dtype)):
+                            T.evaluate(T.cuda.atomic_add(T.address_of(bad[2 * (fg * 8 + 2 * i + h) + jp // 16]),
+                                                         T.shift_left(1, (2 * jp + r) % 32)))
+
+
+@T.macro
+def load_row_fragment(a_w, source_w, b, t, head, TT, tq, width, dtype, scale):
+    """This lane's words a_w of the [16, width] mma A operand (float16 pairs, fragment order of
+    ``cuda_tile_forward``) of rows t + g (rM = 0) and t + g + 8 (``t`` given with the lane's g) of ``head`` of
+    source [B, T, H, width] (``dtype``, as uint32 words source_w), times ``scale``; zero past TT. One 32-bit load
+    per element pair."""
+    for kt, kHi, rM in T.grid(width // 16, 2, 2):
+        row = t + 8 * rM
+        word = source_w[b, T.min(row, TT - 1), head, kt * 8 + kHi * 4 + tq]
+        a_w[kt * 4 + kHi * 2 + rM] = T.Select(
+            row < TT, half_pair(*[T.Cast("float16", scale * half_value(word, kp, dtype)) for kp in range(2)]),
+            T.uint32(0))
