@@ -207,8 +207,9 @@ def chunk_backward_tile(spec: KernelSpec, slot_tile: int = SLOT_TILE):
             if it * THREADS + tid < NP // 2 * (F // 8):
                 pp = (it * THREADS + tid) % (NP // 2)
                 fg = (it * THREADS + tid) // (NP // 2)
-                fetch_row_pair(rows, lambda r: states_w[b, c, hk, T.min(state_row(2 * pp + r, N), N - 1), T.ramp(fg * 4, 1, 4)],
-                               lambda r: 2 * pp + r < N)
+                fetch_row_pair(
+                    rows, lambda r: states_w[b, c, hk, T.min(state_row(2 * pp + r, N), N - 1), T.ramp(fg * 4, 1, 4)],
+                    lambda r: 2 * pp + r < N)
                 for i, h in T.grid(4, 2):
                     kv_raw_w[fg * 8 + 2 * i + h, L // 2 + pp] = pair_word(rows, i, h, h16)
                     if fg * 8 < K:
