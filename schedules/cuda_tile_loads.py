@@ -3,7 +3,10 @@
 A thread loads 8 columns of two adjacent rows (two 16-byte global loads, ``fetch_row_pair``) and stores them
 as 32-bit words: whole to a row-major copy (two 16-byte stores), or as (row r, row r + 1) float16 pairs to a
 transposed copy (``pair_word``: eight 32-bit stores), the layout the mma B operands read. Lanes take
-consecutive row pairs, so a transposed store of a warp hits 32 consecutive words: no bank conflicts.
+consecutive row pairs, so a transposed store of a warp hits 32 consecutive words: no bank conflicts. A lane's
+rows of an mma A operand come straight from global memory, one 32-bit load per element pair
+(``load_row_fragment``). Used by the backward (``cuda_tile_backward``); the forward keeps scalar loads, with which
+it measured faster (benchmarks/NOTES.md, 2026-12-04).
 """
 
 from __future__ import annotations
