@@ -1,6 +1,6 @@
 """The tile programs (schedules/cuda_tile_*.py) build for sm_90 on a machine with nvcc and no GPU, as CI does,
-into tensor-core machine code: mma.sync in the PTX; the forward's and the scan's with no local-memory stack frame
-and no spills. Their numbers are checked on the GPU (tests/test_gpu.py through the ops, benchmarks/*)."""
+into tensor-core machine code: mma.sync in the PTX, with no local-memory stack frame and no spills at these
+layers. Their numbers are checked on the GPU (tests/test_gpu.py through the ops, benchmarks/*)."""
 
 import json
 import subprocess
@@ -49,5 +49,5 @@ def test_tile_programs_build_into_tensor_core_code(kernel, spec, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert b"sm_90" in (tmp_path / "tile.so").read_bytes(), "no sm_90 machine code embedded"
     assert report["mma_sync"] > 0, report
-    if kernel != "chunk_backward_tile":  # the backward still spills a few hundred bytes (benchmarks/NOTES.md)
-        assert report["stack_frame"] == 0 and report["spill_stores"] == 0, report
+    # (the backward at the bench's layer, K = V = 64 and N = 63, still spills 60 B: benchmarks/NOTES.md)
+    assert report["stack_frame"] == 0 and report["spill_stores"] == 0, report
