@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from helpers import BLACase, assert_within_float32_logit_bound
+from small_models import assert_learns_lag_copy
 
 from bla_tvm import BLAState, DecodeGraph, bla_recurrent, blurry_window_attention, decode_step
 from bla_tvm.decode import decode_constants
@@ -339,3 +340,12 @@ def test_decode_after_2_pow_62_tokens(device, layer):
         o_window, _ = decode_step(q[:, 0], k[:, 0], v[:, 0], BLAState(X0, Y0, window), **layer_args(layer))
     assert torch.isfinite(o).all() and torch.equal(o, o_window)
     assert state.seen.tolist() == [2**62 + 1] * 2
+
+
+@pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS[1:2], 1))
+def test_small_model_learns_with_16_bit_inputs(device, layer):
+    """The lag-copy model of test_training.py, with bf16 inputs to the op (on CUDA: the tile programs' forward
+    and backward), learns to name the previous token within 100 Adam steps, as the float32 model does."""
+    dims = (layer.window, layer.resolution, layer.num_slots, layer.head_k, layer.head_v)
+    print(assert_learns_lag_copy(dims, getattr(torch, layer.dtype), device))
+
