@@ -7,7 +7,7 @@ import torch
 from . import dispatch, ops
 from .layer import LayerSpec
 from .params import check_qkv, check_scale, dtype_name
-from .state import BLAState, check_seen, check_state
+from .state import BLAState, check_seen, check_state, zero_initial
 
 
 def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def blurry_window_attention(
         cu_seqlens = check_cu_seqlens(cu_seqlens, q)
     sequences = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is None:
-        initial = torch.zeros(sequences, H, layer.resolution, K + V, dtype=state_dtype, device=q.device)
+        initial = zero_initial((sequences, H, layer.resolution, K + V), state_dtype, q.device)
         seen = None  # fresh sequences: the op's layout depends on the shapes alone
     else:
         state = check_state(

@@ -265,6 +265,32 @@ def test_no_final_state_is_not_computed():
     assert all(max_rel_err(g, e) <= 1e-10 for g, e in zip(grads, expected))
 
 
+def test_fresh_calls_read_one_shared_zero_state_that_stays_zero():
+    """Fresh sequences start from a view of one zero buffer per (device, dtype) (no allocation per call): a call
+    under inference mode, then a training call, then a larger batch all equal the float64 definition from zeros;
+    the buffer is still all zeros, grew to the largest state, and is a normal tensor (autograd accepts it)."""
+    from bla_tvm.state import _ZERO_BUFFERS
+
+    shape = SHAPES["M>N"]
+    gen = torch.Generator().manual_seed(4)
+    _ZERO_BUFFERS.clear()
+    for batch, mode in ((2, "inference"), (2, "training"), (3, "inference")):
+        q, k, v = qkv(gen, batch, 70, 2, shape)
+        if mode == "inference":
+            with torch.inference_mode():
+                o, _ = blurry_window_attention(q, k, v, **args(shape))
+        else:
+            q.requires_grad_()
+            o, _ = blurry_window_attention(q, k, v, **args(shape))
+            o.square().sum().backward()
+            assert torch.isfinite(q.grad).all()
+        ref = bla_recurrent(*(x.detach().double() for x in (q, k, v)), **args(shape))
+        assert max_rel_err(o.detach(), ref) <= TOL[q.dtype], (batch, mode)
+    (key, buffer), = _ZERO_BUFFERS.items()
+    assert key == (torch.device("cpu"), F64) and not buffer.is_inference()
+    assert buffer.numel() == 3 * 2 * shape.N * (shape.K + shape.V) and not buffer.any()
+
+
 def test_compiled_graph_with_states_and_offsets():
     """torch.compile(fullgraph=True) through a loss on o and the final state, packed sequences."""
     shape = SHAPES["M>N"]
