@@ -293,12 +293,24 @@ def _ffi_cuda_device(index: int) -> tvm_ffi.Device:
     return tvm_ffi.device("cuda", index)
 
 
+#: torch's C accessor of the current stream's raw handle (CUDA builds; the one Triton's launcher calls)
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The cudaStream_t of torch's current stream on ``device`` (an indexed CUDA device), through the C accessor
+    where the build has it (no Stream object built per launch), else ``torch.cuda.current_stream``."""
+    if _current_raw_stream is not None:
+        return _current_raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def call(function, args: tuple) -> None:
     """Run ``function(*args)``; where the first argument is a CUDA tensor, on torch's current stream of its device
     (also while a CUDA graph is being captured: the capture's stream)."""
     device = args[0].device
     if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
+        stream = current_stream_handle(device)
         with tvm_ffi.use_raw_stream(_ffi_cuda_device(device.index), stream):
             function(*args)
     else:

@@ -21,6 +21,7 @@ from small_models import assert_learns_lag_copy
 
 from bla_tvm import BLAState, DecodeGraph, bla_recurrent, blurry_window_attention, decode_step
 from bla_tvm.decode import decode_constants
+from bla_tvm.runtime import current_stream_handle
 from bla_tvm.testing import GPU_DECODE_LAYERS, GPU_TEST_LAYERS, poisoned_allocations
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
@@ -348,4 +349,25 @@ def test_small_model_learns_with_16_bit_inputs(device, layer):
     and backward), learns to name the previous token within 100 Adam steps, as the float32 model does."""
     dims = (layer.window, layer.resolution, layer.num_slots, layer.head_k, layer.head_v)
     print(assert_learns_lag_copy(dims, getattr(torch, layer.dtype), device))
+
+
+@gpu
+@no_gpu
+def test_kernels_launch_on_the_current_stream():
+    """The launcher's stream handle (``runtime.current_stream_handle``, torch's C accessor) is torch's current
+    stream: the default one, and a side stream inside ``torch.cuda.stream``; a forward there equals one on the
+    default stream."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert current_stream_handle(device) == torch.cuda.current_stream(device).cuda_stream
+    layer = GPU_TEST_LAYERS[1]
+    (q, k, v, _, _), _, _ = inputs(layer, 2, 100, 2, "cuda", seed=9)
+    with torch.no_grad():
+        expected, _ = blurry_window_attention(q, k, v, **layer_args(layer))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            assert current_stream_handle(device) == side.cuda_stream != torch.cuda.default_stream(device).cuda_stream
+            o, _ = blurry_window_attention(q, k, v, **layer_args(layer))
+        torch.cuda.current_stream(device).wait_stream(side)
+    assert torch.equal(o, expected)
 
