@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from .runtime import kernel_ready
 from .state import check_seen
 
 
@@ -67,7 +68,7 @@ class ChunkLayout(NamedTuple):
         grid = rows * chunks
         S = cls.sequences(tables.shape[0], rows, chunks, packed_tokens)
         sizes = [grid, grid, grid, S, S, S, S, S] + ([packed_tokens] if packed_tokens is not None else [])
-        parts = [x.clone() for x in torch.split(tables, sizes)]  # clones: each table aligned for the kernels
+        parts = [kernel_ready(x) for x in torch.split(tables, sizes)]  # views where aligned for the kernels
         token_index = parts[8].to(torch.int64) if packed_tokens is not None else None
         return cls(*(x.view(rows, chunks) for x in parts[:3]), *parts[3:8], token_index)
 
