@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, ops
+from . import dispatch, ops, replay
 from .layer import LayerSpec
 from .params import check_qkv, check_scale, dtype_name
 from .state import BLAState, check_seen, check_state, zero_initial
@@ -68,6 +68,11 @@ def blurry_window_attention(
         >>> o, state = blurry_window_attention(q, k, v, window=64, resolution=15, output_final_state=True)
         >>> o2, state = blurry_window_attention(q, k, v, 64, 15, initial_state=state, output_final_state=True)
     """
+    fresh = initial_state is None and cu_seqlens is None and output_final_state is False
+    replay_key = replay.key(q, k, v, window, resolution, num_slots, scale) if fresh else None
+    replayed = None if replay_key is None else replay.recorded(replay_key)
+    if replayed is not None:
+        return replayed(q, k, v), None
     check_qkv(q, k, v)
     B, T, H, K, V = k.shape[0], k.shape[1], k.shape[2], k.shape[3], v.shape[3]
     group = q.shape[2] // H if H else 1
@@ -96,7 +101,9 @@ def blurry_window_attention(
     chunk_size = dispatch.chunk_size(q.device, layer, tuple(q.shape), backward)
     args = (q, k, v, initial, seen, cu_seqlens, output_final_state, layer.window, layer.resolution,
             layer.num_slots, scale, chunk_size)  # fmt: skip
-    if eager:
+    if replay_key is not None:  # an eager call of fresh sequences: recorded, replayed by the next of its key
+        o, final = replay.record(replay_key, lambda: ops.run_forward(*args)[0], q, v), None
+    elif eager:
         o, final, _, _ = ops.run_forward(*args)
     else:
         o, _, final, _ = torch.ops.bla_tvm.forward(*args)

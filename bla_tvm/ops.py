@@ -36,6 +36,10 @@ def check_call(spec: KernelSpec, q, grid: tuple[int, int], packed: bool, sequenc
     check_index_range(spec.buffers(rows, tokens, q.shape[2], sequences, spec.chunk_size, backward))
 
 
+#: the temporaries ``launch_forward`` allocates, by the kernels' argument names: each written before it is read
+FORWARD_TEMPORARIES = ("states", "contributions", "end_states", "final")
+
+
 def launch_forward(plan: CallPlan, q, k, v, initial, o, layout: ChunkLayout, final_state=True):
     """Run the forward kernels of ``plan``, writing o [B, T, HQ, V]; q, k, v, o contiguous, of the spec's dtype,
     in the layout's chunk grid.

@@ -225,9 +225,19 @@ def index(identity_json: str, folders: tuple[str, ...], sources: str | None) -> 
     return LogIndex(_records_for(json.loads(identity_json), folders, sources))
 
 
+#: how many times the logs were reloaded (what was planned from the logs read before is stale)
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """A count that changes whenever ``reload`` forgets the logs read (part of a cached plan's key)."""
+    return _GENERATION[0]
+
+
 def reload() -> None:
     """Forget the logs read so far (and which problems were reported), e.g. after writing a new log."""
     index.cache_clear()
+    _GENERATION[0] += 1
     with _REPORT_LOCK:
         _REPORTED.clear()
 

@@ -371,3 +371,30 @@ def test_kernels_launch_on_the_current_stream():
         torch.cuda.current_stream(device).wait_stream(side)
     assert torch.equal(o, expected)
 
+
+
+@pytest.mark.parametrize("device, layer", devices_and_layers(GPU_TEST_LAYERS, CPU_LAYERS))
+def test_replayed_inference_computes_each_calls_own_inputs(device, layer):
+    """Eager inference of fresh sequences is replayed from its first call's recording (``bla_tvm.replay``): a
+    replayed call on new inputs, its temporaries NaN-poisoned and on a side stream, equals the float64 definition,
+    and a replay of the first inputs equals the first call bit for bit."""
+    from bla_tvm import replay
+
+    (q, k, v, _, _), _, _ = inputs(layer, 2, 150, 2, device, seed=11)
+    (q2, k2, v2, _, _), _, _ = inputs(layer, 2, 150, 2, device, seed=12)
+    args = layer_args(layer)
+    with torch.no_grad():
+        first, _ = blurry_window_attention(q, k, v, **args)
+        key = replay.key(q, k, v, *args.values(), None)
+        assert replay.recorded(key) is not None
+        stream = torch.cuda.Stream(device) if device == "cuda" else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        with poisoned_allocations(), torch.cuda.stream(stream):
+            second, _ = blurry_window_attention(q2, k2, v2, **args)
+        if stream is not None:
+            torch.cuda.current_stream(device).wait_stream(stream)
+        again, _ = blurry_window_attention(q, k, v, **args)
+    ref = bla_recurrent(*(x.detach().double().cpu() for x in (q2, k2, v2)), **args)
+    assert relative_error(second, ref) <= TOLERANCE[layer.dtype]
+    assert torch.equal(again, first)
