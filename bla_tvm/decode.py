@@ -21,7 +21,7 @@ import torch
 from .constants import bla_constants, partner_index
 from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, check_index_range, layer_spec
 from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
-from .runtime import KERNEL_ALIGNMENT, default_library, kernel_ready, launch
+from .runtime import KERNEL_ALIGNMENT, BoundLaunch, default_library, kernel_ready, launch, record_launches
 from .state import BLAState, check_seen, check_state
 
 #: stored state dtypes besides the accumulation dtype, and the kernel that reads and writes each
@@ -270,6 +270,51 @@ def decode_step(
     step = _decode_step_impl if eager else torch.ops.bla_tvm.decode_step
     o, key_state, value_state = step(*tensors, seen, *layer_args)
     return (o[:, None] if squeeze else o), BLAState(key_state, value_state, seen + 1, params.window)
+
+
+#: the arguments of a decode kernel that change from token to token of one in-place decoding loop
+TOKEN_ARGS = ("q", "k", "v", "seen", "o")
+
+
+class InPlaceSteps:
+    """Consecutive in-place decode steps of one state, as one launch each: the first runs ``decode_step(...,
+    in_place=True)`` (its checks, the kernel's lookup) and is recorded; the next ones launch that kernel again
+    with the same state and constants (``runtime.BoundLaunch``) and the token's q, k, v, seen and output
+    (``TOKEN_ARGS``). Step i reads seen_0 + i from a table made at the first step (no seen + 1 kernel per token;
+    ``finish`` adds the steps to state.seen) and writes o where the caller says (no copy).
+
+    q [B, HQ, K], k [B, H, K], v [B, H, V] as ``decode_step`` takes them (the arguments the first step checked:
+    the same shapes, dtype and device each step); ``tokens``: how many steps the loop takes at most."""
+
+    def __init__(self, state: BLAState, window, resolution, num_slots, scale, tokens: int):
+        self.state, self.layer_args, self.tokens = state, (window, resolution, num_slots, scale), tokens
+        self.launch, self.seen, self.steps = None, None, 0
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Decode one token into ``out`` [B, HQ, V] (contiguous, q's dtype); returns ``out``."""
+        if self.steps == 0:
+            if not self.state.seen.is_cuda:
+                check_seen(self.state.seen, self.tokens, "state.seen")
+            with record_launches() as launches:
+                o, _ = decode_step(q, k, v, self.state, *self.layer_args, in_place=True)
+            out.copy_(o)
+            if launches:  # none for an empty batch
+                self.launch = BoundLaunch.bind(launches[0], TOKEN_ARGS)
+                self.seen = self.state.seen[None] + torch.arange(self.tokens - 1, device=o.device)[:, None]
+        elif self.launch is not None:
+            B, HQ, K = q.shape
+            G = HQ // k.shape[1]
+            tensors = {"q": kernel_ready(q).view(B, HQ // G, G, K), "k": kernel_ready(k), "v": kernel_ready(v),
+                       "seen": self.seen[self.steps - 1], "o": out.view(B, HQ // G, G, out.shape[-1])}  # fmt: skip
+            self.launch(tensors, out.device)
+        self.steps += 1
+        return out
+
+    def finish(self) -> BLAState:
+        """The state after the steps taken (their count added to seen, in place)."""
+        if self.steps > 1:
+            self.state.seen.add_(self.steps - 1)
+        return self.state
 
 
 def check_in_place(state: BLAState) -> None:

@@ -1,5 +1,6 @@
 """Prefill then decode: ``generate`` runs a prompt through the chunked kernels, then decodes token by token with
-the in-place step, through a CUDA graph (``DecodeGraph``) on CUDA. Imports only torch and the package.
+the in-place step: one launch per token, written straight into the output (``decode.InPlaceSteps``), or through a
+CUDA graph (``DecodeGraph``). Imports only torch and the package.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .api import blurry_window_attention
-from .decode import REDUCED_STATE_KERNELS, decode_step
+from .decode import REDUCED_STATE_KERNELS, InPlaceSteps
 from .decode_graph import DecodeGraph
 from .state import BLAState
 
@@ -66,9 +67,10 @@ def generate(
         initial_state: a `BLAState` to continue from (default: a fresh sequence), as in `blurry_window_attention`.
         state_dtype: dtype the decoded tokens' state is kept in (see `decode_step`); default the accumulation
             dtype. The prefill runs with the accumulation dtype and its final state is then converted.
-        cuda_graph: run the step as a CUDA graph (`bla_tvm.DecodeGraph`): per token, `next_token`, one copy of
-            its tensors into the graph's inputs, one replay (the kernel and seen + 1) and one copy of o out.
-            None (default): on CUDA inputs. False: one eager in-place `decode_step` per token.
+        cuda_graph: True: run the step as a CUDA graph (`bla_tvm.DecodeGraph`): per token, `next_token`, one
+            copy of its tensors into the graph's inputs, one replay (the kernel and seen + 1) and one copy of o
+            out. None (default) or False: per token, `next_token` and one launch of the decode kernel, which
+            reads the token where it is (copied first only if not contiguous) and writes o into the result.
 
     Returns:
         (o_prompt `[B, T, HQ, V]`, o_new `[B, max_new_tokens, HQ, V]`, the state after the last token).
@@ -97,14 +99,14 @@ def generate(
     state = BLAState(*(x.detach().to(dt, copy=True).contiguous() for x, dt in zip(state, dtypes)), state.window)
     B, HQ, V = o_prompt.shape[0], o_prompt.shape[2], o_prompt.shape[3]
     outputs = o_prompt.new_empty(max_new_tokens, B, HQ, V)  # token-major: each token's o one contiguous block
-    if max_new_tokens and (q.is_cuda if cuda_graph is None else cuda_graph) and B:
-        step = DecodeGraph(state, window, resolution, num_slots, scale, query_heads=HQ, dtype=q.dtype)
-    else:
-
-        def step(tq, tk, tv):
-            return decode_step(tq, tk, tv, state, window, resolution, num_slots, scale, in_place=True)[0]
-
     last = o_prompt[:, -1] if o_prompt.shape[1] else None
-    for i in range(max_new_tokens):
-        last = outputs[i].copy_(step(*_check_next_token(next_token(last, i), i, q, k, v)))
+    if max_new_tokens and cuda_graph and B:
+        graph = DecodeGraph(state, window, resolution, num_slots, scale, query_heads=HQ, dtype=q.dtype)
+        for i in range(max_new_tokens):
+            last = outputs[i].copy_(graph(*_check_next_token(next_token(last, i), i, q, k, v)))
+    else:
+        step = InPlaceSteps(state, window, resolution, num_slots, scale, max_new_tokens)
+        for i in range(max_new_tokens):
+            last = step(*_check_next_token(next_token(last, i), i, q, k, v), outputs[i])
+        step.finish()
     return o_prompt, outputs.transpose(0, 1).contiguous(), state

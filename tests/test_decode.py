@@ -364,3 +364,42 @@ def test_op_passes_opcheck(op):
     state = BLAState(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3), torch.tensor([0, 7]))
     args = (q, k, v, state.key_state, state.value_state, state.seen, 9, 5, 3, 0.5)
     torch.library.opcheck(getattr(torch.ops.bla_tvm, op), args)
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.float16], ids=["fp32", "fp16"])
+def test_generate_launches_one_kernel_per_token_equal_to_decode_steps(state_dtype):
+    """generate's steps (``decode.InPlaceSteps``): the first a checked in-place ``decode_step``, each next one a
+    single launch of its kernel reading the token where it is and writing o into the result. They equal a loop of
+    functional ``decode_step`` calls bit for bit (GQA, strided tokens, a 16-bit state, seen past W), and the
+    state ends with seen + tokens."""
+    from bla_tvm.runtime import record_launches
+
+    case = BLACase(W=12, N=5, M=7, T=30, L=64, B=2, H=2, K=8, V=12, scale=None, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(case.B, case.T, 2 * case.H, case.K, generator=gen)
+    k, v = (torch.randn(case.B, case.T, case.H, d, generator=gen) for d in (case.K, case.V))
+    initial = BLAState(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 12), torch.tensor([3, 40]))
+    start = initial if state_dtype is None else BLAState(*(x.to(state_dtype) for x in initial[:2]), initial.seen)
+    # (generate converts its prefill's float32 state to state_dtype)
+    with record_launches() as launches:
+        _, o_new, state = generate(q[:, :0], k[:, :0], v[:, :0], case.W, case.N, case.M, initial_state=initial,
+                                   next_token=lambda o, i: (q[:, i], k[:, i], v[:, i]), max_new_tokens=case.T,
+                                   state_dtype=state_dtype)  # fmt: skip
+    decodes = [x for x in launches if x.kernel.kernel.name.startswith("decode_step")]
+    assert len(decodes) == case.T
+    expected = start
+    for t in range(case.T):
+        o, expected = decode_step(q[:, t], k[:, t], v[:, t], expected, case.W, case.N, case.M)
+        assert torch.equal(o_new[:, t], o)
+    assert all(torch.equal(a, b) for a, b in zip(state[:2], expected[:2]))
+    assert state.seen.tolist() == [3 + case.T, 40 + case.T]
+
+
+def test_generate_refuses_a_seen_that_its_tokens_would_overflow():
+    q, k, v = _token()
+    near = BLAState(torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 3), torch.tensor([0, 2**63 - 4]))
+    empty = (q[:, None, :, :][:, :0], k[:, None][:, :0], v[:, None][:, :0])
+    with pytest.raises(ValueError, match=r"state.seen must be <= 2\^63 - 1 - 5"):
+        generate(*empty, 9, 5, initial_state=near, next_token=lambda o, i: (q, k, v), max_new_tokens=5)
+    _, o_new, state = generate(*empty, 9, 5, initial_state=near, next_token=lambda o, i: (q, k, v), max_new_tokens=3)
+    assert state.seen.tolist() == [3, 2**63 - 1] and torch.isfinite(o_new).all()
