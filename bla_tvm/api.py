@@ -105,6 +105,8 @@ def blurry_window_attention(
         o, final = replay.record(replay_key, lambda: ops.run_forward(*args)[0], q, v), None
     elif eager:
         o, final, _, _ = ops.run_forward(*args)
+    elif backward and not torch.compiler.is_compiling():  # eager training: the op's autograd without its dispatch
+        o, _, final, _ = ops.EagerForward.apply(*args)
     else:
         o, _, final, _ = torch.ops.bla_tvm.forward(*args)
     if not output_final_state:
