@@ -6,7 +6,7 @@ when a kernel has to be built.
 
 from . import nn
 from .api import blurry_window_attention
-from .decode import decode_step
+from .decode import InPlaceSteps, decode_step
 from .decode_graph import DecodeGraph
 from .generate import generate
 from .params import BLAParams
@@ -14,6 +14,6 @@ from .reference import bla_chunked, bla_quadratic, bla_recurrent
 from .state import BLAState
 
 __all__ = [
-    "BLAParams", "BLAState", "DecodeGraph", "blurry_window_attention", "decode_step", "generate", "bla_chunked",
-    "bla_quadratic", "bla_recurrent", "nn",
+    "BLAParams", "BLAState", "DecodeGraph", "InPlaceSteps", "blurry_window_attention", "decode_step", "generate",
+    "bla_chunked", "bla_quadratic", "bla_recurrent", "nn",
 ]  # fmt: skip

@@ -277,32 +277,47 @@ TOKEN_ARGS = ("q", "k", "v", "seen", "o")
 
 
 class InPlaceSteps:
-    """Consecutive in-place decode steps of one state, as one launch each: the first runs ``decode_step(...,
-    in_place=True)`` (its checks, the kernel's lookup) and is recorded; the next ones launch that kernel again
-    with the same state and constants (``runtime.BoundLaunch``) and the token's q, k, v, seen and output
-    (``TOKEN_ARGS``). Step i reads seen_0 + i from a table made at the first step (no seen + 1 kernel per token;
-    ``finish`` adds the steps to state.seen) and writes o where the caller says (no copy).
+    """A decoding loop over one state at one launch per token, without a CUDA graph (``generate``'s steps).
 
-    q [B, HQ, K], k [B, H, K], v [B, H, V] as ``decode_step`` takes them (the arguments the first step checked:
-    the same shapes, dtype and device each step); ``tokens``: how many steps the loop takes at most."""
+    The first step is ``decode_step(..., in_place=True)`` (every check, the kernel's lookup) and is recorded;
+    each next one launches that kernel again (``runtime.BoundLaunch``: the state and the constants bound) with
+    the token's q, k, v where they are (copied only if not contiguous), seen_0 + i from a table made at the first
+    step (no seen + 1 kernel per token) and o written where the caller says (no copy). ``finish`` adds the steps
+    taken to state.seen.
 
-    def __init__(self, state: BLAState, window, resolution, num_slots, scale, tokens: int):
+    Args:
+        state: a `BLAState` that `decode_step(..., in_place=True)` accepts (contiguous, seen int64), updated in
+            place.
+        window, resolution, num_slots, scale: as in `decode_step`.
+        tokens: the most steps the loop will take.
+
+    Example:
+        >>> steps = InPlaceSteps(state, window=512, resolution=63, tokens=n)
+        >>> for t in range(n):
+        ...     o = steps(q, k, v)  # q [B, HQ, K], k [B, H, K], v [B, H, V]: the first step's shapes each time
+        >>> state = steps.finish()
+    """
+
+    def __init__(self, state: BLAState, window, resolution, num_slots=None, scale=None, tokens: int = 1):
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
         self.state, self.layer_args, self.tokens = state, (window, resolution, num_slots, scale), tokens
-        self.launch, self.seen, self.steps = None, None, 0
+        self.launch, self.seen, self.steps, self.token = None, None, 0, None
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Decode one token into ``out`` [B, HQ, V] (contiguous, q's dtype); returns ``out``."""
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None):
+        """Decode one token: o [B, HQ, V] in q's dtype, written into ``out`` where given (contiguous)."""
+        if self.steps >= self.tokens:
+            raise ValueError(f"this loop was made for tokens={self.tokens} steps; make a new one to go on"
+                             if self.steps == self.tokens else "the loop is finished; make a new one to go on")
         if self.steps == 0:
-            if not self.state.seen.is_cuda:
-                check_seen(self.state.seen, self.tokens, "state.seen")
-            with record_launches() as launches:
-                o, _ = decode_step(q, k, v, self.state, *self.layer_args, in_place=True)
-            out.copy_(o)
-            if launches:  # none for an empty batch
-                self.launch = BoundLaunch.bind(launches[0], TOKEN_ARGS)
-                self.seen = self.state.seen[None] + torch.arange(self.tokens - 1, device=o.device)[:, None]
-        elif self.launch is not None:
-            B, HQ, K = q.shape
+            return self._first(q, k, v, out)
+        token = tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else None for x in (q, k, v))
+        if token != self.token:
+            raise ValueError(f"q, k and v must keep the first step's shapes, dtype and device {self.token}, got "
+                             f"{token}")  # fmt: skip
+        B, HQ, K = q.shape
+        out = q.new_empty(B, HQ, v.shape[-1]) if out is None else out
+        if self.launch is not None:
             G = HQ // k.shape[1]
             tensors = {"q": kernel_ready(q).view(B, HQ // G, G, K), "k": kernel_ready(k), "v": kernel_ready(v),
                        "seen": self.seen[self.steps - 1], "o": out.view(B, HQ // G, G, out.shape[-1])}  # fmt: skip
@@ -310,10 +325,25 @@ class InPlaceSteps:
         self.steps += 1
         return out
 
+    def _first(self, q, k, v, out):
+        if not isinstance(q, torch.Tensor) or q.dim() != 3:
+            raise ValueError(f"q must have shape [B, HQ, K], got {getattr(q, 'shape', type(q).__name__)}")
+        if not self.state.seen.is_cuda:
+            check_seen(self.state.seen, self.tokens, "state.seen")
+        with record_launches() as launches:
+            o, _ = decode_step(q, k, v, self.state, *self.layer_args, in_place=True)
+        if launches:  # none for an empty batch
+            self.launch = BoundLaunch.bind(launches[0], TOKEN_ARGS)
+            self.seen = self.state.seen[None] + torch.arange(self.tokens - 1, device=o.device)[:, None]
+        self.token = tuple((x.shape, x.dtype, x.device) for x in (q, k, v))
+        self.steps = 1
+        return o if out is None else out.copy_(o)
+
     def finish(self) -> BLAState:
-        """The state after the steps taken (their count added to seen, in place)."""
-        if self.steps > 1:
+        """The state after the steps taken (their count added to seen, in place); the loop takes no more."""
+        if 1 < self.steps <= self.tokens:
             self.state.seen.add_(self.steps - 1)
+        self.steps = self.tokens + 1
         return self.state
 
 

@@ -104,7 +104,7 @@ def generate(
         graph = DecodeGraph(state, window, resolution, num_slots, scale, query_heads=HQ, dtype=q.dtype)
         for i in range(max_new_tokens):
             last = outputs[i].copy_(graph(*_check_next_token(next_token(last, i), i, q, k, v)))
-    else:
+    elif max_new_tokens:
         step = InPlaceSteps(state, window, resolution, num_slots, scale, max_new_tokens)
         for i in range(max_new_tokens):
             last = step(*_check_next_token(next_token(last, i), i, q, k, v), outputs[i])

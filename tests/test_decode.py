@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from bla_tvm import (
     BLAParams,
     DecodeGraph,
+    InPlaceSteps,
     bla_recurrent,
     blurry_window_attention,
     decode_step,
@@ -403,3 +404,31 @@ def test_generate_refuses_a_seen_that_its_tokens_would_overflow():
         generate(*empty, 9, 5, initial_state=near, next_token=lambda o, i: (q, k, v), max_new_tokens=5)
     _, o_new, state = generate(*empty, 9, 5, initial_state=near, next_token=lambda o, i: (q, k, v), max_new_tokens=3)
     assert state.seen.tolist() == [3, 2**63 - 1] and torch.isfinite(o_new).all()
+
+
+def test_in_place_steps_refuse_a_token_unlike_the_first_and_steps_past_their_count():
+    """InPlaceSteps binds the first step's shapes: a later token of another shape, dtype or device, a step past
+    ``tokens`` and a step after ``finish`` are refused with errors that say so; the state then holds the steps
+    taken (seen advanced by them, equal to decode_step's)."""
+    q, k, v = _token()
+    state = BLAState(torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 3), torch.tensor([0, 7]))
+    expected = BLAState(*(x.clone() for x in state[:3]))
+    steps = InPlaceSteps(state, 9, 5, tokens=3)
+    for _ in range(2):
+        o = steps(q, k, v)
+        o_ref, expected = decode_step(q, k, v, expected, 9, 5)
+        assert torch.equal(o, o_ref)
+    with pytest.raises(ValueError, match="first step's shapes"):
+        steps(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="first step's shapes"):
+        steps(q.double(), k, v)
+    steps(q, k, v, out=torch.empty(2, 2, 3))
+    with pytest.raises(ValueError, match="tokens=3"):
+        steps(q, k, v)
+    assert steps.finish().seen.tolist() == [3, 10]
+    with pytest.raises(ValueError, match="finished"):
+        steps(q, k, v)
+    with pytest.raises(ValueError, match="tokens must be an int >= 1"):
+        InPlaceSteps(state, 9, 5, tokens=0)
+    with pytest.raises(ValueError, match=r"q must have shape \[B, HQ, K\]"):
+        InPlaceSteps(state, 9, 5, tokens=2)(q[:, None], k, v)
