@@ -381,4 +381,6 @@ class EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _unused_dstates, dfinal, _unused_dlayout):
-        return _gradients(ctx, do, dfinal, backward_impl)
+        # with create_graph (grad mode on here), through the op: its gradients then refuse to be differentiated
+        # again, naming the op, as the op's own autograd does
+        return _gradients(ctx, do, dfinal, torch.ops.bla_tvm.backward if torch.is_grad_enabled() else backward_impl)
