@@ -647,8 +647,9 @@ def generate_loop_parts(torch, decoder, prompt, next_token, outputs, n: int, spl
     """generate's decoding loop (bla_tvm/generate.py), copied with a host clock read between its parts: CPU
     microseconds per token of each part (GENERATE_PARTS, or SPLIT_PARTS with ``split``) over n tokens x
     ``repeats`` loops, their sum (cpu_us, the means), and the loop's wall time per token (synchronised)."""
-    from bla_tvm.generate import _check_next_token
+    from bla_tvm.generate import _TokenCheck
 
+    check = _TokenCheck(*prompt)
     clock = time.perf_counter
     names = SPLIT_PARTS if split else GENERATE_PARTS
     samples = {name: [] for name in names}
@@ -661,7 +662,7 @@ def generate_loop_parts(torch, decoder, prompt, next_token, outputs, n: int, spl
             t0 = clock()
             token = next_token(last, i)
             t1 = clock()
-            token = _check_next_token(token, i, *prompt)
+            token = check(token, i)
             t2 = clock()
             if split:
                 torch._foreach_copy_((decoder.q, decoder.k, decoder.v), token)
@@ -714,14 +715,14 @@ def profiler_run(torch, fn, title: str, trace: Path | None = None) -> tuple[str,
 def profile_generate(torch, bla, out: Path, n: int = PROFILE_TOKENS, states=PROFILE_STATES) -> dict:
     """Where ``generate``'s time per decoded token goes at the benchmark shape (issue 14), for each state dtype:
     generate per token end to end (generate_per_token); generate's loop copied with the CPU time of each part
-    (next_token, _check_next_token, the DecodeGraph call or its copy in and replay apart, the copy of o out),
+    (next_token, the token check, the DecodeGraph call or its copy in and replay apart, the copy of o out),
     against the GPU time per token (CUDA events, the GPU held back so it runs the loop's work without waiting);
     the layers under it timed alone (loop_timing: replay only, the copy in only, DecodeGraph(q, k, v) with
     contiguous tokens and with generate's slices, + the copy out, the whole loop, eager in-place steps). Then,
     every timing on disk, torch.profiler over the copied loop (parts labelled with record_function) and over
     one generate call (prefill, graph capture and n tokens). Writes profile_generate.json,
     profile_generate_tables.txt and profile_generate_<state>.trace.json.gz (the generate call's Chrome trace)."""
-    from bla_tvm.generate import _check_next_token
+    from bla_tvm.generate import _TokenCheck
 
     start_time = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -741,6 +742,7 @@ def profile_generate(torch, bla, out: Path, n: int = PROFILE_TOKENS, states=PROF
     tables = []
     # the prompt (64 tokens, as generate_per_token) and the new tokens: slices of [B, n, H, D] as next_token gives
     prompt = [torch.randn(B, 64, H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
+    check = _TokenCheck(*prompt)
     tokens = [torch.randn(B, n, H, d, device=DEVICE, dtype=bf16, generator=g) for d in (K, K, V)]
     slices = [tuple(x[:, i] for x in tokens) for i in range(n)]
     contiguous = [tuple(x.contiguous() for x in token) for token in slices]
@@ -780,11 +782,11 @@ def profile_generate(torch, bla, out: Path, n: int = PROFILE_TOKENS, states=PROF
             last = [None]
 
             def whole_loop(i, decoder=decoder):  # generate's loop body, unlabelled
-                last[0] = outputs[i].copy_(decoder(*_check_next_token(next_token(last[0], i), i, *prompt)))
+                last[0] = outputs[i].copy_(decoder(*check(next_token(last[0], i), i)))
 
             eager_state = bench_state(torch, sd, g)
             buffers = (decoder.q, decoder.k, decoder.v)
-            whole_name = "generate's loop (next_token, _check_next_token, decoder, copy out)"
+            whole_name = "generate's graph loop (next_token, the token check, decoder, copy out)"
             layers = {
                 "decoder.replay() only": lambda i: decoder.replay(),
                 "torch._foreach_copy_ of generate's slices into the graph inputs only":
@@ -825,7 +827,7 @@ def profile_generate(torch, bla, out: Path, n: int = PROFILE_TOKENS, states=PROF
                     with record("gen.next_token"):
                         token = next_token(last, i)
                     with record("gen.check_next_token"):
-                        token = _check_next_token(token, i, *prompt)
+                        token = check(token, i)
                     with record("gen.decoder_call"):
                         o = decoder(*token)
                     with record("gen.copy_out"):

@@ -315,15 +315,19 @@ class InPlaceSteps:
         if token != self.token:
             raise ValueError(f"q, k and v must keep the first step's shapes, dtype and device {self.token}, got "
                              f"{token}")  # fmt: skip
-        B, HQ, K = q.shape
-        out = q.new_empty(B, HQ, v.shape[-1]) if out is None else out
+        out = q.new_empty(self.output_shape) if out is None else out
+        self.launch_token(q, k, v, out.view(self.kernel_output_shape))
+        return out
+
+    def launch_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """A step after the first without its checks, for a caller that made them (``generate``): q, k, v of the
+        first step's shapes, dtype and device, fewer than ``tokens`` steps taken; o written to ``out``, a
+        contiguous [B, H, G, V] (``kernel_output_shape``: the kernel's view of [B, HQ, V])."""
         if self.launch is not None:
-            G = HQ // k.shape[1]
-            tensors = {"q": kernel_ready(q).view(B, HQ // G, G, K), "k": kernel_ready(k), "v": kernel_ready(v),
-                       "seen": self.seen[self.steps - 1], "o": out.view(B, HQ // G, G, out.shape[-1])}  # fmt: skip
+            tensors = {"q": kernel_ready(q).view(self.query_shape), "k": kernel_ready(k), "v": kernel_ready(v),
+                       "seen": self.seen[self.steps - 1], "o": out}  # fmt: skip
             self.launch(tensors, out.device)
         self.steps += 1
-        return out
 
     def _first(self, q, k, v, out):
         if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -334,7 +338,12 @@ class InPlaceSteps:
             o, _ = decode_step(q, k, v, self.state, *self.layer_args, in_place=True)
         if launches:  # none for an empty batch
             self.launch = BoundLaunch.bind(launches[0], TOKEN_ARGS)
-            self.seen = self.state.seen[None] + torch.arange(self.tokens - 1, device=o.device)[:, None]
+            table = self.state.seen[None] + torch.arange(self.tokens - 1, device=o.device)[:, None]
+            self.seen = table.unbind(0)  # seen_0 + i for step i >= 1: a view each, made once
+        B, HQ, K = q.shape
+        G = HQ // k.shape[1]
+        self.query_shape, self.output_shape = (B, HQ // G, G, K), (B, HQ, v.shape[-1])
+        self.kernel_output_shape = (B, HQ // G, G, v.shape[-1])
         self.token = tuple((x.shape, x.dtype, x.device) for x in (q, k, v))
         self.steps = 1
         return o if out is None else out.copy_(o)

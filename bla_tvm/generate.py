@@ -17,26 +17,41 @@ from .state import BLAState
 NextToken = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _check_next_token(token, i: int, q, k, v):
+class _TokenCheck:
     """``next_token``'s (q, k, v) for new token i, each [B, heads, D] (a token axis of 1 removed): one token
     ([B, heads, D] or [B, 1, heads, D]) of the prompt's B, HQ, H, K, V, dtype and device each; else a TypeError /
-    ValueError naming next_token and the tensor."""
-    where = f"next_token(o, {i})"
-    if not isinstance(token, tuple) or len(token) != 3:
-        raise TypeError(f"{where} must return (q, k, v), got {type(token).__name__}")
-    expected = {"q": (q.shape[0], q.shape[2], q.shape[3]), "k": (k.shape[0], k.shape[2], k.shape[3]),
-                "v": (v.shape[0], v.shape[2], v.shape[3])}  # fmt: skip
-    for name, x in zip("qkv", token):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where} returned {name} of type {type(x).__name__}; expected a torch.Tensor")
-        one = tuple(x.shape[:1] + x.shape[2:]) if x.dim() == 4 and x.shape[1] == 1 else tuple(x.shape)
-        if one != expected[name]:
-            raise ValueError(f"{where} returned {name} of shape {list(x.shape)}; expected {list(expected[name])} "
-                             "(or with a token axis of 1), the prompt's batch, heads and head dim")  # fmt: skip
-        if x.dtype != q.dtype or x.device != q.device:
-            raise TypeError(f"{where} returned {name} of dtype {x.dtype} on {x.device}; expected the prompt's "
-                            f"{q.dtype} on {q.device}")  # fmt: skip
-    return tuple(x[:, 0] if x.dim() == 4 else x for x in token)
+    ValueError naming next_token and the tensor. Tokens of exactly the expected [B, heads, D] pass one
+    comparison (generate's loop calls this every token)."""
+
+    def __init__(self, q, k, v):
+        self.expected = tuple(torch.Size((x.shape[0], x.shape[2], x.shape[3])) for x in (q, k, v))
+        self.dtype, self.device = q.dtype, q.device
+
+    def __call__(self, token, i: int):
+        if type(token) is tuple and len(token) == 3:
+            tq, tk, tv = token
+            if (isinstance(tq, torch.Tensor) and isinstance(tk, torch.Tensor) and isinstance(tv, torch.Tensor)
+                    and (tq.shape, tk.shape, tv.shape) == self.expected
+                    and tq.dtype == tk.dtype == tv.dtype == self.dtype
+                    and tq.device == tk.device == tv.device == self.device):  # fmt: skip
+                return token
+        return self.checked(token, i)
+
+    def checked(self, token, i: int):
+        where = f"next_token(o, {i})"
+        if not isinstance(token, tuple) or len(token) != 3:
+            raise TypeError(f"{where} must return (q, k, v), got {type(token).__name__}")
+        for name, x, expected in zip("qkv", token, self.expected):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{where} returned {name} of type {type(x).__name__}; expected a torch.Tensor")
+            one = tuple(x.shape[:1] + x.shape[2:]) if x.dim() == 4 and x.shape[1] == 1 else tuple(x.shape)
+            if one != tuple(expected):
+                raise ValueError(f"{where} returned {name} of shape {list(x.shape)}; expected {list(expected)} "
+                                 "(or with a token axis of 1), the prompt's batch, heads and head dim")  # fmt: skip
+            if x.dtype != self.dtype or x.device != self.device:
+                raise TypeError(f"{where} returned {name} of dtype {x.dtype} on {x.device}; expected the prompt's "
+                                f"{self.dtype} on {self.device}")  # fmt: skip
+        return tuple(x[:, 0] if x.dim() == 4 else x for x in token)
 
 
 def generate(
@@ -100,13 +115,18 @@ def generate(
     B, HQ, V = o_prompt.shape[0], o_prompt.shape[2], o_prompt.shape[3]
     outputs = o_prompt.new_empty(max_new_tokens, B, HQ, V)  # token-major: each token's o one contiguous block
     last = o_prompt[:, -1] if o_prompt.shape[1] else None
+    check = _TokenCheck(q, k, v)
     if max_new_tokens and cuda_graph and B:
         graph = DecodeGraph(state, window, resolution, num_slots, scale, query_heads=HQ, dtype=q.dtype)
         for i in range(max_new_tokens):
-            last = outputs[i].copy_(graph(*_check_next_token(next_token(last, i), i, q, k, v)))
+            last = outputs[i].copy_(graph(*check(next_token(last, i), i)))
     elif max_new_tokens:
         step = InPlaceSteps(state, window, resolution, num_slots, scale, max_new_tokens)
-        for i in range(max_new_tokens):
-            last = step(*_check_next_token(next_token(last, i), i, q, k, v), outputs[i])
+        rows = outputs.unbind(0)
+        last = step(*check(next_token(last, 0), 0), rows[0])  # the first step checks the token against the state
+        kernel_rows = outputs.view(max_new_tokens, *step.kernel_output_shape).unbind(0)  # views made once
+        for i in range(1, max_new_tokens):  # the next ones: generate's own check above (the prompt's shapes)
+            step.launch_token(*check(next_token(last, i), i), kernel_rows[i])
+            last = rows[i]
         step.finish()
     return o_prompt, outputs.transpose(0, 1).contiguous(), state
