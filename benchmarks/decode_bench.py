@@ -458,7 +458,8 @@ def run_benchmarks(torch, bla, args) -> dict:
                         rows, graph=False)  # fmt: skip
                 measure(torch, f"BLA DecodeGraph(q, k, v) ({state_name} state)", lambda d=decoder: d(q, k, v),
                         do_bench, state_bytes, rows, graph=False)  # fmt: skip
-            ways = ((True, False), (True, True), (False, False), (False, True)) if DEVICE == "cuda" else ((False, False),)
+            ways = ((True, False), (True, True), (False, False), (False, True))
+            ways = ways if DEVICE == "cuda" else ((False, False),)
             for cuda_graph, contiguous in ways:
                 how = "CUDA graph" if cuda_graph else "eager in-place steps"
                 tokens = ", contiguous tokens" if contiguous else ""
