@@ -315,8 +315,19 @@ class InPlaceSteps:
         if token != self.token:
             raise ValueError(f"q, k and v must keep the first step's shapes, dtype and device {self.token}, got "
                              f"{token}")  # fmt: skip
-        out = q.new_empty(self.output_shape) if out is None else out
+        out = q.new_empty(self.output_shape) if out is None else self._check_out(out, self.output_shape, q)
         self.launch_token(q, k, v, out.view(self.kernel_output_shape))
+        return out
+
+    @staticmethod
+    def _check_out(out, shape: tuple, q: torch.Tensor) -> torch.Tensor:
+        """``out`` where o may be written: a contiguous tensor of ``shape`` [B, HQ, V], q's dtype and device."""
+        if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != q.dtype or (
+            out.device != q.device or not out.is_contiguous()
+        ):
+            got = f"{list(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out)
+            raise ValueError(f"out must be a contiguous {list(shape)} tensor of q's dtype {q.dtype} on {q.device}, "
+                             f"got {got}")  # fmt: skip
         return out
 
     def launch_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
@@ -332,6 +343,8 @@ class InPlaceSteps:
     def _first(self, q, k, v, out):
         if not isinstance(q, torch.Tensor) or q.dim() != 3:
             raise ValueError(f"q must have shape [B, HQ, K], got {getattr(q, 'shape', type(q).__name__)}")
+        if out is not None and isinstance(v, torch.Tensor):  # before the state changes
+            self._check_out(out, (*q.shape[:2], v.shape[-1]), q)
         if not self.state.seen.is_cuda:
             check_seen(self.state.seen, self.tokens, "state.seen")
         with record_launches() as launches:

@@ -432,3 +432,8 @@ def test_in_place_steps_refuse_a_token_unlike_the_first_and_steps_past_their_cou
         InPlaceSteps(state, 9, 5, tokens=0)
     with pytest.raises(ValueError, match=r"q must have shape \[B, HQ, K\]"):
         InPlaceSteps(state, 9, 5, tokens=2)(q[:, None], k, v)
+    fresh = InPlaceSteps(state, 9, 5, tokens=2)
+    for out in (torch.empty(3, 2, 2, 3), torch.empty(2, 2, 3).double(), torch.empty(2, 3, 2).transpose(1, 2)):
+        with pytest.raises(ValueError, match=r"out must be a contiguous \[2, 2, 3\] tensor"):
+            fresh(q, k, v, out=out)
+    assert state.seen.tolist() == [3, 10]  # a refused first step left the state as it was
