@@ -20,7 +20,7 @@ import torch
 
 from .constants import bla_constants, partner_index
 from .layer import ACCUMULATOR, DECODE_CHUNK, KernelSpec, LayerSpec, check_index_range, layer_spec
-from .params import DTYPE_NAMES, BLAParams, check_scale, dtype_name
+from .params import DTYPE_NAMES, BLAParams, check_int, check_scale, dtype_name
 from .runtime import KERNEL_ALIGNMENT, BoundLaunch, default_library, kernel_ready, launch, record_launches
 from .state import BLAState, check_seen, check_state
 
@@ -276,33 +276,45 @@ def decode_step(
 TOKEN_ARGS = ("q", "k", "v", "seen", "o")
 
 
+#: rows of InPlaceSteps' table of seen values made at once (one small kernel per this many tokens)
+SEEN_BLOCK = 1024
+
+
 class InPlaceSteps:
     """A decoding loop over one state at one launch per token, without a CUDA graph (``generate``'s steps).
 
     The first step is ``decode_step(..., in_place=True)`` (every check, the kernel's lookup) and is recorded;
     each next one launches that kernel again (``runtime.BoundLaunch``: the state and the constants bound) with
-    the token's q, k, v where they are (copied only if not contiguous), seen_0 + i from a table made at the first
-    step (no seen + 1 kernel per token) and o written where the caller says (no copy). ``finish`` adds the steps
-    taken to state.seen.
+    the token's q, k, v where they are (copied only if not contiguous), seen_0 + i from a table made
+    ``SEEN_BLOCK`` rows at a time (no seen + 1 kernel per token) and o written where the caller says (no copy).
+    key_state and value_state advance at every step; state.seen only at ``finish`` (or on leaving a ``with``
+    block), which adds the steps taken.
 
     Args:
-        state: a `BLAState` that `decode_step(..., in_place=True)` accepts (contiguous, seen int64), updated in
-            place.
+        state: a `BLAState` that `decode_step(..., in_place=True)` accepts (contiguous, seen int64).
         window, resolution, num_slots, scale: as in `decode_step`.
         tokens: the most steps the loop will take.
 
     Example:
-        >>> steps = InPlaceSteps(state, window=512, resolution=63, tokens=n)
-        >>> for t in range(n):
-        ...     o = steps(q, k, v)  # q [B, HQ, K], k [B, H, K], v [B, H, V]: the first step's shapes each time
-        >>> state = steps.finish()
+        >>> with InPlaceSteps(state, window=512, resolution=63, tokens=n) as steps:
+        ...     for t in range(n):
+        ...         o = steps(q, k, v)  # q [B, HQ, K], k [B, H, K], v [B, H, V]: the first step's shapes each time
+        >>> state.seen  # advanced by the steps taken
     """
 
     def __init__(self, state: BLAState, window, resolution, num_slots=None, scale=None, tokens: int = 1):
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
-        self.state, self.layer_args, self.tokens = state, (window, resolution, num_slots, scale), tokens
-        self.launch, self.seen, self.steps, self.token = None, None, 0, None
+        if not isinstance(state, BLAState):
+            raise TypeError(f"state must be a BLAState, got {type(state).__name__}")
+        self.tokens = check_int("tokens", tokens, 1)
+        self.state, self.layer_args = state, (window, resolution, num_slots, scale)
+        self.launch, self.token, self.steps = None, None, 0
+        self.seen_0, self.seen_rows, self.seen_from = None, (), 1  # the table's rows: steps seen_from, ...
+
+    def __enter__(self) -> "InPlaceSteps":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.finish()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None):
         """Decode one token: o [B, HQ, V] in q's dtype, written into ``out`` where given (contiguous)."""
@@ -333,26 +345,35 @@ class InPlaceSteps:
     def launch_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         """A step after the first without its checks, for a caller that made them (``generate``): q, k, v of the
         first step's shapes, dtype and device, fewer than ``tokens`` steps taken; o written to ``out``, a
-        contiguous [B, H, G, V] (``kernel_output_shape``: the kernel's view of [B, HQ, V])."""
+        contiguous [B, H, G, V] (``kernel_output_shape``: the kernel's view of [B, HQ, V]; through an aligned
+        copy where it is not aligned as kernels assume)."""
         if self.launch is not None:
+            step = self.steps - self.seen_from
+            if step >= len(self.seen_rows):  # the next block of the table: seen_0 + i
+                self.seen_from, step = self.steps, 0
+                rows = torch.arange(self.steps, min(self.steps + SEEN_BLOCK, self.tokens), device=out.device)
+                self.seen_rows = (self.seen_0[None] + rows[:, None]).unbind(0)
+            aligned = out if out.data_ptr() % KERNEL_ALIGNMENT == 0 else torch.empty_like(out)
             tensors = {"q": kernel_ready(q).view(self.query_shape), "k": kernel_ready(k), "v": kernel_ready(v),
-                       "seen": self.seen[self.steps - 1], "o": out}  # fmt: skip
+                       "seen": self.seen_rows[step], "o": aligned}  # fmt: skip
             self.launch(tensors, out.device)
+            if aligned is not out:
+                out.copy_(aligned)
         self.steps += 1
 
     def _first(self, q, k, v, out):
-        if not isinstance(q, torch.Tensor) or q.dim() != 3:
-            raise ValueError(f"q must have shape [B, HQ, K], got {getattr(q, 'shape', type(q).__name__)}")
-        if out is not None and isinstance(v, torch.Tensor):  # before the state changes
+        for name, x, shape in (("q", q, "[B, HQ, K]"), ("k", k, "[B, H, K]"), ("v", v, "[B, H, V]")):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                raise ValueError(f"{name} must have shape {shape}, got {getattr(x, 'shape', type(x).__name__)}")
+        if out is not None:  # before the state changes
             self._check_out(out, (*q.shape[:2], v.shape[-1]), q)
         if not self.state.seen.is_cuda:
             check_seen(self.state.seen, self.tokens, "state.seen")
+        seen_0 = self.state.seen.clone()  # (made before the state changes, as the table's base)
         with record_launches() as launches:
             o, _ = decode_step(q, k, v, self.state, *self.layer_args, in_place=True)
-        if launches:  # none for an empty batch
-            self.launch = BoundLaunch.bind(launches[0], TOKEN_ARGS)
-            table = self.state.seen[None] + torch.arange(self.tokens - 1, device=o.device)[:, None]
-            self.seen = table.unbind(0)  # seen_0 + i for step i >= 1: a view each, made once
+        self.launch = BoundLaunch.bind(launches[0], TOKEN_ARGS) if launches else None  # none for an empty batch
+        self.seen_0 = seen_0
         B, HQ, K = q.shape
         G = HQ // k.shape[1]
         self.query_shape, self.output_shape = (B, HQ // G, G, K), (B, HQ, v.shape[-1])

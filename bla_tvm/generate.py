@@ -17,6 +17,12 @@ from .state import BLAState
 NextToken = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def row_views(x: torch.Tensor, block: int = 1024):
+    """x[0], x[1], ... made ``block`` at a time (one unbind for many views; none made far ahead of use)."""
+    for start in range(0, x.shape[0], block):
+        yield from x[start : start + block].unbind(0)
+
+
 class _TokenCheck:
     """``next_token``'s (q, k, v) for new token i, each [B, heads, D] (a token axis of 1 removed): one token
     ([B, heads, D] or [B, 1, heads, D]) of the prompt's B, HQ, H, K, V, dtype and device each; else a TypeError /
@@ -122,11 +128,10 @@ def generate(
             last = outputs[i].copy_(graph(*check(next_token(last, i), i)))
     elif max_new_tokens:
         step = InPlaceSteps(state, window, resolution, num_slots, scale, max_new_tokens)
-        rows = outputs.unbind(0)
-        last = step(*check(next_token(last, 0), 0), rows[0])  # the first step checks the token against the state
-        kernel_rows = outputs.view(max_new_tokens, *step.kernel_output_shape).unbind(0)  # views made once
-        for i in range(1, max_new_tokens):  # the next ones: generate's own check above (the prompt's shapes)
-            step.launch_token(*check(next_token(last, i), i), kernel_rows[i])
-            last = rows[i]
+        last = step(*check(next_token(last, 0), 0), outputs[0])  # the first step checks the token against the state
+        rows = zip(row_views(outputs[1:]), row_views(outputs[1:].view(-1, *step.kernel_output_shape)))
+        for i, (row, kernel_row) in enumerate(rows, start=1):  # the next ones: generate's own check (the prompt's)
+            step.launch_token(*check(next_token(last, i), i), kernel_row)
+            last = row
         step.finish()
     return o_prompt, outputs.transpose(0, 1).contiguous(), state

@@ -371,7 +371,9 @@ class EagerForward(torch.autograd.Function):
     """The forward op with its autograd, for eager training (``EagerForward.apply`` takes the op's arguments and
     returns its outputs): the same implementation, saved context and gradients, without torch.library's dispatch
     around the forward and the backward, which took ~0.5 ms of host time per call on the H200's host (torch 2.11),
-    more than all the rest of a call. torch.compile traces the op itself (``api.blurry_window_attention``)."""
+    more than all the rest of a call. torch.compile traces the op itself (``api.blurry_window_attention``). Tools
+    that look for ``torch.ops.bla_tvm.forward`` at the dispatcher (profiler op names, dispatch modes, activation
+    checkpointing policies keyed on the op) see an eager training call only under torch.compile."""
 
     @staticmethod
     def forward(ctx, *inputs):

@@ -2,13 +2,14 @@
 
 A call of ``blurry_window_attention`` that wants no gradient, is not traced (torch.compile) or captured (CUDA
 graph), starts fresh sequences (no initial_state, no cu_seqlens) and returns no final state launches kernels that
-depend, past its inputs' data, only on a key: q, k and v's shapes, dtypes and devices, the layer's arguments (with
-their types), the scale, and what chose the kernels (the environment, ``env.snapshot``, and the tuning logs read,
-``tuning_logs.generation``). The first call of a key runs ``ops.run_forward`` and records its launches; a later
-call with the same key launches the same kernels with the same constants, chunk layout and zero initial state,
-its own q, k, v, a new o and new temporaries of the recorded shapes and dtypes (empty: ``ops.launch_forward``
-writes each before reading it, ``ops.FORWARD_TEMPORARIES``). The argument checks are not repeated: they read
-nothing outside the key, so a key seen before passed them.
+depend, past its inputs' data, only on a key: q, k and v's shapes, dtypes and devices, the layer's arguments (ints,
+or None; a call with another type is not replayed), the scale (an int, a float or None), and what chose the
+kernels (the environment, ``env.snapshot``, and the tuning logs read, ``tuning_logs.generation``). The first
+call of a key runs ``ops.run_forward`` and records its launches; a later call with the same key launches the
+same kernels with the same constants, chunk layout and zero initial state, its own q, k, v, a new o and new
+temporaries of the recorded shapes and dtypes (empty: ``ops.launch_forward`` writes each before reading it,
+``ops.FORWARD_TEMPORARIES``). The argument checks are not repeated: they read nothing outside the key, so a key
+seen before passed them.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def key(q, k, v, window, resolution, num_slots, scale) -> tuple | None:
     not be replayed: an argument not a tensor, gradients wanted, torch.compile tracing, a CUDA graph capturing."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         return None
+    if not (type(window) is int and type(resolution) is int and (num_slots is None or type(num_slots) is int)
+            and (scale is None or type(scale) in (int, float))):  # fmt: skip
+        return None  # (the checks name the argument; an unhashable one would fail the lookup)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
     if torch.compiler.is_compiling():
@@ -76,8 +80,7 @@ def key(q, k, v, window, resolution, num_slots, scale) -> tuple | None:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None  # the capture's memory is the graph's: allocate as the op does (``state.zero_initial``)
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, device, k.device, v.device,
-            window, type(window), resolution, type(resolution), num_slots, type(num_slots), scale, type(scale),
-            env.snapshot(), tuning_logs.generation())  # fmt: skip
+            window, resolution, num_slots, scale, env.snapshot(), tuning_logs.generation())  # fmt: skip
 
 
 def recorded(replay_key: tuple) -> ReplayedForward | None:

@@ -437,3 +437,38 @@ def test_in_place_steps_refuse_a_token_unlike_the_first_and_steps_past_their_cou
         with pytest.raises(ValueError, match=r"out must be a contiguous \[2, 2, 3\] tensor"):
             fresh(q, k, v, out=out)
     assert state.seen.tolist() == [3, 10]  # a refused first step left the state as it was
+
+
+def test_in_place_steps_cross_table_blocks_write_unaligned_outputs_and_finish_on_leaving_with(monkeypatch):
+    """Past the first SEEN_BLOCK steps the table of seen values is refilled; an out that is not 64-byte aligned
+    gets o through an aligned copy; leaving the ``with`` block finishes the loop. Equal to decode_step's
+    functional loop bit for bit."""
+    import bla_tvm.decode
+
+    monkeypatch.setattr(bla_tvm.decode, "SEEN_BLOCK", 2)
+    gen = torch.Generator().manual_seed(8)
+    tokens = [tuple(torch.randn(2, 2, d, generator=gen) for d in (4, 4, 3)) for _ in range(7)]
+    state = BLAState(torch.randn(2, 2, 5, 4, generator=gen), torch.randn(2, 2, 5, 3, generator=gen),
+                     torch.tensor([0, 7]))  # fmt: skip
+    expected = BLAState(*(x.clone() for x in state[:3]))
+    buffer = torch.empty(2 * 2 * 3 + 1)
+    with InPlaceSteps(state, 9, 5, tokens=10) as steps:
+        for q, k, v in tokens:
+            out = buffer[1:].view(2, 2, 3)  # 4 bytes past an aligned start
+            steps(q, k, v, out=out)
+            o_ref, expected = decode_step(q, k, v, expected, 9, 5)
+            assert torch.equal(out, o_ref)
+    assert state.seen.tolist() == [7, 14]
+    assert torch.equal(state.key_state, expected.key_state) and torch.equal(state.value_state, expected.value_state)
+
+
+def test_in_place_steps_refuse_bad_arguments_naming_them():
+    q, k, v = _token()
+    state = BLAState(torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 3), torch.tensor([0, 7]))
+    with pytest.raises(TypeError, match="state must be a BLAState"):
+        InPlaceSteps(None, 9, 5)
+    with pytest.raises(TypeError, match="tokens must be an int >= 1, got float"):
+        InPlaceSteps(state, 9, 5, tokens=1.5)
+    with pytest.raises(ValueError, match=r"k must have shape \[B, H, K\]"):
+        InPlaceSteps(state, 9, 5, tokens=2)(q, k[:, None], v)  # decode_step would take it; the steps would not
+    assert state.seen.tolist() == [0, 7]

@@ -66,8 +66,10 @@ def test_a_repeated_call_replays_the_same_kernels_on_its_own_inputs():
         (dict(resolution=True, num_slots=1), TypeError),  # equal to a recorded resolution of 1
         (dict(scale=True), TypeError),  # True == 1 == the recorded scale
         (dict(scale=float("nan")), ValueError),
+        (dict(window=[SHAPE.W]), TypeError),  # unhashable: the check names it
+        (dict(scale=[1.0]), TypeError),
     ],
-    ids=["float window", "bool resolution", "bool scale", "nan scale"],
+    ids=["float window", "bool resolution", "bool scale", "nan scale", "list window", "list scale"],
 )
 def test_argument_checks_still_refuse_what_equals_a_recorded_key(change, error):
     q, k, v = qkv(0)
