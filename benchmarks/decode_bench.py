@@ -215,6 +215,8 @@ VARIANTS = {
     "tile, 8 warps, fp16 state": ("tile", {"warps": 8}, "float16"),
     "tile, 8 warps, 4 items, fp16 state": ("tile", {"warps": 8, "items": 4}, "float16"),
     "tile, 16 warps, 2 items, fp16 state": ("tile", {"warps": 16, "items": 2}, "float16"),
+    "tile, 4 warps, 4 blocks per SM": ("tile", {"warps": 4, "min_blocks_per_sm": 4}, "float32"),
+    "tile, 8 warps, 3 blocks per SM, fp16 state": ("tile", {"warps": 8, "min_blocks_per_sm": 3}, "float16"),
 }
 
 

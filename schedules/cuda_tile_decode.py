@@ -28,6 +28,8 @@ from tvm.script import tirx as T
 
 from bla_tvm.layer import KernelSpec
 
+from .cuda_launch_bounds import with_min_blocks_per_sm
+
 #: the largest shapes the program serves (registers per thread grow with them; beyond, the TE schedule of
 #: ``cuda_decode.py`` runs)
 MAX_STATE_WIDTH = 256
@@ -39,7 +41,9 @@ MAX_GROUP = 8
 class DecodeTileConfig:
     """Knobs of the tile decode step. warps: warps per block (the state's row slots are spread over them:
     fewer warps, more rows and registers per thread). items: the (b, h) one block decodes in turn, asking L2 for
-    each next one's state while it computes the one before (1: one each).
+    each next one's state while it computes the one before (1: one each). min_blocks_per_sm: blocks ptxas must
+    fit on one SM (0: as many as the registers it picks allow); at the bench shape fp32, 4 warps: 166 registers
+    (3 blocks per SM), 4 blocks: 128 registers and 80 B of spills (ptxas; not timed yet).
 
     At the bench shape (B = 64, H = 16, K = V = 64, N = M = 63; do_bench on the H200, 2026-12-04, one run), one
     item per block: fp32 state 27.3 / 31.3 / 33.0 us with 4 / 8 / 16 warps (166 / 92 / 56 registers); fp16 state
@@ -48,6 +52,7 @@ class DecodeTileConfig:
 
     warps: int = 8
     items: int = 1
+    min_blocks_per_sm: int = 0  # > 0: ``cuda_launch_bounds.with_min_blocks_per_sm`` (registers capped to fit)
 
 
 def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfig:
@@ -285,4 +290,6 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                             if gg == g:
                                 o[b, h, g, t % V] = T.Cast(dt, red[0] / row_sum[gg])
 
+    if config.min_blocks_per_sm:
+        return with_min_blocks_per_sm(decode_step, config.min_blocks_per_sm)
     return decode_step
