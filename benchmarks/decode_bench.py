@@ -208,15 +208,14 @@ def synchronize(torch) -> None:
 #: the tile program (DecodeTileConfig)
 VARIANTS = {
     "TE schedule, 128 threads (issue 7)": ("te", {}, "float32"),
-    "tile, 4 warps": ("tile", {"warps": 4}, "float32"),
-    "tile, 16 warps": ("tile", {"warps": 16}, "float32"),
-    "tile, 8 warps, 2 items": ("tile", {"warps": 8, "items": 2}, "float32"),
-    "tile, 8 warps, 4 items": ("tile", {"warps": 8, "items": 4}, "float32"),
-    "tile, 8 warps, fp16 state": ("tile", {"warps": 8}, "float16"),
-    "tile, 8 warps, 4 items, fp16 state": ("tile", {"warps": 8, "items": 4}, "float16"),
-    "tile, 16 warps, 2 items, fp16 state": ("tile", {"warps": 16, "items": 2}, "float16"),
-    "tile, 4 warps, 4 blocks per SM": ("tile", {"warps": 4, "min_blocks_per_sm": 4}, "float32"),
-    "tile, 8 warps, 3 blocks per SM, fp16 state": ("tile", {"warps": 8, "min_blocks_per_sm": 3}, "float16"),
+    "tile, 8 warps, 264 blocks, 2 per SM": ("tile", {"warps": 8, "blocks": 264, "min_blocks_per_sm": 2}, "float32"),
+    "tile, 8 warps, 528 blocks, 4 per SM": ("tile", {"warps": 8, "blocks": 528, "min_blocks_per_sm": 4}, "float32"),
+    "tile, 16 warps, 264 blocks, 2 per SM": ("tile", {"warps": 16, "blocks": 264, "min_blocks_per_sm": 2},
+                                             "float32"),
+    "tile, 8 warps, 528 blocks, 4 per SM, fp16 state": ("tile", {"warps": 8, "blocks": 528, "min_blocks_per_sm": 4},
+                                                        "float16"),
+    "tile, 16 warps, 264 blocks, 2 per SM, fp16 state": ("tile", {"warps": 16, "blocks": 264,
+                                                                  "min_blocks_per_sm": 2}, "float16"),
 }
 
 

@@ -1,23 +1,27 @@
-"""The CUDA one-token decode step as a TIRx program: warps own rows of the state, lanes own its columns.
+"""The CUDA one-token decode step as a TIRx program: warps own row pairs of the state, lanes own its columns.
 
-One thread block of ``warps`` warps per (batch b, kv head h), or per ``items`` of them in turn. The state
-X | Y [N, F] (F = K + V) is split by rows over the warps and by columns over the lanes: row slot s holds row 0
-(s = 0), the rotation pair (2s - 1, 2s) (1 <= s <= (N - 1) / 2) or the Nyquist row N - 1 (N even); warp w owns
-slots w, w + warps, ...; lane l owns columns l, l + 32, ... . Each thread loads its rows x columns once (all
-loads in flight together, coalesced: a warp reads whole rows) and keeps them in registers to the end; everything
-the readout reduces over columns (z = X' q, over K) or over a warp's rows (partial scores, w = p C, o = w Y') is
-reduced in registers and by warp shuffles. Three block barriers, each after a cross-warp partial sum in shared memory:
+A grid of at most ``blocks`` thread blocks of ``warps`` warps; block i decodes (b, h) = divmod(item, H) for item
+= i, i + grid, ... in turn. While it computes one item, the next one's state X | Y [N, K + V] streams into
+shared memory (``cp.async``, every thread a share of 16-byte chunks) and its k, v, q and seen[b] into registers;
+the constants (rotation, b, b / W, this lane's slot readouts C[i, n]) are loaded once per block.
+
+Thread layout of an item: warp w owns the rotation pairs (2 s - 1, 2 s), s = w, w + warps, ... (row 0 pairs
+with an absent row -1, an even N's row N - 1 with an absent row N; absent rows have zero constants and stay
+zero); lane l owns the columns of X and of Y in groups of 4, 2 or 1 adjacent ones (``vector_width``): l, l + 32,
+... . Each thread copies its rows x columns from the stage into registers once and keeps them to the end;
+sums over columns (z = X' q, over K) and over a warp's rows (partial scores, w = p C, o = w Y') are reduced
+in registers and by warp shuffles, a reduce-scatter then an all-gather for the per-row sums. Three block
+barriers, each after a cross-warp partial sum in shared memory:
 
   1. S -> R S (pairwise, in registers); partial removal  sum_n (b_n / W) (R S)[n, f]  over the warp's rows
   2. S' = R S + b (new - removal), stored (rounded to the state dtype, which the readout then reads);
-     z_g[n] = sum_k q_g[k] X'[n, k] (warp shuffles); partial scores  sum_n C[i, n] z_g[n]  over the warp's rows
+     z_g[n] = sum_k q_g[k] X'[n, k]; partial scores  sum_n C[i, n] z_g[n]  over the warp's rows
   3. every warp: scores, mask, softmax over the slots i = lane + 32 j (shuffles); w_g[n] = sum_i p_g[i] C[i, n]
-     for its own rows (shuffles); partial o  sum_n w_g[n] Y'[n, v]  over its rows
+     for its own rows; partial o  sum_n w_g[n] Y'[n, v]  over its rows
   4. o_g[v] = sum over warps / sum_i p_g[i]
 
-Each lane's slot readouts C[i, n] (its slots i by its warp's rows n) are loaded once per block and used twice per
-item (scores and w). Every state element is read (phase 1) before any is written (phase 2), each by the thread
-that writes it, and a block touches only its own (b, h): the outputs may alias the state inputs (in place).
+Every state element is read (into the stage) before any of the item is written (phase 2), and an item's state
+is touched by one block only: the outputs may alias the state inputs (in place).
 """
 
 from __future__ import annotations
@@ -39,28 +43,21 @@ MAX_GROUP = 8
 
 @dataclass(frozen=True)
 class DecodeTileConfig:
-    """Knobs of the tile decode step. warps: warps per block (the state's row slots are spread over them:
-    fewer warps, more rows and registers per thread). items: the (b, h) one block decodes in turn, asking L2 for
-    each next one's state while it computes the one before (1: one each). min_blocks_per_sm: blocks ptxas must
-    fit on one SM (0: as many as the registers it picks allow); at the bench shape fp32, 4 warps: 166 registers
-    (3 blocks per SM), 4 blocks: 128 registers and 80 B of spills (ptxas; not timed yet).
-
-    At the bench shape (B = 64, H = 16, K = V = 64, N = M = 63; do_bench on the H200, 2026-12-04, one run), one
-    item per block: fp32 state 27.3 / 31.3 / 33.0 us with 4 / 8 / 16 warps (166 / 92 / 56 registers); fp16 state
-    23.9 us with 8 warps (116), 41.3 with 16. Two or four items did not help (fp32, 8 warps: 32.2 / 31.6 us; fp16,
-    8 warps, four items: 29.6)."""
+    """Knobs of the tile decode step. warps: warps per block (the state's row pairs are spread over them: fewer
+    warps, more rows and registers per thread). min_blocks_per_sm: blocks ptxas must fit on one SM (0: as many as
+    the registers it picks allow)."""
 
     warps: int = 8
-    items: int = 1
+    blocks: int = 396  # the grid's size at most (132 SMs x 3 blocks); each block takes every blocks-th (b, h)
     min_blocks_per_sm: int = 0  # > 0: ``cuda_launch_bounds.with_min_blocks_per_sm`` (registers capped to fit)
 
 
 def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfig:
-    """The fastest measured (``DecodeTileConfig``): 4 warps for a float32 state where a thread then holds at most
-    64 state values (the bench shape's: 16 rows x 4 columns) and one query head per kv head, else 8."""
-    rows_4_warps = 2 * ceil_div(1 + (spec.resolution - 1) // 2 + (1 - spec.resolution % 2), 4)
-    small = rows_4_warps * ceil_div(spec.state_width, 32) <= 64
-    return DecodeTileConfig(warps=4 if state_dtype in (None, "float32") and small and spec.group_size == 1 else 8)
+    """8 warps; 3 blocks per SM (396 on an H200) where a thread then holds at most 32 state values (the bench
+    shape's: 8 rows x 4 columns), else as many as the registers allow."""
+    rows = 2 * ceil_div(spec.resolution // 2 + 1, 8)
+    small = rows * ceil_div(spec.state_width, 32) <= 32 and spec.group_size <= 2
+    return DecodeTileConfig(warps=8, blocks=396, min_blocks_per_sm=3) if small else DecodeTileConfig(warps=8, blocks=264)
 
 
 def decode_tile_serves(spec: KernelSpec) -> bool:
@@ -77,6 +74,18 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def vector_width(width: int) -> int:
+    """Columns a lane loads at once from a state row of ``width`` columns: 4 or 2 when every lane then has a whole
+    group of its own (width a multiple of 128 or 64), else 1."""
+    return 4 if width % 128 == 0 else 2 if width % 64 == 0 else 1
+
+
+def copy_chunk(*row_bytes: int) -> int:
+    """Bytes per asynchronous copy of a state whose rows take ``row_bytes`` each: 16, 8 or 4, the largest
+    dividing every row (so that every (b, h)'s state starts on a chunk)."""
+    return next(chunk for chunk in (16, 8, 4) if all(size % chunk == 0 for size in row_bytes))
+
+
 def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: DecodeTileConfig = DecodeTileConfig()):
     """The PrimFunc of a decode kernel (``kernels.DECODE_ARGS``; the builder gives it the kernel's symbol):
     o [B, H, G, V], key_out [B, H, N, K], value_out [B, H, N, V] from q [B, H, G, K], k [B, H, K], v [B, H, V],
@@ -86,20 +95,74 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     if not decode_tile_serves(spec):
         raise ValueError(f"the tile decode step does not serve {spec}")
     N, M, W, G, K, V = spec.resolution, spec.num_slots, spec.window, spec.group_size, spec.head_k, spec.head_v
-    F = K + V
     dt, acc = spec.dtype, "float32"
     sdt = state_dtype or acc
-    WARPS, ITEMS = config.warps, config.items
+    WARPS, BLOCKS = config.warps, config.blocks
     THREADS = 32 * WARPS
-    PAIRS = (N - 1) // 2
-    SLOTS = 1 + PAIRS + (1 - N % 2)  # row 0, the pairs, the Nyquist row when N is even
-    SPW = ceil_div(SLOTS, WARPS)  # row slots per warp
-    ROWS = 2 * SPW  # rows per thread (slot j: rows 2 j and 2 j + 1 of the thread's arrays)
-    E = ceil_div(F, 32)  # columns per lane
+    SPW = ceil_div(N // 2 + 1, WARPS)  # row pairs (2 s - 1, 2 s), s = 0 .. N // 2, per warp
+    ROWS = 2 * SPW  # rows per thread
+    RP = 1 << (ROWS - 1).bit_length()  # ROWS rounded up to a power of two, for the reduce-scatter
+    VK, VV = vector_width(K), vector_width(V)  # a lane's columns: groups of VK (VV) adjacent ones
+    EK, EV = ceil_div(K, 32 * VK), ceil_div(V, 32 * VV)  # groups per lane
     MJ = ceil_div(M, 32)  # slots i per lane
-    LINE = 128 // {"float32": 4, "float16": 2, "bfloat16": 2}[sdt]  # state elements per 128-byte line
-    K_LINES, ROW_LINES = ceil_div(K, LINE), ceil_div(K, LINE) + ceil_div(V, LINE)  # lines of a row's X, X | Y
     NEG = T.float32(-3.0e38)
+    ELEM = {"float32": 4, "float16": 2, "bfloat16": 2}[sdt]
+    CHUNK = copy_chunk(K * ELEM, V * ELEM)  # bytes per cp.async
+    X_CHUNKS, Y_CHUNKS = N * K * ELEM // CHUNK, N * V * ELEM // CHUNK  # of one (b, h)'s X, Y
+    PER_CHUNK = CHUNK // ELEM  # state elements per chunk
+    shfl_xor = getattr(T.cuda, "__shfl_xor_sync")
+    shfl = getattr(T.cuda, "__shfl_sync")
+
+    def columns(first, width):
+        """Index of ``width`` adjacent columns from ``first`` (a ramp: one vector access)."""
+        return first if width == 1 else T.ramp(first, 1, width)
+
+    @T.macro
+    def sum_rows_over_lanes(part, total, g, lane):
+        """total[g, r] = sum over the warp's lanes of part[r] (r < RP), in every lane: a reduce-scatter (lane L
+        keeps rows (L RP) // 32 + i, i < max(RP // 32, 1)), then an all-gather; ``part`` is overwritten."""
+        for step in T.unroll(5):
+            d = 16 >> step
+            for i in T.unroll(RP // 2):
+                half = T.max(RP >> (step + 1), 1)
+                if i < half and (step < RP.bit_length() - 1 or i == 0):
+                    if RP >> step >= 2:  # halve: keep one half, send the other to the partner, add its
+                        upper = (lane & d) != 0
+                        keep = T.if_then_else(upper, part[half + i], part[i])
+                        send = T.if_then_else(upper, part[i], part[half + i])
+                        part[i] = keep + shfl_xor(T.uint32(0xFFFFFFFF), send, d, 32)
+                    else:  # one value left (per slot i < RP // 32): reduce it over the remaining lanes
+                        part[i] = part[i] + shfl_xor(T.uint32(0xFFFFFFFF), part[i], d, 32)
+        for r in T.unroll(RP):
+            total[g, r] = shfl(T.uint32(0xFFFFFFFF), part[r % T.max(RP // 32, 1)], (r * 32) // RP, 32)
+
+    @T.macro
+    def fetch(stage, key_flat, value_flat, item, tid):
+        """Start copying X | Y of (b, h) = divmod(item, H) into ``stage`` (cp.async, CHUNK bytes a copy)."""
+        for p in T.unroll(ceil_div(X_CHUNKS + Y_CHUNKS, THREADS)):
+            c = tid + THREADS * p
+            if c < X_CHUNKS:
+                T.ptx[f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"](
+                    T.address_of(stage[c * PER_CHUNK]), T.address_of(key_flat[item * (N * K) + c * PER_CHUNK]), CHUNK)
+            elif c < X_CHUNKS + Y_CHUNKS:
+                T.ptx[f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"](
+                    T.address_of(stage[N * K + (c - X_CHUNKS) * PER_CHUNK]),
+                    T.address_of(value_flat[item * (N * V) + (c - X_CHUNKS) * PER_CHUNK]), CHUNK)
+        T.ptx["cp.async.commit_group"]()
+
+    @T.macro
+    def load_token(token_x, token_y, token_q, token_seen, q, k, v, seen, item, heads, lane):
+        """This lane's columns of k, v and q_g of (b, h) = divmod(item, heads) (zero past K, V), and seen[b]: loads
+        in flight while the item before is computed (kept in the input dtype: a conversion here would wait)."""
+        for e, u in T.grid(EK, VK):
+            col = T.min(VK * (lane + 32 * e) + u, K - 1)
+            token_x[e * VK + u] = k[item // heads, item % heads, col]
+            for g in T.unroll(G):
+                token_q[g, e * VK + u] = q[item // heads, item % heads, g, col]
+        for e, u in T.grid(EV, VV):
+            col = T.min(VV * (lane + 32 * e) + u, V - 1)
+            token_y[e * VV + u] = v[item // heads, item % heads, col]
+        token_seen[0] = seen[item // heads]
 
     @T.prim_func
     def decode_step(
@@ -128,167 +191,196 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
         value_out = T.match_buffer(value_out_h, (B, H, N, V), sdt)
 
         T.device_entry()
-        block = T.cta_id([(B * H + ITEMS - 1) // ITEMS])
+        block = T.cta_id([T.min(B * H, BLOCKS)])
         warp = T.warp_id([WARPS])
         lane = T.lane_id([32])
+        grid = T.min(B * H, BLOCKS)
 
-        # cross-warp partial sums: removal [F], scores [G, M], o [G, V]
-        removal_part = T.alloc_buffer((WARPS, F), acc, scope="shared")
+        stage = T.alloc_buffer((N * (K + V),), sdt, scope="shared.dyn")  # X | Y of one (b, h), row-major
+        key_flat = T.decl_buffer((B * H * N * K,), sdt, data=key_state.data)
+        value_flat = T.decl_buffer((B * H * N * V,), sdt, data=value_state.data)
+
+        # cross-warp partial sums: removal [K | V], scores [G, M], o [G, V]
+        removal_part = T.alloc_buffer((WARPS, K + V), acc, scope="shared")
         score_part = T.alloc_buffer((WARPS, G, M), acc, scope="shared")
         out_part = T.alloc_buffer((WARPS, G, V), acc, scope="shared")
 
-        state = T.alloc_buffer((ROWS, E), acc, scope="local")  # S, then R S, then S'
-        row = T.alloc_buffer((ROWS,), "int32", scope="local")
-        row_ok = T.alloc_buffer((ROWS,), "bool", scope="local")
-        slot_c = T.alloc_buffer((MJ, ROWS), acc, scope="local")  # C[lane + 32 j, row]
+        xs = T.alloc_buffer((ROWS, EK * VK), acc, scope="local")  # X: S, then R S, then S'
+        ys = T.alloc_buffer((ROWS, EV * VV), acc, scope="local")  # Y alike
+        diag = T.alloc_buffer((ROWS,), acc, scope="local")
+        off = T.alloc_buffer((ROWS,), acc, scope="local")
         gain = T.alloc_buffer((ROWS,), acc, scope="local")
         drop = T.alloc_buffer((ROWS,), acc, scope="local")
-        vec = T.alloc_buffer((E,), acc, scope="local")
-        z = T.alloc_buffer((G, ROWS), acc, scope="local")
+        slot_c = T.alloc_buffer((MJ, ROWS), acc, scope="local")  # C[lane + 32 j, row]
+        token_x = T.alloc_buffer((EK * VK,), dt, scope="local")  # k, v, q_g, seen[b] of the next item
+        token_y = T.alloc_buffer((EV * VV,), dt, scope="local")
+        token_q = T.alloc_buffer((G, EK * VK), dt, scope="local")
+        token_seen = T.alloc_buffer((1,), "int64", scope="local")
+        new_x = T.alloc_buffer((EK * VK,), acc, scope="local")  # k, v of this item, then new - removal
+        new_y = T.alloc_buffer((EV * VV,), acc, scope="local")
+        q_x = T.alloc_buffer((G, EK * VK), acc, scope="local")
+        seen_b = T.alloc_buffer((1,), "int64", scope="local")
+        part = T.alloc_buffer((RP,), acc, scope="local")
+        z = T.alloc_buffer((G, RP), acc, scope="local")  # X' q_g, then w_g, by row
         probs = T.alloc_buffer((G, MJ), acc, scope="local")
         row_sum = T.alloc_buffer((G,), acc, scope="local")
         red = T.alloc_buffer((1,), acc, scope="local")
 
-        # ---- 0. this thread's rows and its slot readouts, once for all the block's items ---------------------
-        for j in T.unroll(SPW):
-            s = warp + WARPS * j
-            row[2 * j] = T.if_then_else(s == 0, 0, T.if_then_else(s <= PAIRS, 2 * s - 1, N - 1))
-            row_ok[2 * j] = s < SLOTS
-            row[2 * j + 1] = T.min(2 * s, N - 1)
-            row_ok[2 * j + 1] = T.And(1 <= s, s <= PAIRS)
-        for mj, r in T.grid(MJ, ROWS):
-            slot_c[mj, r] = C_t[row[r], T.min(lane + 32 * mj, M - 1)]
+        fetch(stage, key_flat, value_flat, block, warp * 32 + lane)
+        load_token(token_x, token_y, token_q, token_seen, q, k, v, seen, block, H, lane)
+        for r in T.unroll(ROWS):  # the rows' constants (cached reads), zero for absent rows
+            n = 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
+            ok = 0 <= n and n < N
+            n_in = T.min(T.max(n, 0), N - 1)
+            diag[r] = T.if_then_else(ok, rot_diag[n_in], T.float32(0))
+            off[r] = T.if_then_else(ok, rot_off[n_in], T.float32(0))
+            gain[r] = T.if_then_else(ok, basis[n_in], T.float32(0))
+            drop[r] = T.if_then_else(ok, removal[n_in], T.float32(0))
+            for mj in T.unroll(MJ):
+                slot_c[mj, r] = C_t[n_in, T.min(lane + 32 * mj, M - 1)]
 
-        for i in T.serial(ITEMS):  # the block's items in turn: (b, h) = divmod(block ITEMS + i, H)
-            item = block * ITEMS + i
-            if item < B * H:
-                b = item // H
-                h = item % H
-                # ---- 1. load S (rows x columns of this thread), then ask L2 for the next item's --------------------
-                for r, e in T.grid(ROWS, E):
-                    f = lane + 32 * e
-                    state[r, e] = T.float32(0)
-                    if row_ok[r] and f < F:
-                        if f < K:
-                            state[r, e] = T.Cast(acc, key_state[b, h, row[r], T.min(f, K - 1)])
-                        else:
-                            state[r, e] = T.Cast(acc, value_state[b, h, row[r], T.max(f - K, 0)])
-                if i + 1 < ITEMS and item + 1 < B * H:
-                    for p in T.unroll(ceil_div(ROWS * ROW_LINES, 32)):  # lane l: line l (+ 32 p) of its warp's rows
-                        line = lane + 32 * p
-                        # the warp's row slot j = line // (2 ROW_LINES) holds rows 2 j - 1, 2 j of the state (row
-                        # 0 alone for j = 0, N - 1 alone for the Nyquist slot); computed, not read from ``row``,
-                        # whose index would be dynamic here (and the array then local memory)
-                        s = warp + WARPS * (line // (2 * ROW_LINES))
-                        n = T.min(T.max(2 * s - 1 + (line // ROW_LINES) % 2, 0), N - 1)
-                        c = line % ROW_LINES
-                        if line < ROWS * ROW_LINES and s < SLOTS:
-                            if c < K_LINES:
-                                T.ptx.prefetch.global_.L2(T.address_of(
-                                    key_state[(item + 1) // H, (item + 1) % H, n, T.min(c * LINE, K - 1)]))
-                            else:
-                                T.ptx.prefetch.global_.L2(T.address_of(value_state[
-                                    (item + 1) // H, (item + 1) % H, n, T.min((c - K_LINES) * LINE, V - 1)]))
-                # rotate; partial removal over this warp's rows
-                for r in T.unroll(ROWS):  # the rows' constants (cached reads): b (masked to the valid rows), b / W
-                    gain[r] = T.if_then_else(row_ok[r], basis[row[r]], T.float32(0))
-                    drop[r] = T.if_then_else(row_ok[r], removal[row[r]], T.float32(0))
-                for j in T.unroll(SPW):
-                    diag0 = rot_diag[row[2 * j]]
-                    off0 = rot_off[row[2 * j]]
-                    diag1 = rot_diag[row[2 * j + 1]]
-                    off1 = rot_off[row[2 * j + 1]]
-                    for e in T.unroll(E):
-                        a = state[2 * j, e]
-                        c = state[2 * j + 1, e]
-                        state[2 * j, e] = diag0 * a + off0 * c
-                        state[2 * j + 1, e] = diag1 * c + off1 * a
-                for e in T.unroll(E):
-                    vec[e] = T.float32(0)
-                    for r in T.unroll(ROWS):
-                        vec[e] = vec[e] + drop[r] * state[r, e]
-                    if lane + 32 * e < F:
-                        removal_part[warp, T.min(lane + 32 * e, F - 1)] = vec[e]
-                T.cuda.cta_sync()
-
-                # ---- 2. S' = R S + b (new - removal), stored; z = X' q; partial scores over this warp's rows ---
-                for e in T.unroll(E):
-                    f = T.min(lane + 32 * e, F - 1)
-                    vec[e] = T.if_then_else(
-                        f < K, T.Cast(acc, k[b, h, T.min(f, K - 1)]), T.Cast(acc, v[b, h, T.max(f - K, 0)])
-                    )
-                    for w in T.unroll(WARPS):
-                        vec[e] = vec[e] - removal_part[w, f]
-                for r, e in T.grid(ROWS, E):
-                    f = lane + 32 * e
-                    state[r, e] = T.Cast(acc, T.Cast(sdt, state[r, e] + gain[r] * vec[e]))
-                    if row_ok[r] and f < F:
-                        if f < K:
-                            key_out[b, h, row[r], T.min(f, K - 1)] = T.Cast(sdt, state[r, e])
-                        else:
-                            value_out[b, h, row[r], T.max(f - K, 0)] = T.Cast(sdt, state[r, e])
+        for it in T.serial((B * H - block + grid - 1) // grid):  # this block's (b, h): block + it grid
+            item = block + it * grid
+            b = item // H
+            h = item % H
+            # thread row r is state row n = 2 (warp + WARPS (r // 2)) - 1 + r % 2 (rotation pairs (2 s - 1, 2 s);
+            # row 0 and the Nyquist row N - 1 of an even N pair with an absent row -1 or N, whose constants are 0)
+            # ---- 1. S (rows x columns of this thread) from the stage; the next item's state to the stage ------
+            for e, u in T.grid(EK, VK):  # zero past K, V
+                new_x[e * VK + u] = T.if_then_else(VK * (lane + 32 * e) < K, T.Cast(acc, token_x[e * VK + u]), 0.0)
                 for g in T.unroll(G):
-                    for e in T.unroll(E):
-                        f = lane + 32 * e
-                        vec[e] = T.if_then_else(f < K, T.Cast(acc, q[b, h, g, T.min(f, K - 1)]), T.float32(0))
-                    for r in T.unroll(ROWS):
-                        red[0] = T.float32(0)
-                        for e in T.unroll(E):
-                            red[0] = red[0] + vec[e] * state[r, e]
-                        z[g, r] = T.cuda.warp_sum(red[0])
-                    for mj in T.unroll(MJ):
-                        red[0] = T.float32(0)
-                        for r in T.unroll(ROWS):
-                            red[0] = red[0] + slot_c[mj, r] * z[g, r]
-                        if lane + 32 * mj < M:
-                            score_part[warp, g, T.min(lane + 32 * mj, M - 1)] = red[0]
-                T.cuda.cta_sync()
+                    q_x[g, e * VK + u] = T.if_then_else(
+                        VK * (lane + 32 * e) < K, T.Cast(acc, token_q[g, e * VK + u]), 0.0)
+            for e, u in T.grid(EV, VV):
+                new_y[e * VV + u] = T.if_then_else(VV * (lane + 32 * e) < V, T.Cast(acc, token_y[e * VV + u]), 0.0)
+            seen_b[0] = token_seen[0]
+            T.ptx["cp.async.wait_all"]()
+            T.cuda.cta_sync()
+            for r in T.unroll(ROWS):
+                n = 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
+                for e in T.unroll(EK):
+                    for u in T.unroll(VK):
+                        xs[r, e * VK + u] = T.float32(0)
+                    if 0 <= n and n < N and VK * (lane + 32 * e) < K:
+                        xs[r, columns(e * VK, VK)] = T.Cast(
+                            f"{acc}x{VK}" if VK > 1 else acc, stage[columns(n * K + VK * (lane + 32 * e), VK)])
+                for e in T.unroll(EV):
+                    for u in T.unroll(VV):
+                        ys[r, e * VV + u] = T.float32(0)
+                    if 0 <= n and n < N and VV * (lane + 32 * e) < V:
+                        ys[r, columns(e * VV, VV)] = T.Cast(
+                            f"{acc}x{VV}" if VV > 1 else acc, stage[columns(N * K + n * V + VV * (lane + 32 * e), VV)])
+            T.cuda.cta_sync()
+            if item + grid < B * H:
+                fetch(stage, key_flat, value_flat, item + grid, warp * 32 + lane)
+                load_token(token_x, token_y, token_q, token_seen, q, k, v, seen, item + grid, H, lane)
+            # rotate; partial removal over this warp's rows
+            for j in T.unroll(SPW):
+                for c in T.unroll(EK * VK):
+                    a = xs[2 * j, c]
+                    xs[2 * j, c] = diag[2 * j] * a + off[2 * j] * xs[2 * j + 1, c]
+                    xs[2 * j + 1, c] = diag[2 * j + 1] * xs[2 * j + 1, c] + off[2 * j + 1] * a
+                for c in T.unroll(EV * VV):
+                    a = ys[2 * j, c]
+                    ys[2 * j, c] = diag[2 * j] * a + off[2 * j] * ys[2 * j + 1, c]
+                    ys[2 * j + 1, c] = diag[2 * j + 1] * ys[2 * j + 1, c] + off[2 * j + 1] * a
+            for e, u in T.grid(EK, VK):
+                red[0] = T.float32(0)
+                for r in T.unroll(ROWS):
+                    red[0] = red[0] + drop[r] * xs[r, e * VK + u]
+                if VK * (lane + 32 * e) < K:
+                    removal_part[warp, T.min(VK * (lane + 32 * e) + u, K - 1)] = red[0]
+            for e, u in T.grid(EV, VV):
+                red[0] = T.float32(0)
+                for r in T.unroll(ROWS):
+                    red[0] = red[0] + drop[r] * ys[r, e * VV + u]
+                if VV * (lane + 32 * e) < V:
+                    removal_part[warp, K + T.min(VV * (lane + 32 * e) + u, V - 1)] = red[0]
+            T.cuda.cta_sync()
 
-                # ---- 3. every warp: softmax over the slots; w = p C on its rows; partial o over its rows -------
-                for g in T.unroll(G):
-                    red[0] = NEG
-                    for mj in T.unroll(MJ):
-                        i_slot = lane + 32 * mj
-                        probs[g, mj] = NEG
-                        if i_slot < M and T.Cast("int64", i_slot) * W <= T.min(seen[b], T.int64(W)) * M:
-                            probs[g, mj] = T.float32(0)  # (the int64 product cannot overflow)
-                            for w in T.unroll(WARPS):
-                                probs[g, mj] = probs[g, mj] + score_part[w, g, T.min(i_slot, M - 1)]
-                            probs[g, mj] = scale[0] * probs[g, mj]
-                        red[0] = T.max(red[0], probs[g, mj])
-                    red[0] = T.cuda.warp_max(red[0])
-                    row_sum[g] = T.float32(0)
-                    for mj in T.unroll(MJ):
-                        probs[g, mj] = T.if_then_else(
-                            probs[g, mj] > T.float32(-1.0e38), T.exp(probs[g, mj] - red[0]), T.float32(0)
-                        )
-                        row_sum[g] = row_sum[g] + probs[g, mj]
-                    row_sum[g] = T.cuda.warp_sum(row_sum[g])
+            # ---- 2. S' = R S + b (new - removal), stored; z = X' q; partial scores over this warp's rows -------
+            for e, u in T.grid(EK, VK):
+                col = T.min(VK * (lane + 32 * e) + u, K - 1)
+                for w in T.unroll(WARPS):
+                    new_x[e * VK + u] = new_x[e * VK + u] - removal_part[w, col]
+            for e, u in T.grid(EV, VV):
+                col = T.min(VV * (lane + 32 * e) + u, V - 1)
+                for w in T.unroll(WARPS):
+                    new_y[e * VV + u] = new_y[e * VV + u] - removal_part[w, K + col]
+            for r in T.unroll(ROWS):
+                n = 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
+                for c in T.unroll(EK * VK):
+                    xs[r, c] = T.Cast(acc, T.Cast(sdt, xs[r, c] + gain[r] * new_x[c]))
+                for c in T.unroll(EV * VV):
+                    ys[r, c] = T.Cast(acc, T.Cast(sdt, ys[r, c] + gain[r] * new_y[c]))
+                for e in T.unroll(EK):
+                    if 0 <= n and n < N and VK * (lane + 32 * e) < K:
+                        key_out[b, h, n, columns(VK * (lane + 32 * e), VK)] = T.Cast(
+                            f"{sdt}x{VK}" if VK > 1 else sdt, xs[r, columns(e * VK, VK)])
+                for e in T.unroll(EV):
+                    if 0 <= n and n < N and VV * (lane + 32 * e) < V:
+                        value_out[b, h, n, columns(VV * (lane + 32 * e), VV)] = T.Cast(
+                            f"{sdt}x{VV}" if VV > 1 else sdt, ys[r, columns(e * VV, VV)])
+            for g in T.unroll(G):
+                for r in T.unroll(RP):
+                    part[r] = T.float32(0)
+                    if r < ROWS:
+                        for c in T.unroll(EK * VK):
+                            part[r] = part[r] + q_x[g, c] * xs[T.min(r, ROWS - 1), c]
+                sum_rows_over_lanes(part, z, g, lane)
+                for mj in T.unroll(MJ):
+                    red[0] = T.float32(0)
                     for r in T.unroll(ROWS):
-                        red[0] = T.float32(0)
-                        for mj in T.unroll(MJ):
-                            red[0] = red[0] + probs[g, mj] * slot_c[mj, r]
-                        z[g, r] = T.cuda.warp_sum(red[0])  # now w_g[row r]
-                    for e in T.unroll(E):
-                        f = lane + 32 * e
-                        red[0] = T.float32(0)
-                        for r in T.unroll(ROWS):
-                            red[0] = red[0] + z[g, r] * state[r, e]
-                        if K <= f and f < F:
-                            out_part[warp, g, T.min(T.max(f - K, 0), V - 1)] = red[0]
-                T.cuda.cta_sync()
+                        red[0] = red[0] + slot_c[mj, r] * z[g, r]
+                    if lane + 32 * mj < M:
+                        score_part[warp, g, T.min(lane + 32 * mj, M - 1)] = red[0]
+            T.cuda.cta_sync()
 
-                # ---- 4. o = sum of the warps' partials / sum(p) -----------------------------------------------
-                for it in T.unroll(ceil_div(G * V, THREADS)):
-                    t = it * THREADS + warp * 32 + lane
-                    if t < G * V:
-                        g = t // V
-                        red[0] = T.float32(0)
+            # ---- 3. every warp: softmax over the slots; w = p C on its rows; partial o over its rows -------------
+            for g in T.unroll(G):
+                red[0] = NEG
+                for mj in T.unroll(MJ):
+                    i_slot = lane + 32 * mj
+                    probs[g, mj] = NEG
+                    if i_slot < M and T.Cast("int64", i_slot) * W <= T.min(seen_b[0], T.int64(W)) * M:
+                        probs[g, mj] = T.float32(0)  # (the int64 product cannot overflow)
                         for w in T.unroll(WARPS):
-                            red[0] = red[0] + out_part[w, g, t % V]
-                        for gg in T.unroll(G):
-                            if gg == g:
-                                o[b, h, g, t % V] = T.Cast(dt, red[0] / row_sum[gg])
+                            probs[g, mj] = probs[g, mj] + score_part[w, g, T.min(i_slot, M - 1)]
+                        probs[g, mj] = scale[0] * probs[g, mj]
+                    red[0] = T.max(red[0], probs[g, mj])
+                red[0] = T.cuda.warp_max(red[0])
+                row_sum[g] = T.float32(0)
+                for mj in T.unroll(MJ):
+                    probs[g, mj] = T.if_then_else(
+                        probs[g, mj] > T.float32(-1.0e38), T.exp(probs[g, mj] - red[0]), T.float32(0)
+                    )
+                    row_sum[g] = row_sum[g] + probs[g, mj]
+                row_sum[g] = T.cuda.warp_sum(row_sum[g])
+                for r in T.unroll(RP):
+                    part[r] = T.float32(0)
+                    if r < ROWS:
+                        for mj in T.unroll(MJ):
+                            part[r] = part[r] + probs[g, mj] * slot_c[mj, T.min(r, ROWS - 1)]
+                sum_rows_over_lanes(part, z, g, lane)  # now w_g by row
+                for e, u in T.grid(EV, VV):
+                    red[0] = T.float32(0)
+                    for r in T.unroll(ROWS):
+                        red[0] = red[0] + z[g, r] * ys[r, e * VV + u]
+                    if VV * (lane + 32 * e) < V:
+                        out_part[warp, g, T.min(VV * (lane + 32 * e) + u, V - 1)] = red[0]
+            T.cuda.cta_sync()
+
+            # ---- 4. o = sum of the warps' partials / sum(p) -------------------------------------------------------
+            for it in T.unroll(ceil_div(G * V, THREADS)):
+                t = it * THREADS + warp * 32 + lane
+                if t < G * V:
+                    g = t // V
+                    red[0] = T.float32(0)
+                    for w in T.unroll(WARPS):
+                        red[0] = red[0] + out_part[w, g, t % V]
+                    for gg in T.unroll(G):
+                        if gg == g:
+                            o[b, h, g, t % V] = T.Cast(dt, red[0] / row_sum[gg])
 
     if config.min_blocks_per_sm:
         return with_min_blocks_per_sm(decode_step, config.min_blocks_per_sm)

@@ -169,6 +169,30 @@ def test_decode_512_tokens(device, layer):
     assert state.seen.tolist() == [T, T]
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "layer", [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in GPU_DECODE_LAYERS]
+)
+def test_decode_a_batch_larger_than_the_grid(layer, state_dtype):
+    """B H = 640 (b, h) pairs, more than the tile step's grid (``DecodeTileConfig.blocks``): its blocks take
+    several in turn, each copying the next one's state in while computing one. 16 steps equal the definition."""
+    T = 16
+    (q, k, v, _, _), _, _ = inputs(layer, 320, T, 2, "cuda", seed=5)
+    q, k, v = (x.detach() for x in (q, k, v))
+    state, outputs = None, []
+    with torch.no_grad():
+        for t in range(T):
+            fresh = state_dtype if state is None else None
+            o, state = decode_step(q[:, t], k[:, t], v[:, t], state, **layer_args(layer), state_dtype=fresh)
+            outputs.append(o)
+    o_ref, (X, Y, _) = bla_recurrent(*(x.double().cpu() for x in (q, k, v)), **layer_args(layer),
+                                     output_final_state=True)  # fmt: skip
+    tol = TOLERANCE[layer.dtype] if state_dtype == torch.float32 else 1e-2
+    assert relative_error(torch.stack(outputs, dim=1), o_ref) <= tol
+    assert relative_error(state.key_state, X[:, :: layer.group_size]) <= tol
+    assert relative_error(state.value_state, Y[:, :: layer.group_size]) <= tol
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
     "layer", [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in GPU_DECODE_LAYERS]
