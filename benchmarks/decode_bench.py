@@ -208,14 +208,12 @@ def synchronize(torch) -> None:
 #: the tile program (DecodeTileConfig)
 VARIANTS = {
     "TE schedule, 128 threads (issue 7)": ("te", {}, "float32"),
-    "tile, 8 warps, 264 blocks, 2 per SM": ("tile", {"warps": 8, "blocks": 264, "min_blocks_per_sm": 2}, "float32"),
+    "tile, 8 warps, 396 blocks, 3 per SM": ("tile", {"warps": 8, "blocks": 396, "min_blocks_per_sm": 3}, "float32"),
     "tile, 8 warps, 528 blocks, 4 per SM": ("tile", {"warps": 8, "blocks": 528, "min_blocks_per_sm": 4}, "float32"),
-    "tile, 16 warps, 264 blocks, 2 per SM": ("tile", {"warps": 16, "blocks": 264, "min_blocks_per_sm": 2},
+    "tile, 16 warps, 132 blocks, 1 per SM": ("tile", {"warps": 16, "blocks": 132, "min_blocks_per_sm": 1},
                                              "float32"),
-    "tile, 8 warps, 528 blocks, 4 per SM, fp16 state": ("tile", {"warps": 8, "blocks": 528, "min_blocks_per_sm": 4},
+    "tile, 8 warps, 396 blocks, 3 per SM, fp16 state": ("tile", {"warps": 8, "blocks": 396, "min_blocks_per_sm": 3},
                                                         "float16"),
-    "tile, 16 warps, 264 blocks, 2 per SM, fp16 state": ("tile", {"warps": 16, "blocks": 264,
-                                                                  "min_blocks_per_sm": 2}, "float16"),
 }
 
 

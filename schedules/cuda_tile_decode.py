@@ -1,9 +1,10 @@
 """The CUDA one-token decode step as a TIRx program: warps own row pairs of the state, lanes own its columns.
 
 A grid of at most ``blocks`` thread blocks of ``warps`` warps; block i decodes (b, h) = divmod(item, H) for item
-= i, i + grid, ... in turn. While it computes one item, the next one's state X | Y [N, K + V] streams into
-shared memory (``cp.async``, every thread a share of 16-byte chunks) and its k, v, q and seen[b] into registers;
-the constants (rotation, b, b / W, this lane's slot readouts C[i, n]) are loaded once per block.
+= i, i + grid, ... in turn. While it computes one item, the next one's state X | Y [N, K + V] and seen[b]
+stream into shared memory (``cp.async``, every thread a share of 16-byte chunks) and its k, v, q into registers.
+The constants are loaded once per block: the rows' rotation, b and b / W into a shared table (read where used),
+this lane's slot readouts C[i, n] into registers.
 
 Thread layout of an item: warp w owns the rotation pairs (2 s - 1, 2 s), s = w, w + warps, ... (row 0 pairs
 with an absent row -1, an even N's row N - 1 with an absent row N; absent rows have zero constants and stay
@@ -48,16 +49,19 @@ class DecodeTileConfig:
     the registers it picks allow)."""
 
     warps: int = 8
-    blocks: int = 396  # the grid's size at most (132 SMs x 3 blocks); each block takes every blocks-th (b, h)
+    blocks: int = 264  # the grid's size at most (132 SMs x 2 blocks); each block takes every blocks-th (b, h)
     min_blocks_per_sm: int = 0  # > 0: ``cuda_launch_bounds.with_min_blocks_per_sm`` (registers capped to fit)
 
 
 def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfig:
-    """8 warps; 3 blocks per SM (396 on an H200) where a thread then holds at most 32 state values (the bench
-    shape's: 8 rows x 4 columns), else as many as the registers allow."""
+    """8 warps, 264 blocks (2 per SM of an H200). Where a thread then holds at most 32 state values (the bench
+    shape's: 8 rows x 4 columns), ptxas is held to 128 registers so that 2 blocks fit; else it picks. At the bench
+    shape (H200, do_bench, 2026-12-04, one run): float32 state 23.4 us (3 blocks per SM at 80 registers, which
+    spill, 26.3-26.7); float16 17.3 us (3 per SM 19.0); two states per block in shared memory, one computed while
+    the other streams in, were slower (25.3 / 18.5 us)."""
     rows = 2 * ceil_div(spec.resolution // 2 + 1, 8)
     small = rows * ceil_div(spec.state_width, 32) <= 32 and spec.group_size <= 2
-    return DecodeTileConfig(warps=8, blocks=396, min_blocks_per_sm=3) if small else DecodeTileConfig(warps=8, blocks=264)
+    return DecodeTileConfig(warps=8, blocks=264, min_blocks_per_sm=2 if small else 0)
 
 
 def decode_tile_serves(spec: KernelSpec) -> bool:
@@ -101,6 +105,7 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     THREADS = 32 * WARPS
     SPW = ceil_div(N // 2 + 1, WARPS)  # row pairs (2 s - 1, 2 s), s = 0 .. N // 2, per warp
     ROWS = 2 * SPW  # rows per thread
+    TABLE = 2 * WARPS * SPW + 1  # rows n = -1 .. 2 WARPS SPW - 1 of the threads, at n + 1
     RP = 1 << (ROWS - 1).bit_length()  # ROWS rounded up to a power of two, for the reduce-scatter
     VK, VV = vector_width(K), vector_width(V)  # a lane's columns: groups of VK (VV) adjacent ones
     EK, EV = ceil_div(K, 32 * VK), ceil_div(V, 32 * VV)  # groups per lane
@@ -110,8 +115,20 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     CHUNK = copy_chunk(K * ELEM, V * ELEM)  # bytes per cp.async
     X_CHUNKS, Y_CHUNKS = N * K * ELEM // CHUNK, N * V * ELEM // CHUNK  # of one (b, h)'s X, Y
     PER_CHUNK = CHUNK // ELEM  # state elements per chunk
+    COPY = f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"
+    # the shared pool, in 32-bit words: the stage, seen[b] (8-byte aligned), the constants, the partial sums
+    SEEN_AT = 2 * ceil_div(N * (K + V) * ELEM, 8)
+    CONSTS_AT = SEEN_AT + 2
+    REMOVAL_AT = CONSTS_AT + 4 * TABLE
+    SCORES_AT = REMOVAL_AT + WARPS * (K + V)
+    OUT_AT = SCORES_AT + WARPS * G * M
+    POOL_WORDS = OUT_AT + WARPS * G * V
     shfl_xor = getattr(T.cuda, "__shfl_xor_sync")
     shfl = getattr(T.cuda, "__shfl_sync")
+
+    def state_row(warp, r):
+        """The state row n of a thread's row r: rotation pair s = warp + WARPS (r // 2) holds rows 2 s - 1, 2 s."""
+        return 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
 
     def columns(first, width):
         """Index of ``width`` adjacent columns from ``first`` (a ramp: one vector access)."""
@@ -137,23 +154,27 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
             total[g, r] = shfl(T.uint32(0xFFFFFFFF), part[r % T.max(RP // 32, 1)], (r * 32) // RP, 32)
 
     @T.macro
-    def fetch(stage, key_flat, value_flat, item, tid):
-        """Start copying X | Y of (b, h) = divmod(item, H) into ``stage`` (cp.async, CHUNK bytes a copy)."""
-        for p in T.unroll(ceil_div(X_CHUNKS + Y_CHUNKS, THREADS)):
-            c = tid + THREADS * p
-            if c < X_CHUNKS:
-                T.ptx[f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"](
-                    T.address_of(stage[c * PER_CHUNK]), T.address_of(key_flat[item * (N * K) + c * PER_CHUNK]), CHUNK)
-            elif c < X_CHUNKS + Y_CHUNKS:
-                T.ptx[f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"](
-                    T.address_of(stage[N * K + (c - X_CHUNKS) * PER_CHUNK]),
-                    T.address_of(value_flat[item * (N * V) + (c - X_CHUNKS) * PER_CHUNK]), CHUNK)
+    def fetch(stage, stage_seen, key_flat, value_flat, seen, item, heads, tid):
+        """Start copying X | Y of (b, h) = divmod(item, heads) into ``stage`` (cp.async, CHUNK bytes a copy;
+        thread tid takes chunks tid, tid + THREADS, ... of X, then of Y: addresses a base plus an immediate) and
+        seen[b] into ``stage_seen`` (so that no register waits for it: a warp-uniform value loaded into a
+        register is moved to a uniform register at once, which waits for the load)."""
+        if tid == 0:
+            T.ptx["cp.async.ca.shared.global"](T.address_of(stage_seen[0]), T.address_of(seen[item // heads]), 8)
+        for p in T.unroll(ceil_div(X_CHUNKS, THREADS)):
+            if tid + THREADS * p < X_CHUNKS:
+                T.ptx[COPY](T.address_of(stage[(tid + THREADS * p) * PER_CHUNK]),
+                            T.address_of(key_flat[item * (N * K) + (tid + THREADS * p) * PER_CHUNK]), CHUNK)
+        for p in T.unroll(ceil_div(Y_CHUNKS, THREADS)):
+            if tid + THREADS * p < Y_CHUNKS:
+                T.ptx[COPY](T.address_of(stage[N * K + (tid + THREADS * p) * PER_CHUNK]),
+                            T.address_of(value_flat[item * (N * V) + (tid + THREADS * p) * PER_CHUNK]), CHUNK)
         T.ptx["cp.async.commit_group"]()
 
     @T.macro
-    def load_token(token_x, token_y, token_q, token_seen, q, k, v, seen, item, heads, lane):
-        """This lane's columns of k, v and q_g of (b, h) = divmod(item, heads) (zero past K, V), and seen[b]: loads
-        in flight while the item before is computed (kept in the input dtype: a conversion here would wait)."""
+    def load_token(token_x, token_y, token_q, q, k, v, item, heads, lane):
+        """This lane's columns of k, v and q_g of (b, h) = divmod(item, heads): loads in flight while the item
+        before is computed (kept in the input dtype: a conversion here would wait for them)."""
         for e, u in T.grid(EK, VK):
             col = T.min(VK * (lane + 32 * e) + u, K - 1)
             token_x[e * VK + u] = k[item // heads, item % heads, col]
@@ -162,7 +183,6 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
         for e, u in T.grid(EV, VV):
             col = T.min(VV * (lane + 32 * e) + u, V - 1)
             token_y[e * VV + u] = v[item // heads, item % heads, col]
-        token_seen[0] = seen[item // heads]
 
     @T.prim_func
     def decode_step(
@@ -196,26 +216,26 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
         lane = T.lane_id([32])
         grid = T.min(B * H, BLOCKS)
 
-        stage = T.alloc_buffer((N * (K + V),), sdt, scope="shared.dyn")  # X | Y of one (b, h), row-major
+        # one dynamic pool of 32-bit words (a static part would count against the 48 KB a block gets without
+        # opting in, which the runtime does for the dynamic size alone)
+        pool = T.alloc_buffer((POOL_WORDS,), acc, scope="shared.dyn")
+        stage = T.decl_buffer((N * (K + V),), sdt, data=pool.data, elem_offset=0, scope="shared.dyn")  # X | Y
+        stage_seen = T.decl_buffer((1,), "int64", data=pool.data, elem_offset=SEEN_AT // 2, scope="shared.dyn")
+        # rot_diag, rot_off, basis, removal of state row n at n + 1 (read where used: registers are short)
+        row_consts = T.decl_buffer((4, TABLE), acc, data=pool.data, elem_offset=CONSTS_AT, scope="shared.dyn")
+        # cross-warp partial sums: removal [K | V], scores [G, M], o [G, V]
+        removal_part = T.decl_buffer((WARPS, K + V), acc, data=pool.data, elem_offset=REMOVAL_AT, scope="shared.dyn")
+        score_part = T.decl_buffer((WARPS, G, M), acc, data=pool.data, elem_offset=SCORES_AT, scope="shared.dyn")
+        out_part = T.decl_buffer((WARPS, G, V), acc, data=pool.data, elem_offset=OUT_AT, scope="shared.dyn")
         key_flat = T.decl_buffer((B * H * N * K,), sdt, data=key_state.data)
         value_flat = T.decl_buffer((B * H * N * V,), sdt, data=value_state.data)
 
-        # cross-warp partial sums: removal [K | V], scores [G, M], o [G, V]
-        removal_part = T.alloc_buffer((WARPS, K + V), acc, scope="shared")
-        score_part = T.alloc_buffer((WARPS, G, M), acc, scope="shared")
-        out_part = T.alloc_buffer((WARPS, G, V), acc, scope="shared")
-
         xs = T.alloc_buffer((ROWS, EK * VK), acc, scope="local")  # X: S, then R S, then S'
         ys = T.alloc_buffer((ROWS, EV * VV), acc, scope="local")  # Y alike
-        diag = T.alloc_buffer((ROWS,), acc, scope="local")
-        off = T.alloc_buffer((ROWS,), acc, scope="local")
-        gain = T.alloc_buffer((ROWS,), acc, scope="local")
-        drop = T.alloc_buffer((ROWS,), acc, scope="local")
         slot_c = T.alloc_buffer((MJ, ROWS), acc, scope="local")  # C[lane + 32 j, row]
-        token_x = T.alloc_buffer((EK * VK,), dt, scope="local")  # k, v, q_g, seen[b] of the next item
+        token_x = T.alloc_buffer((EK * VK,), dt, scope="local")  # k, v, q_g of the next item
         token_y = T.alloc_buffer((EV * VV,), dt, scope="local")
         token_q = T.alloc_buffer((G, EK * VK), dt, scope="local")
-        token_seen = T.alloc_buffer((1,), "int64", scope="local")
         new_x = T.alloc_buffer((EK * VK,), acc, scope="local")  # k, v of this item, then new - removal
         new_y = T.alloc_buffer((EV * VV,), acc, scope="local")
         q_x = T.alloc_buffer((G, EK * VK), acc, scope="local")
@@ -226,18 +246,24 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
         row_sum = T.alloc_buffer((G,), acc, scope="local")
         red = T.alloc_buffer((1,), acc, scope="local")
 
-        fetch(stage, key_flat, value_flat, block, warp * 32 + lane)
-        load_token(token_x, token_y, token_q, token_seen, q, k, v, seen, block, H, lane)
-        for r in T.unroll(ROWS):  # the rows' constants (cached reads), zero for absent rows
-            n = 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
-            ok = 0 <= n and n < N
-            n_in = T.min(T.max(n, 0), N - 1)
-            diag[r] = T.if_then_else(ok, rot_diag[n_in], T.float32(0))
-            off[r] = T.if_then_else(ok, rot_off[n_in], T.float32(0))
-            gain[r] = T.if_then_else(ok, basis[n_in], T.float32(0))
-            drop[r] = T.if_then_else(ok, removal[n_in], T.float32(0))
+        fetch(stage, stage_seen, key_flat, value_flat, seen, block, H, warp * 32 + lane)
+        load_token(token_x, token_y, token_q, q, k, v, block, H, lane)
+        for p in T.unroll(ceil_div(TABLE, THREADS)):  # the rows' constants at n + 1, zero for absent rows
+            i = warp * 32 + lane + THREADS * p
+            if i < TABLE:
+                n_in = T.min(T.max(i - 1, 0), N - 1)
+                present = 1 <= i and i <= N
+                row_consts[0, i] = T.if_then_else(present, rot_diag[n_in], T.float32(0))
+                row_consts[1, i] = T.if_then_else(present, rot_off[n_in], T.float32(0))
+                row_consts[2, i] = T.if_then_else(present, basis[n_in], T.float32(0))
+                row_consts[3, i] = T.if_then_else(present, removal[n_in], T.float32(0))
+        T.cuda.cta_sync()
+        for r in T.unroll(ROWS):
+            n = state_row(warp, r)
             for mj in T.unroll(MJ):
-                slot_c[mj, r] = C_t[n_in, T.min(lane + 32 * mj, M - 1)]
+                slot_c[mj, r] = T.float32(0)
+                if 0 <= n and n < N:
+                    slot_c[mj, r] = C_t[n, T.min(lane + 32 * mj, M - 1)]
 
         for it in T.serial((B * H - block + grid - 1) // grid):  # this block's (b, h): block + it grid
             item = block + it * grid
@@ -253,11 +279,10 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                         VK * (lane + 32 * e) < K, T.Cast(acc, token_q[g, e * VK + u]), 0.0)
             for e, u in T.grid(EV, VV):
                 new_y[e * VV + u] = T.if_then_else(VV * (lane + 32 * e) < V, T.Cast(acc, token_y[e * VV + u]), 0.0)
-            seen_b[0] = token_seen[0]
             T.ptx["cp.async.wait_all"]()
             T.cuda.cta_sync()
             for r in T.unroll(ROWS):
-                n = 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
+                n = state_row(warp, r)
                 for e in T.unroll(EK):
                     for u in T.unroll(VK):
                         xs[r, e * VK + u] = T.float32(0)
@@ -270,30 +295,35 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                     if 0 <= n and n < N and VV * (lane + 32 * e) < V:
                         ys[r, columns(e * VV, VV)] = T.Cast(
                             f"{acc}x{VV}" if VV > 1 else acc, stage[columns(N * K + n * V + VV * (lane + 32 * e), VV)])
+            seen_b[0] = stage_seen[0]
             T.cuda.cta_sync()
             if item + grid < B * H:
-                fetch(stage, key_flat, value_flat, item + grid, warp * 32 + lane)
-                load_token(token_x, token_y, token_q, token_seen, q, k, v, seen, item + grid, H, lane)
+                fetch(stage, stage_seen, key_flat, value_flat, seen, item + grid, H, warp * 32 + lane)
+                load_token(token_x, token_y, token_q, q, k, v, item + grid, H, lane)
             # rotate; partial removal over this warp's rows
-            for j in T.unroll(SPW):
+            for j in T.unroll(SPW):  # rows a = 2 j, c = 2 j + 1 of the thread: a' = d_a a + o_a c, c' = d_c c + o_c a
+                d_a = row_consts[0, state_row(warp, 2 * j) + 1]
+                o_a = row_consts[1, state_row(warp, 2 * j) + 1]
+                d_c = row_consts[0, state_row(warp, 2 * j + 1) + 1]
+                o_c = row_consts[1, state_row(warp, 2 * j + 1) + 1]
                 for c in T.unroll(EK * VK):
                     a = xs[2 * j, c]
-                    xs[2 * j, c] = diag[2 * j] * a + off[2 * j] * xs[2 * j + 1, c]
-                    xs[2 * j + 1, c] = diag[2 * j + 1] * xs[2 * j + 1, c] + off[2 * j + 1] * a
+                    xs[2 * j, c] = d_a * a + o_a * xs[2 * j + 1, c]
+                    xs[2 * j + 1, c] = d_c * xs[2 * j + 1, c] + o_c * a
                 for c in T.unroll(EV * VV):
                     a = ys[2 * j, c]
-                    ys[2 * j, c] = diag[2 * j] * a + off[2 * j] * ys[2 * j + 1, c]
-                    ys[2 * j + 1, c] = diag[2 * j + 1] * ys[2 * j + 1, c] + off[2 * j + 1] * a
+                    ys[2 * j, c] = d_a * a + o_a * ys[2 * j + 1, c]
+                    ys[2 * j + 1, c] = d_c * ys[2 * j + 1, c] + o_c * a
             for e, u in T.grid(EK, VK):
                 red[0] = T.float32(0)
                 for r in T.unroll(ROWS):
-                    red[0] = red[0] + drop[r] * xs[r, e * VK + u]
+                    red[0] = red[0] + row_consts[3, state_row(warp, r) + 1] * xs[r, e * VK + u]
                 if VK * (lane + 32 * e) < K:
                     removal_part[warp, T.min(VK * (lane + 32 * e) + u, K - 1)] = red[0]
             for e, u in T.grid(EV, VV):
                 red[0] = T.float32(0)
                 for r in T.unroll(ROWS):
-                    red[0] = red[0] + drop[r] * ys[r, e * VV + u]
+                    red[0] = red[0] + row_consts[3, state_row(warp, r) + 1] * ys[r, e * VV + u]
                 if VV * (lane + 32 * e) < V:
                     removal_part[warp, K + T.min(VV * (lane + 32 * e) + u, V - 1)] = red[0]
             T.cuda.cta_sync()
@@ -308,11 +338,11 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                 for w in T.unroll(WARPS):
                     new_y[e * VV + u] = new_y[e * VV + u] - removal_part[w, K + col]
             for r in T.unroll(ROWS):
-                n = 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
+                n = state_row(warp, r)
                 for c in T.unroll(EK * VK):
-                    xs[r, c] = T.Cast(acc, T.Cast(sdt, xs[r, c] + gain[r] * new_x[c]))
+                    xs[r, c] = T.Cast(acc, T.Cast(sdt, xs[r, c] + row_consts[2, state_row(warp, r) + 1] * new_x[c]))
                 for c in T.unroll(EV * VV):
-                    ys[r, c] = T.Cast(acc, T.Cast(sdt, ys[r, c] + gain[r] * new_y[c]))
+                    ys[r, c] = T.Cast(acc, T.Cast(sdt, ys[r, c] + row_consts[2, state_row(warp, r) + 1] * new_y[c]))
                 for e in T.unroll(EK):
                     if 0 <= n and n < N and VK * (lane + 32 * e) < K:
                         key_out[b, h, n, columns(VK * (lane + 32 * e), VK)] = T.Cast(
