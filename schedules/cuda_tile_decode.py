@@ -65,9 +65,12 @@ def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfi
 
 
 def decode_tile_serves(spec: KernelSpec) -> bool:
-    """Whether ``decode_step_tile`` compiles ``spec`` (float64 and shapes past the register budget do not)."""
+    """Whether ``decode_step_tile`` compiles ``spec`` (float64, shapes past the register budget and odd head
+    dims, whose 16-bit state rows are no whole number of 4-byte copies, do not)."""
     return (
         spec.acc_dtype == "float32"
+        and spec.head_k % 2 == 0
+        and spec.head_v % 2 == 0
         and spec.state_width <= MAX_STATE_WIDTH
         and spec.group_size <= MAX_GROUP
         and spec.group_size * spec.num_slots <= MAX_SLOT_TERMS

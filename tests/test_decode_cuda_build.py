@@ -41,8 +41,10 @@ print(json.dumps(out))
          ("decode_step",), {"decode_step": "scheduled_module"}),
         (dict(window=16, resolution=16, num_slots=16, head_k=40, head_v=130, dtype="float16", group_size=3),
          ("decode_step",), {"decode_step": "tile_decode_module"}),
+        (dict(window=33, resolution=9, num_slots=7, head_k=15, head_v=24, dtype="bfloat16"),
+         ("decode_step_state_float16",), {"decode_step_state_float16": "scheduled_module"}),
     ],
-    ids=["bench-bf16", "fine-slots-gqa-fp32", "swa-odd-dims-fp16"],
+    ids=["bench-bf16", "fine-slots-gqa-fp32", "swa-odd-dims-fp16", "odd-head-k-fp16-state"],
 )  # fmt: skip
 def test_cuda_decode_kernels_build_into_sound_machine_code(spec, kernels, builder, tmp_path):
     spec = dict(spec, chunk_size=1)
