@@ -100,10 +100,13 @@ def tile_decode_module(kernel: str, spec: KernelSpec, device_kind: str, config=N
     return tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), _tile_options()
 
 
-def _decode_tile_serves(spec: KernelSpec) -> bool:
-    from bla_tvm.schedules.cuda_tile_decode import decode_tile_serves
+def _decode_tile_serves(state_dtype: str | None) -> Callable[[KernelSpec], bool]:
+    def serves(spec: KernelSpec) -> bool:
+        from bla_tvm.schedules.cuda_tile_decode import decode_tile_serves
 
-    return decode_tile_serves(spec)
+        return decode_tile_serves(spec, state_dtype)
+
+    return serves
 
 
 def builder(kernel: str, spec: KernelSpec, device_kind: str) -> Builder:
@@ -193,5 +196,5 @@ register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_mo
 register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("chunk_backward_tile", "cuda", lambda spec: True, tile_program_module)
 register_builder("state_scan_reverse_tile", "cuda", lambda spec: True, tile_program_module)
-for _decode in kernels.DECODE_STATE_DTYPES:  # every stored state dtype's step
-    register_builder(_decode, "cuda", _decode_tile_serves, tile_decode_module)
+for _decode, _state in kernels.DECODE_STATE_DTYPES.items():  # every stored state dtype's step
+    register_builder(_decode, "cuda", _decode_tile_serves(_state), tile_decode_module)

@@ -61,15 +61,18 @@ GPU_TEST_LAYERS = (
 )
 #: the layers the GPU tests also decode with, token by token (fp32, bf16, N == W even, GQA with M < N)
 GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]
+#: the decode benchmark's layer, decoded by a GPU test too: the tile step's 2-column vector accesses and 8 rows a
+#: thread, which the small layers above do not reach
+DECODE_BENCH_LAYER = LayerSpec(512, 63, 63, 64, 64, "bfloat16")
 
 
 def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
     """Every (spec, kernels) the GPU tests load on CUDA without tuning logs (``BLA_TVM_NO_TUNING=1``): the
     forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
-    included), and the decode steps of ``GPU_DECODE_LAYERS`` (every stored state dtype). Read by ``bla-tvm build
-    --gpu-test-layers``."""
+    included), and the decode steps of ``GPU_DECODE_LAYERS`` and ``DECODE_BENCH_LAYER`` (every stored state
+    dtype). Read by ``bla-tvm build --gpu-test-layers``."""
     wanted = _cuda_kernels(GPU_TEST_LAYERS)
-    for layer in GPU_DECODE_LAYERS:
+    for layer in (*GPU_DECODE_LAYERS, DECODE_BENCH_LAYER):
         wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).update(kernels.DECODE_STATE_DTYPES)
     return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]
 

@@ -40,6 +40,8 @@ from .cuda_launch_bounds import with_min_blocks_per_sm
 MAX_STATE_WIDTH = 256
 MAX_SLOT_TERMS = 256  # G * M: the slots' scores and probabilities each lane keeps, times 32
 MAX_GROUP = 8
+MAX_SHARED_BYTES = 232_448  # shared memory one block may have on sm_90 (227 KB)
+STATE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,60 @@ def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfi
     return DecodeTileConfig(warps=8, blocks=264, min_blocks_per_sm=2 if small else 0)
 
 
-def decode_tile_serves(spec: KernelSpec) -> bool:
-    """Whether ``decode_step_tile`` compiles ``spec`` (float64, shapes past the register budget and odd head
-    dims, whose 16-bit state rows are no whole number of 4-byte copies, do not)."""
+def decode_tile_serves(spec: KernelSpec, state_dtype: str | None = None, warps: int | None = None) -> bool:
+    """Whether ``decode_step_tile`` compiles and launches ``spec`` with a ``state_dtype`` state and ``warps`` warps
+    (default: ``default_config``'s). Not: float64; shapes past the register budget; a 16-bit state with odd head
+    dims (rows of no whole number of 4-byte copies); a shared pool past MAX_SHARED_BYTES (a large N)."""
+    elem = STATE_BYTES[state_dtype or "float32"]
+    warps = warps or default_config(spec, state_dtype).warps
     return (
         spec.acc_dtype == "float32"
-        and spec.head_k % 2 == 0
-        and spec.head_v % 2 == 0
+        and spec.head_k * elem % 4 == 0
+        and spec.head_v * elem % 4 == 0
         and spec.state_width <= MAX_STATE_WIDTH
         and spec.group_size <= MAX_GROUP
         and spec.group_size * spec.num_slots <= MAX_SLOT_TERMS
+        and 4 * SharedPool(spec, elem, warps).words <= MAX_SHARED_BYTES
     )
+
+
+@dataclass(frozen=True)
+class SharedPool:
+    """The block's shared memory, one dynamic pool of 32-bit words: the stage (one (b, h)'s X | Y [N, K + V] of
+    ``elem``-byte elements), seen[b] (8-byte aligned), the rows' constants [4, table] and the cross-warp partial
+    sums removal [warps, K + V], scores [warps, G, M], o [warps, G, V]; offsets in words."""
+
+    spec: KernelSpec
+    elem: int
+    warps: int
+
+    @property
+    def table(self) -> int:  # rows n = -1 .. 2 warps SPW - 1 of the threads, at n + 1
+        return 2 * self.warps * ceil_div(self.spec.resolution // 2 + 1, self.warps) + 1
+
+    @property
+    def seen_at(self) -> int:
+        return 2 * ceil_div(self.spec.resolution * self.spec.state_width * self.elem, 8)
+
+    @property
+    def consts_at(self) -> int:
+        return self.seen_at + 2
+
+    @property
+    def removal_at(self) -> int:
+        return self.consts_at + 4 * self.table
+
+    @property
+    def scores_at(self) -> int:
+        return self.removal_at + self.warps * self.spec.state_width
+
+    @property
+    def out_at(self) -> int:
+        return self.scores_at + self.warps * self.spec.group_size * self.spec.num_slots
+
+    @property
+    def words(self) -> int:
+        return self.out_at + self.warps * self.spec.group_size * self.spec.head_v
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -99,8 +144,8 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     key_state [B, H, N, K], value_state [B, H, N, V] (``state_dtype``, default float32), seen [B] int64, and the
     float32 constants scale [1], rot_diag [N], rot_off [N], basis [N], removal [N], C [M, N], C_t [N, M]
     (``bla_tvm.decode.decode_constants``)."""
-    if not decode_tile_serves(spec):
-        raise ValueError(f"the tile decode step does not serve {spec}")
+    if not decode_tile_serves(spec, state_dtype, config.warps):
+        raise ValueError(f"the tile decode step does not serve {spec} with a {state_dtype or 'float32'} state")
     N, M, W, G, K, V = spec.resolution, spec.num_slots, spec.window, spec.group_size, spec.head_k, spec.head_v
     dt, acc = spec.dtype, "float32"
     sdt = state_dtype or acc
@@ -108,24 +153,19 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     THREADS = 32 * WARPS
     SPW = ceil_div(N // 2 + 1, WARPS)  # row pairs (2 s - 1, 2 s), s = 0 .. N // 2, per warp
     ROWS = 2 * SPW  # rows per thread
-    TABLE = 2 * WARPS * SPW + 1  # rows n = -1 .. 2 WARPS SPW - 1 of the threads, at n + 1
     RP = 1 << (ROWS - 1).bit_length()  # ROWS rounded up to a power of two, for the reduce-scatter
     VK, VV = vector_width(K), vector_width(V)  # a lane's columns: groups of VK (VV) adjacent ones
     EK, EV = ceil_div(K, 32 * VK), ceil_div(V, 32 * VV)  # groups per lane
     MJ = ceil_div(M, 32)  # slots i per lane
     NEG = T.float32(-3.0e38)
-    ELEM = {"float32": 4, "float16": 2, "bfloat16": 2}[sdt]
+    ELEM = STATE_BYTES[sdt]
     CHUNK = copy_chunk(K * ELEM, V * ELEM)  # bytes per cp.async
     X_CHUNKS, Y_CHUNKS = N * K * ELEM // CHUNK, N * V * ELEM // CHUNK  # of one (b, h)'s X, Y
     PER_CHUNK = CHUNK // ELEM  # state elements per chunk
     COPY = f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"
-    # the shared pool, in 32-bit words: the stage, seen[b] (8-byte aligned), the constants, the partial sums
-    SEEN_AT = 2 * ceil_div(N * (K + V) * ELEM, 8)
-    CONSTS_AT = SEEN_AT + 2
-    REMOVAL_AT = CONSTS_AT + 4 * TABLE
-    SCORES_AT = REMOVAL_AT + WARPS * (K + V)
-    OUT_AT = SCORES_AT + WARPS * G * M
-    POOL_WORDS = OUT_AT + WARPS * G * V
+    pool = SharedPool(spec, ELEM, WARPS)
+    TABLE, SEEN_AT, CONSTS_AT, POOL_WORDS = pool.table, pool.seen_at, pool.consts_at, pool.words
+    REMOVAL_AT, SCORES_AT, OUT_AT = pool.removal_at, pool.scores_at, pool.out_at
     shfl_xor = getattr(T.cuda, "__shfl_xor_sync")
     shfl = getattr(T.cuda, "__shfl_sync")
 

@@ -84,3 +84,24 @@ def test_min_blocks_per_sm_reaches_the_launch_bounds():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["bounds"] and set(report["bounds"]) == {"__launch_bounds__(256, 4)"}, report
     assert report["registers"] <= 64 and report["spill_stores"] <= SPILL_ALLOWANCE, report
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, builder",
+    [
+        ((512, 63, 63, 64, 64), "decode_step", "tile_decode_module"),
+        ((512, 511, 63, 64, 64), "decode_step", "scheduled_module"),  # a float32 stage of 262 KB
+        ((512, 511, 63, 64, 64), "decode_step_state_float16", "tile_decode_module"),  # 131 KB
+        ((512, 255, 63, 128, 128), "decode_step", "scheduled_module"),
+        ((33, 9, 7, 15, 24), "decode_step", "tile_decode_module"),  # float32 rows: whole 4-byte copies
+        ((33, 9, 7, 15, 24), "decode_step_state_bfloat16", "scheduled_module"),  # 30-byte rows
+    ],
+)
+def test_decode_builder_routing(shape, kernel, builder):
+    """The tile decode step builds only what it can launch: its shared pool (the stage of one (b, h)'s state)
+    within a block's 227 KB, and 16-bit state rows of whole 4-byte copies; the TE schedule builds the rest."""
+    from bla_tvm import build
+    from bla_tvm.layer import KernelSpec
+
+    spec = KernelSpec(*shape, dtype="bfloat16", group_size=1, chunk_size=1)
+    assert build.builder(kernel, spec, "cuda").__name__ == builder

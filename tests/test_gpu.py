@@ -22,7 +22,7 @@ from small_models import assert_learns_lag_copy
 from bla_tvm import BLAState, DecodeGraph, bla_recurrent, blurry_window_attention, decode_step
 from bla_tvm.decode import decode_constants
 from bla_tvm.runtime import current_stream_handle
-from bla_tvm.testing import GPU_DECODE_LAYERS, GPU_TEST_LAYERS, poisoned_allocations
+from bla_tvm.testing import DECODE_BENCH_LAYER, GPU_DECODE_LAYERS, GPU_TEST_LAYERS, poisoned_allocations
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
 CPU_LAYERS = 2  # the CPU variant runs the first layers only (their kernels compile in seconds)
@@ -171,7 +171,8 @@ def test_decode_512_tokens(device, layer):
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(
-    "layer", [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in GPU_DECODE_LAYERS]
+    "layer",
+    [pytest.param(x, marks=(gpu, no_gpu), id=f"cuda-{tag(x)}") for x in (*GPU_DECODE_LAYERS, DECODE_BENCH_LAYER)],
 )
 def test_decode_a_batch_larger_than_the_grid(layer, state_dtype):
     """B H = 640 (b, h) pairs, more than the tile step's grid (``DecodeTileConfig.blocks``): its blocks take
