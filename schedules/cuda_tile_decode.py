@@ -2,7 +2,8 @@
 
 A grid of at most ``blocks`` thread blocks of ``warps`` warps; block i decodes (b, h) = divmod(item, H) for item
 = i, i + grid, ... in turn. While it computes one item, the next one's state X | Y [N, K + V] and seen[b]
-stream into shared memory (``cp.async``, every thread a share of 16-byte chunks) and its k, v, q into registers.
+stream into shared memory (``cp.async``: every thread a share of 16-, 8- or 4-byte copies, ``copy_chunk``) and its
+k, v, q into registers.
 The constants are loaded once per block: the rows' rotation, b and b / W into a shared table (read where used),
 this lane's slot readouts C[i, n] into registers.
 
@@ -11,8 +12,9 @@ with an absent row -1, an even N's row N - 1 with an absent row N; absent rows h
 zero); lane l owns the columns of X and of Y in groups of 4, 2 or 1 adjacent ones (``vector_width``): l, l + 32,
 ... . Each thread copies its rows x columns from the stage into registers once and keeps them to the end;
 sums over columns (z = X' q, over K) and over a warp's rows (partial scores, w = p C, o = w Y') are reduced
-in registers and by warp shuffles, a reduce-scatter then an all-gather for the per-row sums. Three block
-barriers, each after a cross-warp partial sum in shared memory:
+in registers and by warp shuffles, a reduce-scatter then an all-gather for the per-row sums. Five block
+barriers an item: the stage complete, the stage read (it may then be refilled), and one after each cross-warp
+partial sum in shared memory:
 
   1. S -> R S (pairwise, in registers); partial removal  sum_n (b_n / W) (R S)[n, f]  over the warp's rows
   2. S' = R S + b (new - removal), stored (rounded to the state dtype, which the readout then reads);
