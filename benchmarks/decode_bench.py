@@ -1,7 +1,8 @@
 """BLA one-token decoding on a CUDA GPU: the compiled decode step checked against the float64 recurrence over
 4,096 tokens (float32, float16 and bfloat16 states), DecodeGraph against the eager step and generate (CUDA graph
 and eager); then the latency and tokens/s of the kernel alone, the eager step, the CUDA-graph step
-(``DecodeGraph``) and ``generate`` per token, and of kernel variants (``VARIANTS``), against FLA's
+(``DecodeGraph``) and ``generate`` per token, and of kernel variants (``VARIANTS``), against the floor of any step
+(torch copying the state's bytes: one read and one write of each, as the step does), FLA's
 ``fused_recurrent_gsa`` single-token path (64 slots, with ``--fla``) and SDPA over a KV cache of 512 and 4,096
 tokens, with the state bytes per sequence beside each. One script, one call on the GPU machine (torch + the
 runtime bundle); ``--profile`` only launches one kernel, for Nsight Compute (``decode_gpu_run.sh``).
@@ -447,10 +448,17 @@ def run_benchmarks(torch, bla, args) -> dict:
             print(f"one-step check, {state_name} state:", check, flush=True)
             row = measure(torch, f"BLA kernel only ({state_name} state)", launch, do_bench, state_bytes, rows)
             row["one_step_rel_err"] = check
-            if "step_us" in row:
-                traffic = 2 * B * (state_bytes - 8)
-                row["state_traffic_MB"] = traffic / 1e6
-                row["achieved_TB_per_s"] = traffic / (row["step_us"] * 1e-6) / 1e12
+            # the floor of any step: torch copying the same bytes (the whole state read once, written once)
+            source = torch.cat([state.key_state.flatten(), state.value_state.flatten()])
+            target = torch.empty_like(source)
+            floor = measure(torch, f"torch copy of the state ({state_name})", lambda s=source, t=target: t.copy_(s),
+                            do_bench, state_bytes, rows)  # fmt: skip
+            for timed in (row, floor):
+                if "step_us" in timed:
+                    traffic = 2 * B * (state_bytes - 8)
+                    timed["state_traffic_MB"] = traffic / 1e6
+                    timed["achieved_TB_per_s"] = traffic / (timed["step_us"] * 1e-6) / 1e12
+            del source, target
             if DEVICE == "cuda":  # the in-place step captured in a CUDA graph: replay alone, and with copies in
                 decoder = bla.DecodeGraph(bench_state(torch, sd, g), W, N, M, query_heads=H, dtype=bf16)
                 measure(torch, f"BLA DecodeGraph.replay ({state_name} state)", decoder.replay, do_bench, state_bytes,
