@@ -5,7 +5,8 @@ A grid of at most ``blocks`` thread blocks of ``warps`` warps; block i decodes (
 stream into shared memory (``cp.async``: every thread a share of 16-, 8- or 4-byte copies, ``copy_chunk``) and its
 k, v, q into registers.
 The constants are loaded once per block: the rows' rotation, b and b / W into a shared table (read where used),
-this lane's slot readouts C[i, n] into registers.
+the slot readouts C[i, n] of this lane's slots and rows into registers (``readout_in_shared``: all of C, rows
+absent or not, into a shared table [rows, M] read where used, which frees MJ x rows registers a thread).
 
 Thread layout of an item: warp w owns the rotation pairs (2 s - 1, 2 s), s = w, w + warps, ... (row 0 pairs
 with an absent row -1, an even N's row N - 1 with an absent row N; absent rows have zero constants and stay
@@ -55,6 +56,7 @@ class DecodeTileConfig:
     warps: int = 8
     blocks: int = 264  # the grid's size at most (132 SMs x 2 blocks); each block takes every blocks-th (b, h)
     min_blocks_per_sm: int = 0  # > 0: ``cuda_launch_bounds.with_min_blocks_per_sm`` (registers capped to fit)
+    readout_in_shared: bool = False  # C in a shared table instead of registers (3-4 blocks per SM fit unspilled)
 
 
 def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfig:
@@ -68,12 +70,12 @@ def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfi
     return DecodeTileConfig(warps=8, blocks=264, min_blocks_per_sm=2 if small else 0)
 
 
-def decode_tile_serves(spec: KernelSpec, state_dtype: str | None = None, warps: int | None = None) -> bool:
-    """Whether ``decode_step_tile`` compiles and launches ``spec`` with a ``state_dtype`` state and ``warps`` warps
+def decode_tile_serves(spec: KernelSpec, state_dtype: str | None = None, config: DecodeTileConfig | None = None) -> bool:
+    """Whether ``decode_step_tile`` compiles and launches ``spec`` with a ``state_dtype`` state and ``config``
     (default: ``default_config``'s). Not: float64; shapes past the register budget; a 16-bit state with odd head
     dims (rows of no whole number of 4-byte copies); a shared pool past MAX_SHARED_BYTES (a large N)."""
     elem = STATE_BYTES[state_dtype or "float32"]
-    warps = warps or default_config(spec, state_dtype).warps
+    config = config or default_config(spec, state_dtype)
     return (
         spec.acc_dtype == "float32"
         and spec.head_k * elem % 4 == 0
@@ -81,19 +83,21 @@ def decode_tile_serves(spec: KernelSpec, state_dtype: str | None = None, warps: 
         and spec.state_width <= MAX_STATE_WIDTH
         and spec.group_size <= MAX_GROUP
         and spec.group_size * spec.num_slots <= MAX_SLOT_TERMS
-        and 4 * SharedPool(spec, elem, warps).words <= MAX_SHARED_BYTES
+        and 4 * SharedPool(spec, elem, config.warps, config.readout_in_shared).words <= MAX_SHARED_BYTES
     )
 
 
 @dataclass(frozen=True)
 class SharedPool:
     """The block's shared memory, one dynamic pool of 32-bit words: the stage (one (b, h)'s X | Y [N, K + V] of
-    ``elem``-byte elements), seen[b] (8-byte aligned), the rows' constants [4, table] and the cross-warp partial
-    sums removal [warps, K + V], scores [warps, G, M], o [warps, G, V]; offsets in words."""
+    ``elem``-byte elements), seen[b] (8-byte aligned), the rows' constants [4, table], the cross-warp partial
+    sums removal [warps, K + V], scores [warps, G, M], o [warps, G, V] and, with ``readout``, C [table, M];
+    offsets in words."""
 
     spec: KernelSpec
     elem: int
     warps: int
+    readout: bool = False
 
     @property
     def table(self) -> int:  # rows n = -1 .. 2 warps SPW - 1 of the threads, at n + 1
@@ -120,8 +124,12 @@ class SharedPool:
         return self.scores_at + self.warps * self.spec.group_size * self.spec.num_slots
 
     @property
-    def words(self) -> int:
+    def readout_at(self) -> int:
         return self.out_at + self.warps * self.spec.group_size * self.spec.head_v
+
+    @property
+    def words(self) -> int:
+        return self.readout_at + (self.table * self.spec.num_slots if self.readout else 0)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -146,7 +154,7 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     key_state [B, H, N, K], value_state [B, H, N, V] (``state_dtype``, default float32), seen [B] int64, and the
     float32 constants scale [1], rot_diag [N], rot_off [N], basis [N], removal [N], C [M, N], C_t [N, M]
     (``bla_tvm.decode.decode_constants``)."""
-    if not decode_tile_serves(spec, state_dtype, config.warps):
+    if not decode_tile_serves(spec, state_dtype, config):
         raise ValueError(f"the tile decode step does not serve {spec} with a {state_dtype or 'float32'} state")
     N, M, W, G, K, V = spec.resolution, spec.num_slots, spec.window, spec.group_size, spec.head_k, spec.head_v
     dt, acc = spec.dtype, "float32"
@@ -165,15 +173,22 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
     X_CHUNKS, Y_CHUNKS = N * K * ELEM // CHUNK, N * V * ELEM // CHUNK  # of one (b, h)'s X, Y
     PER_CHUNK = CHUNK // ELEM  # state elements per chunk
     COPY = f"cp.async.{'cg' if CHUNK == 16 else 'ca'}.shared.global"
-    pool = SharedPool(spec, ELEM, WARPS)
+    READOUT_SHARED = config.readout_in_shared
+    pool = SharedPool(spec, ELEM, WARPS, READOUT_SHARED)
     TABLE, SEEN_AT, CONSTS_AT, POOL_WORDS = pool.table, pool.seen_at, pool.consts_at, pool.words
-    REMOVAL_AT, SCORES_AT, OUT_AT = pool.removal_at, pool.scores_at, pool.out_at
+    REMOVAL_AT, SCORES_AT, OUT_AT, READOUT_AT = pool.removal_at, pool.scores_at, pool.out_at, pool.readout_at
     shfl_xor = getattr(T.cuda, "__shfl_xor_sync")
     shfl = getattr(T.cuda, "__shfl_sync")
 
     def state_row(warp, r):
         """The state row n of a thread's row r: rotation pair s = warp + WARPS (r // 2) holds rows 2 s - 1, 2 s."""
         return 2 * (warp + WARPS * (r // 2)) - 1 + r % 2
+
+    def slot_readout(slot_c, readout, mj, r, warp, lane):
+        """C[i, n] of slot i = lane + 32 mj and the thread's row r (n = ``state_row``; 0 for an absent row)."""
+        if READOUT_SHARED:
+            return readout[state_row(warp, r) + 1, T.min(lane + 32 * mj, M - 1)]
+        return slot_c[mj, r]
 
     def columns(first, width):
         """Index of ``width`` adjacent columns from ``first`` (a ramp: one vector access)."""
@@ -272,12 +287,14 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
         removal_part = T.decl_buffer((WARPS, K + V), acc, data=pool.data, elem_offset=REMOVAL_AT, scope="shared.dyn")
         score_part = T.decl_buffer((WARPS, G, M), acc, data=pool.data, elem_offset=SCORES_AT, scope="shared.dyn")
         out_part = T.decl_buffer((WARPS, G, V), acc, data=pool.data, elem_offset=OUT_AT, scope="shared.dyn")
+        # readout_in_shared: C_t[n, i] at [n + 1, i], zero rows for absent n
+        readout = T.decl_buffer((TABLE, M), acc, data=pool.data, elem_offset=READOUT_AT, scope="shared.dyn")
         key_flat = T.decl_buffer((B * H * N * K,), sdt, data=key_state.data)
         value_flat = T.decl_buffer((B * H * N * V,), sdt, data=value_state.data)
 
         xs = T.alloc_buffer((ROWS, EK * VK), acc, scope="local")  # X: S, then R S, then S'
         ys = T.alloc_buffer((ROWS, EV * VV), acc, scope="local")  # Y alike
-        slot_c = T.alloc_buffer((MJ, ROWS), acc, scope="local")  # C[lane + 32 j, row]
+        slot_c = T.alloc_buffer((MJ, 1 if READOUT_SHARED else ROWS), acc, scope="local")  # C[lane + 32 j, row]
         token_x = T.alloc_buffer((EK * VK,), dt, scope="local")  # k, v, q_g of the next item
         token_y = T.alloc_buffer((EV * VV,), dt, scope="local")
         token_q = T.alloc_buffer((G, EK * VK), dt, scope="local")
@@ -302,13 +319,20 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                 row_consts[1, i] = T.if_then_else(present, rot_off[n_in], T.float32(0))
                 row_consts[2, i] = T.if_then_else(present, basis[n_in], T.float32(0))
                 row_consts[3, i] = T.if_then_else(present, removal[n_in], T.float32(0))
+        if READOUT_SHARED:
+            for p in T.unroll(ceil_div(TABLE * M, THREADS)):
+                e = warp * 32 + lane + THREADS * p
+                if e < TABLE * M:
+                    readout[e // M, e % M] = T.if_then_else(
+                        1 <= e // M and e // M <= N, C_t[T.min(T.max(e // M - 1, 0), N - 1), e % M], T.float32(0))
         T.cuda.cta_sync()
-        for r in T.unroll(ROWS):
-            n = state_row(warp, r)
-            for mj in T.unroll(MJ):
-                slot_c[mj, r] = T.float32(0)
-                if 0 <= n and n < N:
-                    slot_c[mj, r] = C_t[n, T.min(lane + 32 * mj, M - 1)]
+        if not READOUT_SHARED:
+            for r in T.unroll(ROWS):
+                n = state_row(warp, r)
+                for mj in T.unroll(MJ):
+                    slot_c[mj, r] = T.float32(0)
+                    if 0 <= n and n < N:
+                        slot_c[mj, r] = C_t[n, T.min(lane + 32 * mj, M - 1)]
 
         for it in T.serial((B * H - block + grid - 1) // grid):  # this block's (b, h): block + it grid
             item = block + it * grid
@@ -406,7 +430,7 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                 for mj in T.unroll(MJ):
                     red[0] = T.float32(0)
                     for r in T.unroll(ROWS):
-                        red[0] = red[0] + slot_c[mj, r] * z[g, r]
+                        red[0] = red[0] + slot_readout(slot_c, readout, mj, r, warp, lane) * z[g, r]
                     if lane + 32 * mj < M:
                         score_part[warp, g, T.min(lane + 32 * mj, M - 1)] = red[0]
             T.cuda.cta_sync()
@@ -435,7 +459,8 @@ def decode_step_tile(spec: KernelSpec, state_dtype: str | None = None, config: D
                     part[r] = T.float32(0)
                     if r < ROWS:
                         for mj in T.unroll(MJ):
-                            part[r] = part[r] + probs[g, mj] * slot_c[mj, T.min(r, ROWS - 1)]
+                            part[r] = part[r] + probs[g, mj] * slot_readout(slot_c, readout, mj, T.min(r, ROWS - 1),
+                                                                            warp, lane)  # fmt: skip
                 sum_rows_over_lanes(part, z, g, lane)  # now w_g by row
                 for e, u in T.grid(EV, VV):
                     red[0] = T.float32(0)

@@ -69,21 +69,33 @@ import json, re, sys
 from bla_tvm import build
 from bla_tvm.layer import KernelSpec
 from bla_tvm.schedules.cuda_tile_decode import DecodeTileConfig
+kernel, config = sys.argv[1], json.loads(sys.argv[2])
 spec = KernelSpec(512, 63, 63, 64, 64, "bfloat16", 1, chunk_size=1)
-module = build.compile_kernel("decode_step", spec, "cuda", "sm_90", DecodeTileConfig(warps=8, min_blocks_per_sm=4))
+module = build.compile_kernel(kernel, spec, "cuda", "sm_90", DecodeTileConfig(**config))
 source = module.mod.imports[0].inspect_source()
 print(json.dumps(dict(build.ptxas_report(module, "sm_90"), bounds=re.findall(r"__launch_bounds__\\([^)]*\\)", source))))
 """
 
 
-def test_min_blocks_per_sm_reaches_the_launch_bounds():
+@pytest.mark.parametrize(
+    "kernel, config, spill_allowance",
+    [
+        ("decode_step", {"warps": 8, "min_blocks_per_sm": 4}, SPILL_ALLOWANCE),
+        # the slots' readout in shared memory frees its registers: 4 blocks fit with no spill
+        ("decode_step_state_float16", {"warps": 8, "blocks": 528, "min_blocks_per_sm": 4, "readout_in_shared": True}, 0),
+    ],
+)
+def test_min_blocks_per_sm_reaches_the_launch_bounds(kernel, config, spill_allowance):
     """DecodeTileConfig.min_blocks_per_sm (``cuda_launch_bounds``) puts its count into the kernel's launch bounds,
-    and ptxas then fits 4 blocks of 256 threads per SM (<= 64 registers) with few spills."""
-    result = subprocess.run([sys.executable, "-c", MIN_BLOCKS_REPORT], capture_output=True, text=True, timeout=600)
+    and ptxas then fits 4 blocks of 256 threads per SM (<= 64 registers) with few spills (none with the readout in
+    shared memory)."""
+    command = [sys.executable, "-c", MIN_BLOCKS_REPORT, kernel, json.dumps(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["bounds"] and set(report["bounds"]) == {"__launch_bounds__(256, 4)"}, report
-    assert report["registers"] <= 64 and report["spill_stores"] <= SPILL_ALLOWANCE, report
+    assert report["registers"] <= 64 and report["spill_stores"] <= spill_allowance, report
+    assert report["stack_frame"] <= spill_allowance, report
 
 
 @pytest.mark.parametrize(
@@ -105,3 +117,16 @@ def test_decode_builder_routing(shape, kernel, builder):
 
     spec = KernelSpec(*shape, dtype="bfloat16", group_size=1, chunk_size=1)
     assert build.builder(kernel, spec, "cuda").__name__ == builder
+
+
+def test_decode_tile_serves_counts_the_shared_readout():
+    """With the slots' readout in shared memory, a large N's pool (the stage and C [rows, M]) passes a block's 227 KB,
+    so such a config is refused; the default (C in registers) still serves the spec."""
+    from bla_tvm.layer import KernelSpec
+    from bla_tvm.schedules.cuda_tile_decode import DecodeTileConfig, decode_tile_serves
+
+    large_n = KernelSpec(512, 511, 63, 64, 64, dtype="bfloat16", group_size=1, chunk_size=1)
+    assert decode_tile_serves(large_n, "float16")
+    assert not decode_tile_serves(large_n, "float16", DecodeTileConfig(readout_in_shared=True))
+    bench = KernelSpec(512, 63, 63, 64, 64, dtype="bfloat16", group_size=1, chunk_size=1)
+    assert decode_tile_serves(bench, "float16", DecodeTileConfig(blocks=528, min_blocks_per_sm=4, readout_in_shared=True))
