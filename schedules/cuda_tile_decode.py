@@ -70,7 +70,9 @@ def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfi
     return DecodeTileConfig(warps=8, blocks=264, min_blocks_per_sm=2 if small else 0)
 
 
-def decode_tile_serves(spec: KernelSpec, state_dtype: str | None = None, config: DecodeTileConfig | None = None) -> bool:
+def decode_tile_serves(
+    spec: KernelSpec, state_dtype: str | None = None, config: DecodeTileConfig | None = None
+) -> bool:
     """Whether ``decode_step_tile`` compiles and launches ``spec`` with a ``state_dtype`` state and ``config``
     (default: ``default_config``'s). Not: float64; shapes past the register budget; a 16-bit state with odd head
     dims (rows of no whole number of 4-byte copies); a shared pool past MAX_SHARED_BYTES (a large N)."""
