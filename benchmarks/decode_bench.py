@@ -545,23 +545,30 @@ def run_benchmarks(torch, bla, args) -> dict:
 
 
 def profile_launches(torch, kernel_file: str | None, launches: int = 5) -> None:
-    """Launch one decode kernel ``launches`` times at the benchmark shape (float32 state), for a profiler to pick
-    one launch: the library's kernel (``kernel_file`` None) or a variant's module file."""
+    """Launch one decode kernel ``launches`` times at the benchmark shape, for a profiler to pick one launch: the
+    library's kernel with a float32 state (``kernel_file`` None) or a variant's module file, with the state dtype
+    its manifest (beside it) names."""
     import tvm_ffi
 
-    from bla_tvm.decode import DECODE_CHUNK, decode_constants
+    from bla_tvm import kernels
+    from bla_tvm.decode import DECODE_CHUNK, decode_constants, decode_kernel
     from bla_tvm.layer import KernelSpec
     from bla_tvm.runtime import default_library, load_tvm_runtime
 
     B, H, K, V = (SHAPE[x] for x in "BHKV")
     spec = KernelSpec(*layer_args(), K, V, "bfloat16", 1, chunk_size=DECODE_CHUNK)
     load_tvm_runtime(DEVICE)
+    state_dtype = torch.float32
     if kernel_file is None:
         kernel = default_library().function("decode_step", spec, torch.device(DEVICE))
     else:
-        kernel = tvm_ffi.load_module(kernel_file)["bla_decode_step"]
+        manifest = Path(kernel_file).with_name("manifest.json")
+        entries = json.loads(manifest.read_text()) if manifest.exists() else []
+        state_dtype = next((getattr(torch, e["state"]) for e in entries if e["file"] == Path(kernel_file).name),
+                           state_dtype)  # fmt: skip
+        kernel = tvm_ffi.load_module(kernel_file)[kernels.get(decode_kernel(state_dtype, torch.float32)).symbol]
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    state = bench_state(torch, torch.float32, g)
+    state = bench_state(torch, state_dtype, g)
     q, k, v = (torch.randn(B, H, d, device=DEVICE, generator=g).to(torch.bfloat16) for d in (K, K, V))
     outs = dict(o=torch.empty(B, H, 1, V, device=DEVICE, dtype=torch.bfloat16),
                 key_out=torch.empty_like(state.key_state), value_out=torch.empty_like(state.value_state))
