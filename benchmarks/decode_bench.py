@@ -223,6 +223,14 @@ VARIANTS = {
                                                                      "readout_in_shared": True}, "bfloat16"),
     "tile, C in shared, 264 blocks, 2 per SM, fp32 state": ("tile", {"blocks": 264, "min_blocks_per_sm": 2,
                                                                      "readout_in_shared": True}, "float32"),
+    # one (b, h) per block (blocks >= B H = 1024: no state streamed in while another is computed), so that the
+    # blocks resident on an SM overlap one another's loads and compute instead (eighth session, not yet timed)
+    "tile, C in shared, a block per (b, h), 3 per SM": ("tile", {"blocks": 1024, "min_blocks_per_sm": 3,
+                                                                  "readout_in_shared": True}, "float16"),
+    "tile, C in shared, a block per (b, h), 4 per SM": ("tile", {"blocks": 1024, "min_blocks_per_sm": 4,
+                                                                  "readout_in_shared": True}, "float16"),
+    "tile, a block per (b, h), 2 per SM, fp32 state": ("tile", {"blocks": 1024, "min_blocks_per_sm": 2},
+                                                       "float32"),
 }
 
 
