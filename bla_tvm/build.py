@@ -1,9 +1,10 @@
 """The build layer (imports tvm): compute + schedule + target -> an exported kernel module on disk.
 
-Which code compiles kernel X for a spec and device kind is one lookup, ``builder``: the builders registered for
-(X, device kind) whose predicate accepts the spec, newest first, else ``scheduled_module`` (the TE / TVMScript
-compute of ``bla_tvm.compute`` scheduled by the rules of ``bla_tvm.schedules``). An alternative implementation
-of a kernel takes the same named arguments (``kernels.TABLE``) and is one ``register_builder`` call.
+Which code compiles kernel X for a spec, device kind and CUDA arch is one lookup, ``builder``: the builders
+registered for (X, device kind) whose predicate accepts the spec and arch, newest first, else
+``scheduled_module`` (the TE / TVMScript compute of ``bla_tvm.compute`` scheduled by the rules of
+``bla_tvm.schedules``). An alternative implementation of a kernel takes the same named arguments
+(``kernels.TABLE``) and is one ``register_builder`` call.
 
 Safe under concurrency: a build holds the lock of its path and writes the module with its digest through
 ``kernel_cache``, so a reader never sees half a module and two processes never compile the same key twice.
@@ -25,13 +26,17 @@ prepare_cuda_compiler()  # before tvm loads its CUDA runtime
 import tvm  # noqa: E402
 
 from . import compute, kernel_cache, kernels  # noqa: E402
+from .cuda_arch import DEFAULT_ARCH, arch_named  # noqa: E402
 from .layer import KernelSpec  # noqa: E402
 
 #: builder(kernel, spec, device_kind, config) -> the IRModule to compile (``config``: the schedule's config
 #: object, None for the default), and the keyword arguments of ``tvm.compile`` it needs (``pass_config``, if
 #: given, is the PassContext configuration the compile runs under)
 Builder = Callable[..., tuple]
-_BUILDERS: dict[tuple[str, str], list[tuple[Callable[[KernelSpec], bool], Builder]]] = {}
+#: applies(spec, arch) -> whether a registered builder compiles ``spec`` for the CUDA ``arch`` ('sm_90'; None on
+#: the CPU)
+Applies = Callable[[KernelSpec, "str | None"], bool]
+_BUILDERS: dict[tuple[str, str], list[tuple[Applies, Builder]]] = {}
 
 
 def target_for(device_kind: str, arch: str | None = None) -> tvm.target.Target:
@@ -54,10 +59,10 @@ def scheduled_module(kernel: str, spec: KernelSpec, device_kind: str, config=Non
     return schedules.schedule(kernel, compute.prim_func(kernel, spec, device_kind), spec, device_kind, config), {}
 
 
-def register_builder(kernel: str, device_kind: str, applies: Callable[[KernelSpec], bool], builder: Builder) -> None:
-    """Let ``builder`` compile ``kernel`` on ``device_kind`` for the specs ``applies`` accepts (before any
-    builder registered earlier), e.g. ``register_builder("chunk_output", "cuda", lambda spec: spec.dtype in
-    ("float16", "bfloat16"), tile_chunk_output)``."""
+def register_builder(kernel: str, device_kind: str, applies: Applies, builder: Builder) -> None:
+    """Let ``builder`` compile ``kernel`` on ``device_kind`` for the specs and archs ``applies`` accepts (before
+    any builder registered earlier), e.g. ``register_builder("chunk_output", "cuda", lambda spec, arch: spec.dtype
+    in ("float16", "bfloat16"), tile_chunk_output)``."""
     kernels.get(kernel)
     _BUILDERS.setdefault((kernel, device_kind), []).insert(0, (applies, builder))
 
@@ -100,19 +105,24 @@ def tile_decode_module(kernel: str, spec: KernelSpec, device_kind: str, config=N
     return tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), _tile_options()
 
 
-def _decode_tile_serves(state_dtype: str | None) -> Callable[[KernelSpec], bool]:
-    def serves(spec: KernelSpec) -> bool:
+def _decode_tile_serves(state_dtype: str | None) -> Applies:
+    """Where the tile decode step builds: sm_80 and newer (``arch`` None: ``cuda_arch.DEFAULT_ARCH``), its shared
+    pool within what a block may opt in to there; elsewhere the TE schedule (``schedules/cuda_decode.py``)."""
+
+    def serves(spec: KernelSpec, arch: str | None) -> bool:
         from bla_tvm.schedules.cuda_tile_decode import decode_tile_serves
 
-        return decode_tile_serves(spec, state_dtype)
+        target = arch_named(arch or DEFAULT_ARCH)
+        return target.runs_tile_programs and decode_tile_serves(spec, state_dtype, shared_memory=target.shared_memory)
 
     return serves
 
 
-def builder(kernel: str, spec: KernelSpec, device_kind: str) -> Builder:
-    """The builder that compiles ``kernel`` for ``spec`` on ``device_kind`` (see the module docstring)."""
+def builder(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None = None) -> Builder:
+    """The builder that compiles ``kernel`` for ``spec`` on ``device_kind`` (CUDA: for ``arch``, default
+    ``cuda_arch.DEFAULT_ARCH``; see the module docstring)."""
     for applies, registered in _BUILDERS.get((kernel, device_kind), ()):
-        if applies(spec):
+        if applies(spec, arch):
             return registered
     return scheduled_module
 
@@ -130,7 +140,8 @@ def config_object(device_kind: str, config):
 def compile_kernel(kernel: str, spec: KernelSpec, device_kind: str, arch: str | None = None, config=None):
     """Compile one kernel; returns the runtime module (not yet exported)."""
     target = target_for(device_kind, arch)
-    mod, options = builder(kernel, spec, device_kind)(kernel, spec, device_kind, config_object(device_kind, config))
+    build_module = builder(kernel, spec, device_kind, arch)
+    mod, options = build_module(kernel, spec, device_kind, config_object(device_kind, config))
     pass_config = options.pop("pass_config", {})
     with target, tvm.transform.PassContext(config=pass_config):
         return tvm.compile(mod, target=target, **options)
@@ -143,7 +154,7 @@ def cuda_shared_memory(spec: KernelSpec, arch: str, names=("chunk_output", "chun
     lower = tvm.s_tir.pipeline.default_s_tir_pipeline()[0]
     largest = 0
     for kernel in names:
-        mod, _ = builder(kernel, spec, "cuda")(kernel, spec, "cuda", config_object("cuda", config))
+        mod, _ = builder(kernel, spec, "cuda", arch)(kernel, spec, "cuda", config_object("cuda", config))
         with target:
             mod = lower(tvm.tirx.transform.BindTarget(target)(mod))
         for scopes in tvm.s_tir.analysis.calculate_allocated_bytes(mod).values():
@@ -192,9 +203,8 @@ def build_to_path(
     return path
 
 
-register_builder("chunk_output_tile", "cuda", lambda spec: True, tile_program_module)
-register_builder("state_scan_tile", "cuda", lambda spec: True, tile_program_module)
-register_builder("chunk_backward_tile", "cuda", lambda spec: True, tile_program_module)
-register_builder("state_scan_reverse_tile", "cuda", lambda spec: True, tile_program_module)
+# the tile programs: built wherever asked (``dispatch`` asks for them only where they run, ``tile_programs_fit``)
+for _tile in ("chunk_output_tile", "state_scan_tile", "chunk_backward_tile", "state_scan_reverse_tile"):
+    register_builder(_tile, "cuda", lambda spec, arch: True, tile_program_module)
 for _decode, _state in kernels.DECODE_STATE_DTYPES.items():  # every stored state dtype's step
     register_builder(_decode, "cuda", _decode_tile_serves(_state), tile_decode_module)

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         if args.gpu_test_layers:
             from .testing import gpu_test_kernels
 
-            specs = gpu_test_kernels()
+            specs = gpu_test_kernels(args.arch)
         else:
             specs = []
             for fields in json.loads(args.specs.read_text()):

@@ -4,12 +4,13 @@ schedule, and the device constants they read. Imports only torch, tvm_ffi and th
 
 Chunk length: the tuning log's record for this device, layer and mode (inference or training: the forward and
 backward of one call must agree on L) nearest the running shape (``tuning_logs``); else 64 on the CPU and, on
-CUDA, the longest L whose per-chunk blocks fit in shared memory by ``cuda_shared_memory_bound`` (an upper bound,
-as if no buffer reused another's space: no kernel is lowered to measure it), the shortest where none does. A
-logged L that would take a buffer past 32-bit indexing is refused for the default. CUDA calls take L = 64
-wherever the tile programs serve the layer (16-bit inputs; ``implementation``): the tile forward runs in place
-of ``chunk_output``, the tile backward in place of ``chunk_backward``, the tile scans in place of ``state_scan``
-(and ``chunk_state``) and ``state_scan_reverse``.
+CUDA, the longest L whose per-chunk blocks fit in the device's shared memory by ``cuda_shared_memory_bound`` (an
+upper bound, as if no buffer reused another's space: no kernel is lowered to measure it), the shortest where none
+does. A logged L that would take a buffer past 32-bit indexing is refused for the default. CUDA calls take L = 64
+wherever the tile programs serve the layer (16-bit inputs) and fit the device (sm_80 or newer, their blocks
+within its shared memory: ``tile_programs_fit``; ``implementation``): the tile forward runs in place of
+``chunk_output``, the tile backward in place of ``chunk_backward``, the tile scans in place of ``state_scan`` (and
+``chunk_state``) and ``state_scan_reverse``.
 
 Which logs: ``log_folders()``, the user's (``BLA_TVM_TUNING_DIR``) then the shipped ones, none with
 ``BLA_TVM_NO_TUNING=1``; a caller (the tuner) may pass its own folders and kernel library instead.
@@ -26,16 +27,14 @@ import torch
 
 from . import env, kernels, tuning_logs
 from .constants import chunk_constants
+from .cuda_arch import CudaArch, device_arch
 from .layer import CHUNK_SIZES, MAX_ELEMENTS, KernelSpec, LayerSpec
 from .params import BLAParams
 from .runtime import CompiledKernel, KernelLibrary, default_library, device_identity, device_kind, source_digest
 from .tile_constants import (
-    SHARED_MEMORY_LIMIT, SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_backward_serves, tile_constants,
-    tile_forward_serves, tile_scan_serves, tile_states_half,
+    SLOT_TILE, TILE_CHUNK, reverse_scan_tables, scan_tables, tile_backward_serves, tile_constants, tile_forward_serves,
+    tile_programs_fit, tile_scan_serves, tile_states_half,
 )  # fmt: skip
-
-#: shared memory one CUDA thread block may use on sm_90 (227 KB)
-CUDA_SHARED_MEMORY_LIMIT = SHARED_MEMORY_LIMIT
 
 
 def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: bool = True) -> int:  # noqa: E741
@@ -60,16 +59,32 @@ def cuda_shared_memory_bound(L: int, N: int, M: int, K: int, V: int, backward: b
     return 4 * (forward + (gradients if backward else 0) + 3 * L)
 
 
-def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool) -> int:
-    """L where no log has one: 64 on the CPU; on CUDA the tile programs' where they serve the layer, else the
-    longest that fits ``cuda_shared_memory_bound``, else the shortest."""
+def default_chunk_size(device: torch.device, layer: LayerSpec, backward: bool, arch: CudaArch | None = None) -> int:
+    """L where no log has one: 64 on the CPU; on CUDA (``arch``, default the device's) the tile programs' where
+    they serve the layer and fit the arch (``tile_runs``), else the longest that fits ``cuda_shared_memory_bound``
+    in the arch's shared memory, else the shortest."""
     if device_kind(device) == "cpu":
         return CHUNK_SIZES[0]
-    if (tile_backward_serves if backward else tile_forward_serves)(layer.kernel(TILE_CHUNK)):
+    arch = device_arch(device) if arch is None else arch
+    if tile_runs(layer.kernel(TILE_CHUNK), backward, arch):
         return TILE_CHUNK
     N, M, K, V = layer.resolution, layer.num_slots, layer.head_k, layer.head_v
-    fits = [L for L in CHUNK_SIZES if cuda_shared_memory_bound(L, N, M, K, V, backward) <= CUDA_SHARED_MEMORY_LIMIT]
+    fits = [L for L in CHUNK_SIZES if cuda_shared_memory_bound(L, N, M, K, V, backward) <= arch.shared_memory]
     return fits[0] if fits else CHUNK_SIZES[-1]
+
+
+def tile_runs(spec: KernelSpec, backward: bool, arch: CudaArch) -> bool:
+    """Whether a CUDA call on ``arch`` at ``spec`` runs the tile forward (and with ``backward`` the tile
+    backward): they serve the spec and fit the arch (``tile_programs_fit``)."""
+    serves = tile_backward_serves if backward else tile_forward_serves
+    return serves(spec) and tile_programs_fit(spec, arch)
+
+
+@torch.compiler.assume_constant_result
+def _tile_chunk(device: str, layer: tuple, backward: bool) -> bool:
+    """``tile_runs`` at L = 64 for ``layer`` (``_layer_key``) on ``device``: one constant call under
+    torch.compile (the device's properties are read outside the graph)."""
+    return tile_runs(LayerSpec(**dict(layer)).kernel(TILE_CHUNK), backward, device_arch(torch.device(device)))
 
 
 def log_folders(environment: tuple | None = None) -> tuple[str, ...]:
@@ -150,8 +165,7 @@ def chunk_size(device: torch.device, layer: LayerSpec, shape, backward: bool, fo
     the shape is read only where the records disagree between buckets (which then specialises a dynamic-shape
     graph on B, T, H)."""
     folders = None if folders is None else tuple(map(str, folders))
-    serves = tile_backward_serves if backward else tile_forward_serves
-    if device_kind(device) == "cuda" and serves(layer.kernel(TILE_CHUNK)):
+    if device_kind(device) == "cuda" and _tile_chunk(str(device), _layer_key(layer), bool(backward)):
         return TILE_CHUNK  # the tile programs have one chunk length (the logs measured the TE kernels)
     if not _any_logged(str(device), bool(backward), folders):
         return default_chunk_size(device, layer, backward)
@@ -229,11 +243,13 @@ TILE_PROGRAMS = {"chunk_output": ("chunk_output_tile", tile_forward_serves),
                  "state_scan_reverse": ("state_scan_reverse_tile", tile_scan_serves)}  # fmt: skip
 
 
-def implementation(name: str, spec: KernelSpec, device: torch.device) -> str:
-    """The kernel that runs ``name`` for ``spec`` on ``device``: on CUDA the tile program of ``TILE_PROGRAMS``
-    where it serves the spec, else ``name``."""
+def implementation(name: str, spec: KernelSpec, device: torch.device, arch: CudaArch | None = None) -> str:
+    """The kernel that runs ``name`` for ``spec`` on ``device``: on CUDA (``arch``, default the device's) the tile
+    program of ``TILE_PROGRAMS`` where it serves the spec and the tile programs fit the arch
+    (``tile_programs_fit``), else ``name``."""
     if name in TILE_PROGRAMS and device_kind(device) == "cuda" and TILE_PROGRAMS[name][1](spec):
-        return TILE_PROGRAMS[name][0]
+        if tile_programs_fit(spec, device_arch(device) if arch is None else arch):
+            return TILE_PROGRAMS[name][0]
     return name
 
 
@@ -245,10 +261,10 @@ def states_dtype(spec: KernelSpec, device: torch.device) -> torch.dtype:
     return _acc(spec)
 
 
-def implementations(names, spec: KernelSpec, device: torch.device) -> dict[str, str]:
-    """{kernel a call names: the kernel that runs it} for ``names``, less the kernels an implementation absorbs
-    (``kernels.Kernel.absorbs``)."""
-    chosen = {name: implementation(name, spec, device) for name in names}
+def implementations(names, spec: KernelSpec, device: torch.device, arch: CudaArch | None = None) -> dict[str, str]:
+    """{kernel a call names: the kernel that runs it} for ``names`` (on CUDA: on ``arch``, default the device's),
+    less the kernels an implementation absorbs (``kernels.Kernel.absorbs``)."""
+    chosen = {name: implementation(name, spec, device, arch) for name in names}
     absorbed = {gone for runs in chosen.values() for gone in kernels.get(runs).absorbs}
     return {name: runs for name, runs in chosen.items() if name not in absorbed}
 

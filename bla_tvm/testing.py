@@ -15,6 +15,7 @@ import contextlib
 import torch
 
 from . import dispatch, kernels
+from .cuda_arch import DEFAULT_ARCH, arch_named
 from .layer import DECODE_CHUNK, KernelSpec, LayerSpec
 
 
@@ -66,29 +67,29 @@ GPU_DECODE_LAYERS = GPU_TEST_LAYERS[:4]
 DECODE_BENCH_LAYER = LayerSpec(512, 63, 63, 64, 64, "bfloat16")
 
 
-def gpu_test_kernels() -> list[tuple[KernelSpec, tuple[str, ...]]]:
-    """Every (spec, kernels) the GPU tests load on CUDA without tuning logs (``BLA_TVM_NO_TUNING=1``): the
-    forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
+def gpu_test_kernels(arch: str = DEFAULT_ARCH) -> list[tuple[KernelSpec, tuple[str, ...]]]:
+    """Every (spec, kernels) the GPU tests load on a GPU of ``arch`` without tuning logs (``BLA_TVM_NO_TUNING=1``):
+    the forward kernels at the inference chunk length, forward and backward at the training one (final-state kernels
     included), and the decode steps of ``GPU_DECODE_LAYERS`` and ``DECODE_BENCH_LAYER`` (every stored state
     dtype). Read by ``bla-tvm build --gpu-test-layers``."""
-    wanted = _cuda_kernels(GPU_TEST_LAYERS)
+    wanted = _cuda_kernels(GPU_TEST_LAYERS, arch)
     for layer in (*GPU_DECODE_LAYERS, DECODE_BENCH_LAYER):
         wanted.setdefault(layer.kernel(DECODE_CHUNK), set()).update(kernels.DECODE_STATE_DTYPES)
     return [(spec, tuple(sorted(names))) for spec, names in wanted.items()]
 
 
-def layer_kernels(layers) -> list[tuple[KernelSpec, tuple[str, ...]]]:
-    """Every (spec, kernels) a forward and backward of ``layers`` load on CUDA without tuning logs (final-state
-    kernels included): what a benchmark's ``--list-specs`` gives ``bla-tvm build --specs``."""
-    return [(spec, tuple(sorted(names))) for spec, names in _cuda_kernels(layers).items()]
+def layer_kernels(layers, arch: str = DEFAULT_ARCH) -> list[tuple[KernelSpec, tuple[str, ...]]]:
+    """Every (spec, kernels) a forward and backward of ``layers`` load on a GPU of ``arch`` without tuning logs
+    (final-state kernels included): what a benchmark's ``--list-specs`` gives ``bla-tvm build --specs``."""
+    return [(spec, tuple(sorted(names))) for spec, names in _cuda_kernels(layers, arch).items()]
 
 
-def _cuda_kernels(layers) -> dict[KernelSpec, set[str]]:
-    cuda = torch.device("cuda")  # only its kind is read: no GPU needed
+def _cuda_kernels(layers, arch: str) -> dict[KernelSpec, set[str]]:
+    cuda, target = torch.device("cuda"), arch_named(arch)  # the device's kind is read, not its GPU: none needed
     wanted: dict[KernelSpec, set[str]] = {}
     for layer in layers:
         for backward in (False, True):
-            spec = layer.kernel(dispatch.default_chunk_size(cuda, layer, backward))
+            spec = layer.kernel(dispatch.default_chunk_size(cuda, layer, backward, target))
             names = dispatch.phase_kernels(backward, final_state=True)
-            wanted.setdefault(spec, set()).update(dispatch.implementations(names, spec, cuda).values())
+            wanted.setdefault(spec, set()).update(dispatch.implementations(names, spec, cuda, target).values())
     return wanted

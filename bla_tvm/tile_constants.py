@@ -90,6 +90,45 @@ SHARED_MEMORY_LIMIT = 232448
 
 
 @dataclass(frozen=True)
+class ForwardSharedLayout:
+    """Where the tile forward (``schedules/cuda_tile_forward.py``) keeps each buffer in its dynamic shared memory,
+    in float16 elements from the start. Region 1 holds the raw chunk [k|v; X|Y]^T, then (after the [k'|v'] product)
+    the constant tables lag_t, slots, slots_t, lag; region 2 (from ``keys``) holds [k'; X] and [v'; Y]^T; the int32
+    first non-finite rows come last (``first_bad``, in 32-bit words)."""
+
+    raw_stride: int
+    keys_stride: int
+    values_stride: int
+    lag_t: int
+    slots: int
+    slots_t: int
+    lag: int
+    keys: int
+    values: int
+    first_bad: int
+    halves: int
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.halves
+
+
+@functools.lru_cache(maxsize=256)  # dispatch asks on every call
+def forward_shared_layout(spec, slot_tile: int = SLOT_TILE) -> ForwardSharedLayout:
+    L, K, V, NP, MT = spec.chunk_size, spec.head_k, spec.head_v, padded_resolution(spec.resolution), slot_tile
+    F, LR = K + V, L + NP
+    raw_stride, keys_stride, values_stride = LR + 8, K + 8, LR + 8  # padded by 8 halves: rows in other banks
+    slots = NP * (L + 8)
+    slots_t = slots + MT * (NP + 8)
+    lag = slots_t + NP * (MT + 8)
+    keys = max(F * raw_stride, lag + L * (NP + 8))
+    values = keys + LR * keys_stride
+    first_bad = (values + V * values_stride) // 2
+    return ForwardSharedLayout(raw_stride, keys_stride, values_stride, 0, slots, slots_t, lag, keys, values, first_bad,
+                               2 * (first_bad + V + 2))  # fmt: skip
+
+
+@dataclass(frozen=True)
 class BackwardSharedLayout:
     """Where the tile backward (``schedules/cuda_tile_backward.py``) keeps each buffer in its dynamic shared
     memory, in float16 elements from the start. Region 1 holds the raw chunk [k|v; X|Y]^T, then the constant
@@ -159,6 +198,19 @@ def tile_scan_serves(spec) -> bool:
     and wrote value columns as key columns)."""
     return (spec.dtype in ("float16", "bfloat16") and spec.resolution <= 127 and spec.head_k % 16 == 0
             and spec.head_v % 16 == 0 and spec.chunk_size % 16 == 0)  # fmt: skip
+
+
+def tile_programs_fit(spec, arch) -> bool:
+    """Whether the tile programs may run ``spec`` on ``arch`` (a ``cuda_arch.CudaArch``): sm_80 or newer, and the
+    forward's block (and the backward's, where the tile backward serves ``spec``) within the shared memory a block
+    may opt in to there. All or none: the tile scan writes float16 states only for the tile forward and backward to
+    read (``tile_states_half``). The scans' blocks (at most 22 KB) fit every arch."""
+    if not arch.runs_tile_programs:
+        return False
+    need = forward_shared_layout(spec).bytes if tile_forward_serves(spec) else 0
+    if tile_backward_serves(spec):
+        need = max(need, backward_shared_layout(spec).bytes)
+    return need <= arch.shared_memory
 
 
 def split_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

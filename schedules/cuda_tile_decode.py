@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
+from bla_tvm.cuda_arch import SHARED_MEMORY_OPTIN
 from bla_tvm.layer import KernelSpec
 
 from .cuda_launch_bounds import with_min_blocks_per_sm
@@ -43,7 +44,6 @@ from .cuda_launch_bounds import with_min_blocks_per_sm
 MAX_STATE_WIDTH = 256
 MAX_SLOT_TERMS = 256  # G * M: the slots' scores and probabilities each lane keeps, times 32
 MAX_GROUP = 8
-MAX_SHARED_BYTES = 232_448  # shared memory one block may have on sm_90 (227 KB)
 STATE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -71,11 +71,14 @@ def default_config(spec: KernelSpec, state_dtype: str | None) -> DecodeTileConfi
 
 
 def decode_tile_serves(
-    spec: KernelSpec, state_dtype: str | None = None, config: DecodeTileConfig | None = None
-) -> bool:
+    spec: KernelSpec, state_dtype: str | None = None, config: DecodeTileConfig | None = None,
+    shared_memory: int = SHARED_MEMORY_OPTIN[(9, 0)],
+) -> bool:  # fmt: skip
     """Whether ``decode_step_tile`` compiles and launches ``spec`` with a ``state_dtype`` state and ``config``
-    (default: ``default_config``'s). Not: float64; shapes past the register budget; a 16-bit state with odd head
-    dims (rows of no whole number of 4-byte copies); a shared pool past MAX_SHARED_BYTES (a large N)."""
+    (default: ``default_config``'s) where a block may opt in to ``shared_memory`` bytes (default sm_90's, 227 KB;
+    the tile program needs sm_80 or newer, which the caller checks). Not: float64; shapes past the register budget;
+    a 16-bit state with odd head dims (rows of no whole number of 4-byte copies); a shared pool past
+    ``shared_memory`` (a large N)."""
     elem = STATE_BYTES[state_dtype or "float32"]
     config = config or default_config(spec, state_dtype)
     return (
@@ -85,7 +88,7 @@ def decode_tile_serves(
         and spec.state_width <= MAX_STATE_WIDTH
         and spec.group_size <= MAX_GROUP
         and spec.group_size * spec.num_slots <= MAX_SLOT_TERMS
-        and 4 * SharedPool(spec, elem, config.warps, config.readout_in_shared).words <= MAX_SHARED_BYTES
+        and 4 * SharedPool(spec, elem, config.warps, config.readout_in_shared).words <= shared_memory
     )
 
 

@@ -46,7 +46,7 @@ from tvm.tirx.layout import S, TileLayout, laneid
 
 from bla_tvm.layer import KernelSpec
 from bla_tvm.tile_constants import (
-    SLOT_TILE, TILE_CHUNK, padded_resolution, round_up, tile_forward_serves, tile_states_half,
+    SLOT_TILE, TILE_CHUNK, forward_shared_layout, padded_resolution, round_up, tile_forward_serves, tile_states_half,
 )  # fmt: skip
 
 # one m16n8 accumulator tile and the k16 operand tiles (PTX ISA, mma.m16n8k16 fragments)
@@ -110,19 +110,12 @@ def chunk_output_tile(spec: KernelSpec, config: TileConfig = TileConfig()):
     dt = spec.dtype
     h16 = "float16"
     states_dt = h16 if tile_states_half(spec) else "float32"  # as the tile scan writes them
-    # shared strides padded by 8 halves (16 bytes): rows start in different banks
-    KV_STRIDE, KX_STRIDE, VY_STRIDE = LR + 8, K + 8, LR + 8
     FB = 64 if F % 64 == 0 else 16  # column block of the [k'|v'] product
     KV_BLOCKS = F // FB
-    # after stage 2 the raw chunk's region holds the constant B operands of stages 3-5 (padded rows)
-    LAG_T_AT, SLOTS_AT = 0, NP * (L + 8)
-    SLOTS_T_AT = SLOTS_AT + MT * (NP + 8)
-    LAG_AT = SLOTS_T_AT + NP * (MT + 8)
-    RAW_REGION = max(F * KV_STRIDE, LAG_AT + L * (NP + 8))
-    KEYS_AT = RAW_REGION
-    VALUES_AT = KEYS_AT + LR * KX_STRIDE
-    FIRST_BAD_AT = (VALUES_AT + V * VY_STRIDE) // 2  # in 32-bit words
-    SHARED_HALVES = 2 * (FIRST_BAD_AT + V + 2)
+    shared = forward_shared_layout(spec, MT)  # in float16 elements (see its docstring)
+    KV_STRIDE, KX_STRIDE, VY_STRIDE = shared.raw_stride, shared.keys_stride, shared.values_stride
+    LAG_T_AT, SLOTS_AT, SLOTS_T_AT, LAG_AT = shared.lag_t, shared.slots, shared.slots_t, shared.lag
+    KEYS_AT, VALUES_AT, FIRST_BAD_AT, SHARED_HALVES = shared.keys, shared.values, shared.first_bad, shared.halves
 
     @T.prim_func
     def chunk_output(

@@ -44,13 +44,18 @@ def test_an_alternative_builder_is_one_registration(monkeypatch):
     def tile_builder(kernel, spec, device_kind, config):
         raise NotImplementedError
 
-    build.register_builder("chunk_output", "cuda", lambda spec: spec.dtype in ("float16", "bfloat16"), tile_builder)
+    def applies(spec, arch):  # 16-bit inputs on sm_80 and newer
+        return spec.dtype in ("float16", "bfloat16") and arch in (None, "sm_80", "sm_90")
+
+    build.register_builder("chunk_output", "cuda", applies, tile_builder)
     bf16 = KernelSpec(**dict(SPEC.as_dict(), dtype="bfloat16"))
     assert build.builder("chunk_output", bf16, "cuda") is tile_builder
+    assert build.builder("chunk_output", bf16, "cuda", "sm_80") is tile_builder
+    assert build.builder("chunk_output", bf16, "cuda", "sm_75") is build.scheduled_module  # the arch is asked
     assert build.builder("chunk_output", SPEC, "cuda") is build.scheduled_module  # fp32: the default
     assert build.builder("chunk_output", bf16, "cpu") is build.scheduled_module
     with pytest.raises(ValueError, match="kernel must be one of"):
-        build.register_builder("no_such_kernel", "cuda", lambda spec: True, tile_builder)
+        build.register_builder("no_such_kernel", "cuda", applies, tile_builder)
 
 
 def test_layer_spec_is_validated_once_with_clear_errors():

@@ -27,7 +27,8 @@ import types
 from pathlib import Path
 
 from .. import kernels
-from ..dispatch import CUDA_SHARED_MEMORY_LIMIT, phase_kernels
+from ..cuda_arch import arch_named
+from ..dispatch import phase_kernels
 from ..kernel_cache import file_digest
 from ..layer import CHUNK_SIZES, KernelSpec
 from ..runtime import MANIFEST, source_digest
@@ -102,8 +103,9 @@ def _build(kernel, spec, device_kind, target, config, out, name, result) -> dict
         if threads > MAX_THREADS:
             return dict(result, rejected=f"{threads} threads per block (at most {MAX_THREADS})")
         smem = build.cuda_shared_memory(spec, arch, (kernel,), config)
-        if smem > CUDA_SHARED_MEMORY_LIMIT:
-            return dict(result, rejected=f"{smem} B of shared memory (at most {CUDA_SHARED_MEMORY_LIMIT})")
+        limit = arch_named(arch).shared_memory
+        if smem > limit:
+            return dict(result, rejected=f"{smem} B of shared memory (at most {limit} on {arch})")
     _PTXAS_OUTPUT.clear()
     try:
         module = build.compile_kernel(kernel, spec, device_kind, arch, config)
@@ -132,7 +134,7 @@ def chunk_sizes(problem: TuningProblem, device_kind: str, arch: str | None) -> d
     fits = {}
     for L in allowed:
         spec = problem.spec(L)
-        fits[L] = {k: build.cuda_shared_memory(spec, arch, (k,)) <= CUDA_SHARED_MEMORY_LIMIT
+        fits[L] = {k: build.cuda_shared_memory(spec, arch, (k,)) <= arch_named(arch).shared_memory
                    for k in ("chunk_output", "chunk_backward")}  # fmt: skip
     sizes = {"inference": [L for L in allowed if fits[L]["chunk_output"]],
              "training": [L for L in allowed if fits[L]["chunk_output"] and fits[L]["chunk_backward"]]}  # fmt: skip
