@@ -117,3 +117,13 @@ def test_an_sm_75_gpu_s_kernels_compile_for_it_and_fit_its_shared_memory(kernel,
     module = build.compile_kernel(kernel, spec, "cuda", "sm_75")
     assert build.ptxas_report(module, "sm_75")["spill_stores"] == 0
     assert build.cuda_shared_memory(spec, "sm_75", (kernel,)) <= arch.shared_memory
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_table_agrees_with_the_gpu():
+    """The driver's shared memory for this GPU equals the table's for its arch (what a build without a GPU uses)."""
+    properties = torch.cuda.get_device_properties(0)
+    assert properties.shared_memory_per_block_optin > 0  # read from the driver, not the table's fallback
+    arch = device_arch(torch.device("cuda", 0))
+    assert arch == arch_named(arch.name)
