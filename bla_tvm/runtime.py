@@ -31,6 +31,7 @@ import torch
 import tvm_ffi
 
 from . import env, kernel_cache, kernels
+from .cuda_arch import device_arch
 from .layer import KernelSpec
 
 MANIFEST = "manifest.json"
@@ -343,7 +344,32 @@ def launch(compiled: CompiledKernel, shared: Mapping[str, torch.Tensor] = {}, **
         raise TypeError(f"{entry.name}: argument {missing} is missing; its arguments are {entry.args}") from None
     for recorder in _RECORDERS.get():
         recorder.append(Launch(compiled, args))
-    call(compiled.function, args)
+    try:
+        call(compiled.function, args)
+    except Exception as error:
+        explained = shared_memory_refused(error, compiled, args[0].device)
+        if explained is None:
+            raise
+        raise explained from error
+
+
+#: what TVM's CUDA runtime says when a kernel asks for more dynamic shared memory than the GPU lets a block have
+SHARED_MEMORY_REFUSED = "Failed to set the allowed dynamic shared memory size"
+
+
+def shared_memory_refused(error: Exception, compiled: CompiledKernel, device: torch.device) -> RuntimeError | None:
+    """The error to raise in place of ``error`` where the GPU refused ``compiled``'s shared memory (a kernel of a
+    layer too large for it: ``README.md``, "Which GPUs"), naming the kernel, its spec and the GPU's limit; None
+    for any other error."""
+    if device.type != "cuda" or SHARED_MEMORY_REFUSED not in str(error):
+        return None
+    arch = device_arch(device)
+    said = next((line.strip() for line in str(error).splitlines() if SHARED_MEMORY_REFUSED in line), "")
+    return RuntimeError(
+        f"kernel {compiled.kernel.name} for {compiled.spec} needs more shared memory per thread block than this GPU "
+        f"({arch.name}) allows, {arch.shared_memory} bytes (TVM: {said}). A layer with a smaller resolution, head "
+        "dims or chunk length fits; on sm_80 and newer the tile programs run 16-bit layers in less shared memory"
+    )
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,28 @@ def test_the_table_agrees_with_the_gpu():
     assert properties.shared_memory_per_block_optin > 0  # read from the driver, not the table's fallback
     arch = device_arch(torch.device("cuda", 0))
     assert arch == arch_named(arch.name)
+
+
+def test_a_kernel_past_the_gpus_shared_memory_is_named_with_the_gpus_limit(monkeypatch):
+    """TVM's refusal of a block's shared memory becomes an error naming the kernel, its spec and the GPU's limit;
+    other errors pass unchanged."""
+    from bla_tvm import runtime
+
+    compiled = runtime.CompiledKernel(kernels.get("chunk_backward"), BENCH.kernel(16), None, None)
+    refused = RuntimeError("CUDALaunch failed\n  Failed to set the allowed dynamic shared memory size to 125056 with "
+                           "error: CUDA_ERROR_INVALID_VALUE")  # fmt: skip
+    monkeypatch.setattr(runtime, "device_arch", lambda device: arch_named("sm_75"))
+    explained = runtime.shared_memory_refused(refused, compiled, CUDA)
+    for words in ("chunk_backward", "chunk_size=16", "sm_75", "65536 bytes", "125056"):
+        assert words in str(explained), words
+    assert runtime.shared_memory_refused(ValueError("some other failure"), compiled, CUDA) is None
+    assert runtime.shared_memory_refused(refused, compiled, torch.device("cpu")) is None
+
+    def launch_fails(function, args, device=None):
+        raise refused
+
+    monkeypatch.setattr(runtime, "call", launch_fails)  # launch raises the explained error in place of TVM's
+    monkeypatch.setattr(runtime, "shared_memory_refused", lambda error, kernel, device: explained)
+    with pytest.raises(RuntimeError, match="needs more shared memory per thread block") as caught:
+        runtime.launch(compiled, **{name: torch.zeros(1) for name in compiled.kernel.args})
+    assert caught.value.__cause__ is refused
