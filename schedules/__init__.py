@@ -7,9 +7,13 @@ Schedules import tvm but never torch; the compute never imports schedules.
 
 from __future__ import annotations
 
-from bla_tvm import kernels
+from bla_tvm.cuda_toolchain import prepare_cuda_compiler
 
-from . import cpu, cpu_decode, cuda, cuda_decode, cuda_final_state
+prepare_cuda_compiler()  # before tvm loads (on a machine without a GPU driver: nvcc and a stand-in libcuda)
+
+from bla_tvm import kernels  # noqa: E402
+
+from . import cpu, cpu_decode, cuda, cuda_decode, cuda_final_state  # noqa: E402
 
 #: kernels whose TVMScript carries its own loops: scheduled as written
 UNSCHEDULED = ("state_scan", "state_scan_reverse")

@@ -131,3 +131,15 @@ def test_no_import_cycle_and_no_private_imports():
 
     for name in graph:
         visit(name, [])
+
+
+@pytest.mark.parametrize("first", ["bla_tvm.schedules", "bla_tvm.compute"])
+def test_the_tvm_packages_import_before_the_build_layer(first):
+    """Importing the schedules or the compute first (each imports tvm) leaves the build layer usable: each prepares
+    the CUDA compiler before tvm loads, as ``bla_tvm.build`` does (on a machine without a GPU driver, a stand-in
+    libcuda must be loaded before tvm)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {first}, bla_tvm.build"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import functools
 
-from tvm import te
+from bla_tvm.cuda_toolchain import prepare_cuda_compiler
 
-from .. import kernels
-from ..layer import KernelSpec
-from .backward import chunk_backward, input_gradient
-from .decode import decode_step
-from .final_state import final_state, final_state_backward
-from .forward import chunk_output, chunk_state_contribution
-from .scan import state_scan
+prepare_cuda_compiler()  # before tvm loads (on a machine without a GPU driver: nvcc and a stand-in libcuda)
+
+from tvm import te  # noqa: E402
+
+from .. import kernels  # noqa: E402
+from ..layer import KernelSpec  # noqa: E402
+from .backward import chunk_backward, input_gradient  # noqa: E402
+from .decode import decode_step  # noqa: E402
+from .final_state import final_state, final_state_backward  # noqa: E402
+from .forward import chunk_output, chunk_state_contribution  # noqa: E402
+from .scan import state_scan  # noqa: E402
 
 _TE_KERNELS = {
     "chunk_state": chunk_state_contribution,
