@@ -80,3 +80,11 @@ def prepare_cuda_compiler() -> None:
     if "tvm" in sys.modules:
         raise RuntimeError("prepare_cuda_compiler must run before tvm is imported (no NVIDIA driver here)")
     ctypes.CDLL(_build_stub(), mode=ctypes.RTLD_GLOBAL)
+
+
+def prepare_before_tvm_loads() -> None:
+    """``prepare_cuda_compiler`` if tvm is not loaded yet (what a package that imports tvm, such as the schedules
+    or the compute, runs first); else nothing: tvm was loaded by its importer, and the build layer, which
+    compiles, checks then."""
+    if "tvm" not in sys.modules:
+        prepare_cuda_compiler()

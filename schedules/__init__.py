@@ -7,9 +7,9 @@ Schedules import tvm but never torch; the compute never imports schedules.
 
 from __future__ import annotations
 
-from bla_tvm.cuda_toolchain import prepare_cuda_compiler
+from bla_tvm.cuda_toolchain import prepare_before_tvm_loads
 
-prepare_cuda_compiler()  # before tvm loads (on a machine without a GPU driver: nvcc and a stand-in libcuda)
+prepare_before_tvm_loads()  # on a machine without a GPU driver: nvcc and a stand-in libcuda, before tvm loads
 
 from bla_tvm import kernels  # noqa: E402
 

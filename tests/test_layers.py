@@ -143,3 +143,5 @@ def test_the_tvm_packages_import_before_the_build_layer(first):
 
     done = subprocess.run([sys.executable, "-c", f"import {first}, bla_tvm.build"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    after_tvm = subprocess.run([sys.executable, "-c", f"import tvm, {first}"], capture_output=True, text=True)
+    assert after_tvm.returncode == 0, after_tvm.stderr[-2000:]  # imported after tvm: nothing to prepare, no error

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 
-from bla_tvm.cuda_toolchain import prepare_cuda_compiler
+from bla_tvm.cuda_toolchain import prepare_before_tvm_loads
 
-prepare_cuda_compiler()  # before tvm loads (on a machine without a GPU driver: nvcc and a stand-in libcuda)
+prepare_before_tvm_loads()  # on a machine without a GPU driver: nvcc and a stand-in libcuda, before tvm loads
 
 from tvm import te  # noqa: E402
 
